@@ -1,0 +1,10 @@
+"""The one exception type the tool raises for bad input.
+
+Every stage raises :class:`OptinError` with a single-line message that names the problem (the file,
+the input, the value) so the CLI can print it without a traceback and exit non-zero.
+"""
+from __future__ import annotations
+
+
+class OptinError(Exception):
+    """A user-facing error: bad input, an impossible request, or a failed correctness check."""
