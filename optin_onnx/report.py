@@ -1,0 +1,510 @@
+"""Measure and render the before/after comparison of a pruned model.
+
+A prune is only worth shipping if the user can see, in one place, what it bought (MACs, parameters,
+file size, latency) and what it cost (fidelity to the dense model, the numerical verification, and
+the structures the pruner chose to leave alone). This module holds the measurements that need the
+models themselves (parameter count, latency) or the outputs of both models (fidelity metrics), the
+:class:`Report` record the pipeline fills in, and the rendering of that record as a table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from optin_onnx.errors import OptinError
+
+__all__ = [
+    "LatencyStats",
+    "Report",
+    "compare_latency",
+    "cosine_similarity",
+    "count_parameters",
+    "kl_divergence",
+    "latency_entry",
+    "measure_latency",
+    "print_report",
+    "render",
+    "top1_agreement",
+]
+
+# Every floating-point element type, including the 8/6/4-bit float formats of newer opsets: a weight
+# stored in any of them is still a learned parameter. Integer tensors are shapes, indices and axes.
+_FLOAT_TYPES = frozenset(
+    value
+    for name, value in onnx.TensorProto.DataType.items()
+    if name.startswith("FLOAT") or name in ("DOUBLE", "BFLOAT16")
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Count the float elements a model stores as weights.
+
+    Initializers of any float type count in full; a ``Constant`` node counts when it holds more than
+    one float element, since exporters sometimes inline weights as constants while scalar constants
+    are epsilons and scales, not parameters. Integer tensors (shapes, axes, indices) never count.
+    Sizes come from ``dims`` alone, so a model loaded without its external data is counted
+    correctly. Subgraphs (``If``/``Loop``/``Scan`` bodies) are included.
+    """
+    return _count_graph(model.graph)
+
+
+def _count_graph(graph: onnx.GraphProto) -> int:
+    total = sum(math.prod(t.dims) for t in graph.initializer if t.data_type in _FLOAT_TYPES)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                total += _count_graph(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                total += sum(_count_graph(g) for g in attr.graphs)
+            elif node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                total += _constant_float_elements(attr)
+    return total
+
+
+def _constant_float_elements(attr: onnx.AttributeProto) -> int:
+    """Float elements of one ``Constant`` attribute, or 0 when it is a scalar or not float."""
+    if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
+        n = math.prod(attr.t.dims)
+    elif attr.name == "value_floats":
+        n = len(attr.floats)
+    else:
+        return 0
+    return n if n > 1 else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Latency
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Summary of timed runs of one session, in milliseconds.
+
+    The median is the headline figure because it ignores the occasional scheduler hiccup on a shared
+    machine; p90 shows how bad those hiccups are; the mean is kept for comparison with other tools.
+    """
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+
+
+def measure_latency(
+    model: onnx.ModelProto | str | Path,
+    feeds: dict[str, np.ndarray],
+    *,
+    providers: list[str] | None = None,
+    warmup: int = 3,
+    repeats: int = 20,
+    max_seconds: float = 20.0,
+    threads: int | None = None,
+) -> LatencyStats:
+    """Time one model on ``feeds`` with onnxruntime at full graph optimisation.
+
+    ``warmup`` untimed runs let the allocator and thread pool settle; then up to ``repeats`` timed
+    runs follow. Measuring stops early once ``max_seconds`` (warm-up included) is spent, after at
+    least three timed runs, so a slow model on a small machine cannot stall the tool. Pass a path
+    rather than a ``ModelProto`` for models with external data, so onnxruntime can find it.
+    """
+    session = _session(model, providers, threads)
+    return _time_sessions([session], feeds, warmup, repeats, max_seconds)[0]
+
+
+def compare_latency(
+    dense: onnx.ModelProto | str | Path,
+    pruned: onnx.ModelProto | str | Path,
+    feeds: dict[str, np.ndarray],
+    *,
+    providers: list[str] | None = None,
+    warmup: int = 3,
+    repeats: int = 20,
+    max_seconds: float = 20.0,
+    threads: int | None = None,
+) -> tuple[LatencyStats, LatencyStats]:
+    """Time the dense and the pruned model against each other; returns ``(dense, pruned)``.
+
+    Runs alternate (dense, pruned, dense, pruned, ...) so that both models see the same machine
+    state: on a shared two-core box, load from other processes or CPU frequency changes would
+    otherwise land on whichever model happened to be timed second and bias the speed-up.
+    ``max_seconds`` bounds both models together; the other arguments are as for
+    :func:`measure_latency`.
+    """
+    sessions = [_session(m, providers, threads) for m in (dense, pruned)]
+    before, after = _time_sessions(sessions, feeds, warmup, repeats, max_seconds)
+    return before, after
+
+
+def latency_entry(before: LatencyStats, after: LatencyStats) -> dict[str, float]:
+    """The :attr:`Report.latency` value for one case: medians and their ratio.
+
+    The speed-up uses medians for the reason given on :class:`LatencyStats`.
+    """
+    return {
+        "before_ms": before.median_ms,
+        "after_ms": after.median_ms,
+        "speedup": before.median_ms / after.median_ms,
+    }
+
+
+def _session(
+    model: onnx.ModelProto | str | Path, providers: list[str] | None, threads: int | None
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    providers = providers or ["CPUExecutionProvider"]
+    if isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    if not Path(model).is_file():
+        raise OptinError(f"model file not found: {model}")
+    return ort.InferenceSession(str(model), options, providers=providers)
+
+
+def _time_sessions(
+    sessions: list[ort.InferenceSession],
+    feeds: dict[str, np.ndarray],
+    warmup: int,
+    repeats: int,
+    max_seconds: float,
+) -> list[LatencyStats]:
+    """Run ``sessions`` round-robin and summarise each one's timed runs."""
+    if warmup < 0 or repeats < 1 or not max_seconds > 0:
+        raise OptinError(
+            f"latency needs warmup >= 0, repeats >= 1 and max_seconds > 0 "
+            f"(got warmup={warmup}, repeats={repeats}, max_seconds={max_seconds})"
+        )
+    for session in sessions:
+        _check_feeds(session, feeds)
+    min_runs = min(3, repeats)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        for session in sessions:
+            session.run(None, feeds)
+        if time.perf_counter() - start >= max_seconds:
+            break
+    times: list[list[float]] = [[] for _ in sessions]
+    for i in range(repeats):
+        for session, samples in zip(sessions, times):
+            t0 = time.perf_counter()
+            session.run(None, feeds)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        if i + 1 >= min_runs and time.perf_counter() - start >= max_seconds:
+            break
+    return [
+        LatencyStats(
+            median_ms=statistics.median(samples),
+            p90_ms=float(np.percentile(samples, 90)),
+            mean_ms=statistics.fmean(samples),
+            runs=len(samples),
+        )
+        for samples in times
+    ]
+
+
+def _check_feeds(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> None:
+    """Fail with the expected and given input names rather than onnxruntime's bare message."""
+    expected = {i.name for i in session.get_inputs()}
+    if expected != set(feeds):
+        raise OptinError(
+            f"latency feeds {sorted(feeds)} do not match the model inputs {sorted(expected)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Fidelity
+
+
+def kl_divergence(teacher_logits: np.ndarray, student_logits: np.ndarray) -> float:
+    """Mean KL(softmax(teacher) || softmax(student)) over every sample, in nats.
+
+    Classes are on the last axis; all leading axes (batch, and tokens for per-token logits) are
+    samples. Computed with log-softmax in float64 so large logits neither overflow nor lose the small
+    differences a good prune leaves.
+    """
+    t, s = _pair(teacher_logits, student_logits, "kl_divergence")
+    log_p = _log_softmax(t)
+    log_q = _log_softmax(s)
+    per_sample = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+    # KL is non-negative; rounding can leave -1e-17 for identical inputs.
+    return float(np.mean(np.maximum(per_sample, 0.0)))
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over samples (first axis) of the cosine between the flattened per-sample outputs.
+
+    Suited to embedding and hidden-state outputs, where direction matters and scale does not. A 1-D
+    input is one sample. Two all-zero vectors count as identical (1); one all-zero vector as
+    unrelated (0).
+    """
+    x, y = _pair(a, b, "cosine_similarity")
+    rows = x.shape[0] if x.ndim > 1 else 1
+    x = x.reshape(rows, -1)
+    y = y.reshape(rows, -1)
+    nx = np.linalg.norm(x, axis=1)
+    ny = np.linalg.norm(y, axis=1)
+    dot = np.sum(x * y, axis=1)
+    both_zero = (nx == 0) & (ny == 0)
+    denom = np.where((nx == 0) | (ny == 0), 1.0, nx * ny)
+    cos = np.where(both_zero, 1.0, dot / denom)
+    return float(np.mean(np.clip(cos, -1.0, 1.0)))
+
+
+def top1_agreement(teacher_logits: np.ndarray, student_logits: np.ndarray) -> float:
+    """Fraction of samples whose arg-max class (last axis) is the same in both models.
+
+    The figure a classifier's user cares about: how often the pruned model changes the answer.
+    """
+    t, s = _pair(teacher_logits, student_logits, "top1_agreement")
+    return float(np.mean(np.argmax(t, axis=-1) == np.argmax(s, axis=-1)))
+
+
+def _pair(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.size == 0:
+        raise OptinError(f"{what} needs two non-empty arrays of one shape, got {x.shape} and {y.shape}")
+    return x, y
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - np.max(x, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Report record
+
+
+@dataclass
+class Report:
+    """Everything one prune produced, as written to the JSON report and shown by :func:`render`.
+
+    ``flops_target`` and ``flops_achieved`` use the pruner's convention (the same for both), so they
+    compare directly. ``layers`` has one entry per prunable block:
+    ``{"block", "kind": "attention"|"mlp", "units_before", "units_after", "unit": "heads"|"neurons"}``.
+    ``latency`` maps a case name such as ``"cpu b1 s128"`` to ``{"before_ms", "after_ms",
+    "speedup"}`` (see :func:`latency_entry`). ``verify`` holds ``max_abs_err``, ``tolerance``,
+    ``cases`` (the input shapes checked) and ``passed``. ``declined`` lists structures left unpruned,
+    each with its reason.
+    """
+
+    input_path: str
+    output_path: str
+    flops_target: float
+    flops_achieved: float
+    seq_len: int
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    size_before: int
+    size_after: int
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    fidelity: dict[str, float] = field(default_factory=dict)
+    verify: dict[str, Any] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    declined: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON types, equal to what :meth:`to_json` writes and ``json.load`` reads.
+
+        Numpy scalars and arrays, tuples and paths that stages put in the report become Python
+        numbers, lists and strings; non-finite floats become ``None`` so the file is strict JSON.
+        """
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self, path: str | Path) -> None:
+        """Write the report atomically, so a crash never leaves a truncated report behind."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render(report: Report) -> str:
+    """The report as plain text: a before/after table, per-block units, fidelity, verification,
+    stage times and declined structures. Used for logs and tests, where colour codes are noise."""
+    console = Console(record=True, width=100, file=io.StringIO())
+    console.print(_renderable(report))
+    return console.export_text()
+
+
+def print_report(report: Report) -> None:
+    """Print the report to stdout, in colour when stdout is a terminal."""
+    Console().print(_renderable(report))
+
+
+def _renderable(report: Report) -> Group:
+    parts: list[Any] = [
+        Text.assemble(("optin-onnx: ", "bold"), report.input_path, " -> ", report.output_path),
+        Text(
+            f"FLOPs target {report.flops_target:.1%}, achieved {report.flops_achieved:.1%}, "
+            f"at sequence length {report.seq_len}"
+        ),
+        _summary_table(report),
+    ]
+    if report.layers:
+        parts.append(_layers_table(report.layers))
+    if report.fidelity:
+        parts.append(_fidelity_table(report.fidelity))
+    parts.append(_verify_text(report.verify))
+    if report.stage_seconds:
+        parts.append(_stages_table(report.stage_seconds))
+    parts += _bullets("Declined (left unpruned)", report.declined, "yellow")
+    parts += _bullets("Notes", report.notes, "dim")
+    return Group(*parts)
+
+
+def _summary_table(report: Report) -> Table:
+    table = Table(title="Before / after")
+    table.add_column("Metric")
+    table.add_column("Before", justify="right")
+    table.add_column("After", justify="right")
+    table.add_column("Change", justify="right")
+    for name, before, after, fmt in (
+        ("MACs", report.macs_before, report.macs_after, _count),
+        ("Parameters", report.params_before, report.params_after, _count),
+        ("File size", report.size_before, report.size_after, _bytes),
+    ):
+        table.add_row(name, fmt(before), fmt(after), _change(before, after))
+    for case, entry in report.latency.items():
+        speedup = entry["speedup"]
+        table.add_row(
+            Text(f"Latency {case}"),
+            f"{entry['before_ms']:.2f} ms",
+            f"{entry['after_ms']:.2f} ms",
+            Text(f"{speedup:.2f}x", style="green" if speedup > 1 else "red"),
+        )
+    return table
+
+
+def _layers_table(layers: list[dict[str, Any]]) -> Table:
+    table = Table(title="Units per block")
+    table.add_column("Block")
+    table.add_column("Kind")
+    table.add_column("Before -> after", justify="right")
+    table.add_column("Kept", justify="right")
+    for layer in layers:
+        before, after = layer["units_before"], layer["units_after"]
+        table.add_row(
+            Text(layer["block"]),
+            Text(layer["kind"]),
+            Text(f"{before} -> {after} {layer['unit']}", style="" if after < before else "dim"),
+            f"{after / before:.0%}" if before else "n/a",
+        )
+    return table
+
+
+def _fidelity_table(fidelity: dict[str, float]) -> Table:
+    table = Table(title="Fidelity")
+    table.add_column("Metric")
+    table.add_column("Value", justify="right")
+    for name, value in fidelity.items():
+        table.add_row(Text(name), f"{value:.6g}")
+    return table
+
+
+def _verify_text(verify: dict[str, Any]) -> Text:
+    if not verify:
+        return Text("Verify: not run", style="yellow")
+    passed = verify["passed"]
+    cases = ", ".join(_shape(c) for c in verify["cases"])
+    return Text.assemble(
+        "Verify: ",
+        ("PASSED" if passed else "FAILED", "bold green" if passed else "bold red"),
+        f"  max |err| {verify['max_abs_err']:.3g} (tolerance {verify['tolerance']:.3g})"
+        f" over {len(verify['cases'])} case(s): {cases}",
+    )
+
+
+def _stages_table(stage_seconds: dict[str, float]) -> Table:
+    total = sum(stage_seconds.values())
+    table = Table(title="Time per stage")
+    table.add_column("Stage")
+    table.add_column("Seconds", justify="right")
+    table.add_column("Share", justify="right")
+    for name, seconds in stage_seconds.items():
+        table.add_row(Text(name), f"{seconds:.2f}", f"{seconds / total:.0%}" if total else "n/a")
+    table.add_row(Text("total", style="bold"), f"{total:.2f}", "")
+    return table
+
+
+def _bullets(title: str, items: list[str], style: str) -> list[Text]:
+    if not items:
+        return []
+    return [Text(title, style="bold")] + [Text(f"  - {item}", style=style) for item in items]
+
+
+def _count(n: int) -> str:
+    """Counts in engineering units (``22.71 M``), as MACs and parameters are usually quoted."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {suffix}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for factor, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {suffix}"
+    return f"{n} B"
+
+
+def _change(before: float, after: float) -> str:
+    return f"{(after - before) / before:+.1%}" if before else "n/a"
+
+
+def _shape(case: Any) -> str:
+    if isinstance(case, (list, tuple)) and all(isinstance(d, int) for d in case):
+        return "x".join(str(d) for d in case)
+    return str(case)
