@@ -1,0 +1,110 @@
+"""Stage *analyse*: find the prunable blocks of a graph (see :mod:`optin_onnx.analysis.axes`)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from optin_onnx.analysis.axes import Group, propagate
+from optin_onnx.analysis.structure import (Block, Consumer, Declined, ParamSlice, Removal, Role,
+                                           ShapeEdit, Structure)
+from optin_onnx.graph import const_array, nodes_by_name
+
+__all__ = ["analyze_graph", "Block", "Consumer", "Declined", "ParamSlice", "Removal", "Role",
+           "ShapeEdit", "Structure"]
+
+#: Ops a removed block's contribution may pass through on its way to the residual add.
+_PASS_THROUGH = {"Reshape", "Identity", "Dropout"}
+
+
+def _feature(node: ir.Node) -> str:
+    """The consumer's output plus its bias, if a bias Add follows (the FFN output of BERT)."""
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        other = uses[0].node.inputs[1 - uses[0].idx]
+        if const_array(other) is not None:
+            return uses[0].node.outputs[0].name
+    return out.name
+
+
+def _removal(node: ir.Node, probe: dict[str, np.ndarray]) -> Removal | None:
+    """Follow a consumer's output to the residual Add it feeds, collecting biases on the way."""
+    bias: list[tuple[str, int]] = []
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias.append((node.name, 2))
+    v = node.outputs[0]
+    for _ in range(8):
+        uses = v.uses()
+        if len(uses) != 1 or v.is_graph_output():
+            return None
+        user, idx = uses[0].node, uses[0].idx
+        if user.op_type in _PASS_THROUGH and idx == 0:
+            v = user.outputs[0]
+            continue
+        if user.op_type != "Add":
+            return None
+        other = user.inputs[1 - idx]
+        if const_array(other) is not None:
+            bias.append((user.name, 1 - idx))
+            v = user.outputs[0]
+            continue
+        # The residual add: the other operand must already have the full output shape.
+        if probe.get(other.name) is None or probe.get(user.outputs[0].name) is None or \
+                probe[other.name].shape != probe[user.outputs[0].name].shape:
+            return None
+        return Removal(user.name, idx, tuple(bias))
+    return None
+
+
+def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | None:
+    if not g.consumers:
+        return None
+    name = f"group@{g.sources[0]}"
+    reasons = list(dict.fromkeys(g.barriers))
+    unit = g.unit_size or 1
+    if not reasons and g.width % unit:
+        reasons.append(f"width {g.width} is not a multiple of unit size {unit}")
+    if reasons:
+        return Declined(name, reasons)
+    n_units = g.width // unit
+    if n_units < 2:
+        return None
+    consumer = nodes[g.consumers[0].node]
+    removals = [_removal(nodes[c.node], probe) for c in g.consumers]
+    return Block(
+        name=name, kind="attention" if g.has_head else "mlp", n_units=n_units, unit_size=unit,
+        sources=list(dict.fromkeys(g.sources)), consumers=list(dict.fromkeys(g.consumers)),
+        slices=list(dict.fromkeys(g.slices)), shape_edits=list(dict.fromkeys(g.shape_edits)),
+        nodes=list(dict.fromkeys(g.nodes)), feature=_feature(consumer),
+        removal=removals[0] if len(removals) == 1 else None)
+
+
+def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
+    """Find every prunable block of ``model`` (names must be unique: see ``graph.normalize``).
+
+    Blocks are ordered by where their consumer sits in the graph. Layers: each MLP block closes a
+    layer and the attention blocks before it belong to that layer (a BERT/ViT layer is attention
+    then FFN); a model without MLP blocks gets one layer per block.
+    """
+    nodes = nodes_by_name(model.graph)
+    order = {n.name: i for i, n in enumerate(model.graph)}
+    structure = Structure()
+    for g in propagate(model, probe):
+        item = _to_block(g, nodes, probe)
+        if isinstance(item, Block):
+            structure.blocks.append(item)
+        elif isinstance(item, Declined):
+            structure.declined.append(item)
+    structure.blocks.sort(key=lambda b: min(order[c.node] for c in b.consumers))
+    has_mlp = any(b.kind == "mlp" for b in structure.blocks)
+    layer, pending = 0, False
+    for b in structure.blocks:
+        b.layer = layer
+        pending = True
+        if b.kind == "mlp" or not has_mlp:
+            layer += 1
+            pending = False
+    structure.n_layers = layer + (1 if pending else 0)
+    for b in structure.blocks:
+        b.name = f"layer{b.layer}.{b.kind}"
+    return structure

@@ -1,0 +1,123 @@
+"""Typed results of the analysis: prunable blocks and the exact edits that slim them.
+
+Everything refers to nodes by name and to an input slot of that node (a *use*), never to a tensor
+alone: a tensor shared by several nodes is sliced per use, which is what unsharing means.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Role(str, Enum):
+    """How a tensor axis indexes a block's units.
+
+    FLAT:  channel c = unit * unit_size + offset (a projection's output width, e.g. H*D or the FFN
+           width); slicing keeps whole runs of ``unit_size`` channels.
+    HEAD:  the axis indexes units directly (the head axis after the Reshape that splits heads).
+    INNER: the within-unit axis (head_dim); never sliced.
+    """
+
+    FLAT = "flat"
+    HEAD = "head"
+    INNER = "inner"
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """Slice the constant feeding ``node.inputs[input_index]`` along ``axis``."""
+
+    node: str
+    input_index: int
+    axis: int
+    role: Role
+
+
+@dataclass(frozen=True)
+class ShapeEdit:
+    """A constant element that holds the block's width (role FLAT: units * unit_size) or unit count
+    (role HEAD); rewrite it to the kept size.
+
+    The constant is found from ``node`` by following input slots ``path`` (e.g. Reshape slot 1, then
+    Concat slot 3); every node on the way that is shared with other uses is cloned first.
+    """
+
+    node: str
+    path: tuple[int, ...]
+    offset: int
+    role: Role
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A node that contracts the block's channels against a constant weight: the end of the block.
+
+    The mask point of the block is this node's data input (``data_index``), whose ``data_axis``
+    indexes channels with ``role``; the weight's rows along ``weight_axis`` match those channels.
+    """
+
+    node: str
+    data_index: int
+    data_axis: int
+    weight_index: int
+    weight_axis: int
+    role: Role
+
+
+@dataclass(frozen=True)
+class Removal:
+    """How to remove an emptied block: the consumer's contribution reaches a residual ``Add``
+    (``node``) through bias adds and reshapes only; input ``input_index`` of that Add is replaced by
+    the accumulated bias (the constants at ``bias_uses``, summed) or, with no bias, the Add is
+    bypassed."""
+
+    node: str
+    input_index: int
+    bias_uses: tuple[tuple[str, int], ...]
+
+
+@dataclass
+class Block:
+    """One prunable structure: an attention block (heads) or an MLP/FFN block (neurons)."""
+
+    name: str
+    kind: str  # "attention" | "mlp"
+    n_units: int
+    unit_size: int
+    sources: list[str]
+    consumers: list[Consumer]
+    slices: list[ParamSlice]
+    shape_edits: list[ShapeEdit]
+    nodes: list[str]  # every node whose input or output carries the block's axis
+    removal: "Removal | None" = None  # how to drop the whole block, when that is provably exact
+    feature: str = ""  # value whose change the trajectory loss measures (consumer output + bias)
+    layer: int = -1
+
+    @property
+    def unit_name(self) -> str:
+        return "heads" if self.kind == "attention" else "neurons"
+
+    def channels(self, units) -> list[int]:
+        """Channel indices on a FLAT axis for the given unit indices."""
+        return [u * self.unit_size + k for u in units for k in range(self.unit_size)]
+
+
+@dataclass
+class Declined:
+    """A structure that looked prunable (it ends in a weight contraction) but is left alone."""
+
+    name: str
+    reasons: list[str]
+
+
+@dataclass
+class Structure:
+    blocks: list[Block] = field(default_factory=list)
+    declined: list[Declined] = field(default_factory=list)
+    n_layers: int = 0
+
+    def by_layer(self) -> dict[int, list[Block]]:
+        out: dict[int, list[Block]] = {}
+        for b in self.blocks:
+            out.setdefault(b.layer, []).append(b)
+        return out

@@ -1,0 +1,74 @@
+"""Small helpers over onnx-ir graphs shared by every stage.
+
+The stages refer to nodes by *name* (stable across copies and proto round trips), so the working
+copy of a model gets unique node names once, in :func:`normalize`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+
+def normalize(model: ir.Model) -> ir.Model:
+    """Give every node a unique, non-empty name (exporters leave some blank or repeat them)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+    return model
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep, independent copy (the input model is never mutated)."""
+    return ir.from_proto(ir.to_proto(model))
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    return ir.to_proto(model)
+
+
+def nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
+    return {n.name: n for n in graph}
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value``: an initializer, or the output of a ``Constant`` node."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        attr = next(iter(node.attributes.values()))
+        if attr.name == "value":
+            return attr.value.numpy()
+        if attr.name in ("value_float", "value_int"):
+            return np.array(attr.value)
+        if attr.name in ("value_floats", "value_ints"):
+            return np.array(list(attr.value))
+    return None
+
+
+def is_float(value: ir.Value, probe: dict[str, np.ndarray] | None = None) -> bool:
+    """Whether ``value`` carries floating-point data (from its type, else from a probe run)."""
+    if value.dtype is not None:
+        return value.dtype.is_floating_point()
+    if probe is not None and value.name in probe:
+        return np.issubdtype(probe[value.name].dtype, np.floating)
+    return False
+
+
+def attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def iter_topological(graph: ir.Graph) -> Iterator[ir.Node]:
+    """Nodes in a topological order (ONNX requires stored order to be one already)."""
+    yield from graph

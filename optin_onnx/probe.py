@@ -1,0 +1,99 @@
+"""Run the dense model once in onnxruntime and keep every intermediate value.
+
+The analysis needs concrete shapes (to map axes through Reshape) and the values of small shape
+tensors (to find which Concat piece holds a head count). Symbolic shape inference loses both as soon
+as a Reshape target is computed at run time, which is how every exporter writes attention; a probe
+run at a small, unusual batch and sequence length gives exact answers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from optin_onnx.errors import OptinError
+
+#: Probe sizes: small, and unlikely to coincide with any model width.
+PROBE_BATCH = 3
+PROBE_SEQ = 11
+
+_INT_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
+              onnx.TensorProto.BOOL: np.bool_}
+
+
+def graph_inputs(model: ir.Model) -> list[ir.Value]:
+    return [v for v in model.graph.inputs if not v.is_initializer()]
+
+
+def dummy_feeds(model: ir.Model, batch: int = PROBE_BATCH, seq: int = PROBE_SEQ,
+                like: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Inputs for a probe run. Taken from ``like`` (calibration samples, cut or tiled to
+    ``batch`` x ``seq``) when given, else synthesised: zeros for integer inputs (a valid token id)
+    except ones for anything named like a mask, Gaussian noise for float inputs. Symbolic axis 0 gets
+    ``batch``; other symbolic axes get ``seq``."""
+    feeds = {}
+    for v in graph_inputs(model):
+        if like is not None and v.name in like:
+            feeds[v.name] = resize_sample_axes(like[v.name], batch, seq)
+            continue
+        if v.shape is None:
+            raise OptinError(f"graph input '{v.name}' has no shape; cannot synthesise a probe input")
+        dims = [d if isinstance(d, int) else (batch if i == 0 else seq) for i, d in enumerate(v.shape)]
+        dtype = v.dtype.numpy() if v.dtype is not None else np.float32
+        if np.issubdtype(dtype, np.floating):
+            feeds[v.name] = np.random.default_rng(0).standard_normal(dims).astype(dtype)
+        elif "mask" in v.name.lower():
+            feeds[v.name] = np.ones(dims, dtype)
+        else:
+            feeds[v.name] = np.zeros(dims, dtype)
+    return feeds
+
+
+def resize_sample_axes(arr: np.ndarray, batch: int, seq: int | None) -> np.ndarray:
+    """Cycle samples to ``batch`` rows and (for rank >= 2) tile/cut axis 1 to ``seq`` positions.
+
+    Tiling repeats real tokens, so an ``attention_mask`` stays a valid mask (padding stays padding).
+    """
+    reps = -(-batch // arr.shape[0])
+    out = np.concatenate([arr] * reps, axis=0)[:batch]
+    if seq is not None and out.ndim >= 2 and out.shape[1] != seq:
+        reps = -(-seq // out.shape[1])
+        out = np.concatenate([out] * reps, axis=1)[:, :seq]
+    return np.ascontiguousarray(out)
+
+
+def run_all_values(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                   names: list[str] | None = None,
+                   providers: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Run ``model`` returning the requested intermediate values (all node outputs by default).
+
+    Graph optimisations are disabled so that every value exists as written in the graph.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    wanted = names if names is not None else [o for n in m.graph.node for o in n.output if o]
+    for name in wanted:
+        if name not in existing:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+            existing.add(name)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so,
+                                    providers=providers or ["CPUExecutionProvider"])
+        outs = sess.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise OptinError(f"onnxruntime could not run the model: {str(exc).splitlines()[0]}") from exc
+    return {o.name: arr for o, arr in zip(sess.get_outputs(), outs)}
+
+
+def probe(model: ir.Model, feeds: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Every value of ``model`` (inputs, initializers used as data, node outputs) on a probe input."""
+    proto = ir.to_proto(model)
+    feeds = feeds if feeds is not None else dummy_feeds(model)
+    values = run_all_values(proto, feeds)
+    values.update(feeds)
+    return values
