@@ -1,0 +1,415 @@
+"""Loading, validating and saving models and calibration data.
+
+Everything that touches the user's files goes through here, so that each bad input is reported as
+one :class:`~optin_onnx.errors.OptinError` line naming the file and the problem instead of a
+protobuf or numpy traceback from deep inside a pruning stage, and so that writing an output can
+never damage the input it was derived from.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError
+
+from optin_onnx.errors import OptinError
+
+# A serialized ModelProto cannot exceed 2 GiB (protobuf's limit). Above this many bytes of
+# initializers the weights go to an external data file, leaving headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+# Ops that only appear in quantised graphs. Pruning reasons about fp32 weights and activations, so
+# it cannot score or slice these; any op named QLinear* is caught by prefix as well.
+_QUANTISED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "QAttention",
+        "QGemm",
+        "MatMulNBits",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "GatherBlockQuantized",
+    }
+)
+# Low-precision integer weights feeding these ops mean weight-only quantisation.
+_WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+_LOW_BIT_TYPES = frozenset(
+    {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
+)
+
+_QUANTISED_HINT = "quantised models are not supported: prune the fp32 model, then quantise"
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model and reject anything the pruner cannot work on.
+
+    ``ir.load`` maps external data lazily, so models over 2 GB load without reading their weights.
+    The checks here are the cheap ones that turn a later, confusing failure into a clear message:
+    the file parses and is complete, every external data file exists and is long enough, the graph
+    has nodes and inputs, and it is not quantised. ``onnx.checker`` is deliberately not run: it
+    is too slow on large models, and onnxruntime validates the graph when a session is built.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise OptinError(f"model file {path} does not exist")
+    if os.path.isdir(path):
+        raise OptinError(f"model path {path} is a directory, not an ONNX file")
+    if os.path.getsize(path) == 0:
+        raise OptinError(f"model file {path} is empty")
+    try:
+        model = ir.load(path)
+    except DecodeError:
+        raise OptinError(_diagnose_unparsable(path)) from None
+    except OSError as exc:
+        raise OptinError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+
+    _check_complete(model, path)
+    if model.graph.num_nodes() == 0:
+        raise OptinError(f"model {path} has no nodes in its graph: nothing to prune")
+    if not graph_input_names(model):
+        raise OptinError(f"model {path} has no graph inputs: it cannot be run on calibration data")
+    evidence = _quantisation_evidence(model)
+    if evidence is not None:
+        raise OptinError(f"{_QUANTISED_HINT} ({path}: {evidence})")
+    _check_external_data(model, path)
+    return model
+
+
+def save_model(
+    model: ir.Model | onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+) -> None:
+    """Write ``model`` to ``path`` atomically, never touching the input model's files.
+
+    Everything is first written into a temporary directory next to ``path`` (same filesystem, so
+    ``os.replace`` is atomic) and then moved into place: a crash or a full disk leaves either the
+    old output or the new one, never a half-written file. Models whose initializers exceed
+    :data:`EXTERNAL_DATA_THRESHOLD_BYTES` get their weights in ``<name>.data`` beside the
+    ``.onnx``; that file is moved first and the ``.onnx`` that references it last. Writing into a
+    temporary directory (rather than a temporary file name) lets the ``.onnx`` record the data
+    file's final relative name.
+
+    A model loaded from an external-data file still reads its weights lazily from the input's data
+    file, so saving refuses any output path that is the input (``input_path``) or one of the data
+    files the model reads from. Smaller models are written self-contained: weights still living in
+    the input's data file are copied in, because a reference to it would break once the output is
+    moved away from the input, or silently change if the input's data is later rewritten.
+    """
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    if not os.path.isdir(directory):
+        raise OptinError(f"cannot write {path}: directory {directory} does not exist")
+
+    sites = _external_tensor_sites(model)
+    external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    data_name = name + ".data"
+    outputs = [path, os.path.join(directory, data_name)] if external else [path]
+    _refuse_overwriting_inputs(outputs, input_path, [tensor.path for tensor, _, _ in sites])
+
+    # With external data, ir.save itself streams the (lazy) initializers into the new data file;
+    # only constants held in node attributes, which ir.save leaves as references, are inlined.
+    to_inline = [
+        (tensor, put) for tensor, put, is_initializer in sites if not (external and is_initializer)
+    ]
+    try:
+        with tempfile.TemporaryDirectory(
+            prefix=f".{name}.", suffix=".tmp", dir=directory, ignore_cleanup_errors=True
+        ) as staging:
+            staged = os.path.join(staging, name)
+            with _inlined(to_inline):
+                if external:
+                    ir.save(model, staged, external_data=data_name)
+                else:
+                    ir.save(model, staged)
+            if external:
+                staged_data = os.path.join(staging, data_name)
+                _fsync(staged_data)
+                os.replace(staged_data, os.path.join(directory, data_name))
+            _fsync(staged)
+            os.replace(staged, path)
+    except OSError as exc:
+        raise OptinError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def model_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize ``model`` to a ``ModelProto`` for APIs that take one (onnxruntime, onnx.checker).
+
+    Only for models under the 2 GB protobuf limit: weights that are lazy external references stay
+    references in the proto rather than being read in.
+    """
+    return ir.to_proto(model)
+
+
+def load_calibration(path: str | os.PathLike, input_names: list[str]) -> dict[str, np.ndarray]:
+    """Load calibration samples: an ``.npz`` with one array per graph input, first axis = sample.
+
+    Arrays are returned unchanged (no dtype cast): a mismatch with the model's input types should
+    surface as a clear error where the model is run, not be hidden by a silent conversion here.
+    Arrays for names that are not graph inputs are ignored, so one file can serve several variants
+    of a model.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise OptinError(f"calibration file {path} does not exist")
+    # np.load would try anything that is not a zip as .npy or pickle, and complain about pickles.
+    if not zipfile.is_zipfile(path):
+        raise OptinError(
+            f"calibration file {path} is not an .npz archive (or it is truncated):"
+            " write it with np.savez"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            available = list(archive.files)
+            for name in input_names:
+                if name not in available:
+                    raise OptinError(
+                        f"calibration file {path} has no array for graph input '{name}'"
+                        f" (it has: {', '.join(available) or 'no arrays'})"
+                    )
+            arrays = {name: archive[name] for name in input_names}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise OptinError(f"calibration file {path} is corrupt: {exc}") from None
+
+    for name, array in arrays.items():
+        if array.ndim == 0:
+            raise OptinError(
+                f"calibration file {path}: array '{name}' is a scalar; the first axis must index samples"
+            )
+    counts = {name: array.shape[0] for name, array in arrays.items()}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{name}: {count}" for name, count in counts.items())
+        raise OptinError(f"calibration file {path}: arrays have different sample counts ({listing})")
+    if any(count == 0 for count in counts.values()):
+        raise OptinError(f"calibration file {path} has zero samples")
+    return arrays
+
+
+def graph_input_names(model: ir.Model) -> list[str]:
+    """Names of the inputs a caller must feed: graph inputs that are not initializers.
+
+    Older exporters also list every initializer as a graph input (with the initializer as its
+    default); those are weights, not data, so they are left out.
+    """
+    return [value.name for value in model.graph.inputs if not value.is_initializer()]
+
+
+def _diagnose_unparsable(path: str) -> str:
+    """Explain why protobuf rejected ``path``: cut short, or not an ONNX model at all.
+
+    Protobuf reports both as the same "Error parsing message". Walking the top-level fields of the
+    wire format tells them apart: a file whose fields are all ``ModelProto`` fields but whose last
+    one runs past the end of the file was truncated, while a field ``ModelProto`` does not have
+    means the file is something else.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+    truncated = f"model file {path} is truncated or corrupt: its data ends in the middle of a field"
+    fields = onnx.ModelProto.DESCRIPTOR.fields_by_number
+    length_delimited = {
+        FieldDescriptor.TYPE_MESSAGE,
+        FieldDescriptor.TYPE_STRING,
+        FieldDescriptor.TYPE_BYTES,
+    }
+    position = 0
+    while position < len(data):
+        key, position = _read_varint(data, position)
+        if key is None:
+            return truncated
+        field = fields.get(key >> 3)
+        expected_wire_type = 2 if field is not None and field.type in length_delimited else 0
+        if field is None or key & 7 != expected_wire_type:
+            return f"model file {path} is not an ONNX file (protobuf parse failed)"
+        value, position = _read_varint(data, position)
+        if value is None:
+            return truncated
+        if expected_wire_type == 2:
+            position += value
+            if position > len(data):
+                return truncated
+    return f"model file {path} is truncated or corrupt: protobuf could not parse the data inside it"
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int | None, int]:
+    """Decode one protobuf varint at ``position``; ``None`` if the data ends before it does."""
+    value = 0
+    shift = 0
+    while position < len(data):
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+    return None, position
+
+
+def _check_complete(model: ir.Model, path: str) -> None:
+    """Catch a model cut short at a field boundary, which protobuf parses without complaint.
+
+    Exporters write ``opset_import`` after the graph, so a model with none, or with nodes in a
+    domain it does not import, lost its tail (or was never a complete ONNX model).
+    """
+    if not model.opset_imports:
+        raise OptinError(f"model file {path} is truncated or not an ONNX model: it imports no opset")
+    imported = {_canonical_domain(domain) for domain in model.opset_imports}
+    for node in _all_nodes(model):
+        if _canonical_domain(node.domain) not in imported:
+            raise OptinError(
+                f"model file {path} is truncated or corrupt: node '{node.name}' ({node.op_type}) uses"
+                f" domain '{node.domain}', which the model does not import"
+            )
+
+
+def _canonical_domain(domain: str) -> str:
+    """The default ONNX domain is spelled either "" or "ai.onnx"."""
+    return "" if domain == "ai.onnx" else domain
+
+
+def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node: main graph, subgraphs (If/Loop/Scan bodies) and model-local functions."""
+    yield from ir.traversal.RecursiveGraphIterator(model.graph)
+    for function in model.functions.values():
+        yield from ir.traversal.RecursiveGraphIterator(function)
+
+
+def _quantisation_evidence(model: ir.Model) -> str | None:
+    """Describe the first sign that ``model`` is quantised, or return ``None`` if it is fp."""
+    for node in _all_nodes(model):
+        if node.op_type in _QUANTISED_OPS or node.op_type.startswith("QLinear"):
+            return f"node '{node.name}' is {node.op_type}"
+        if node.op_type in _WEIGHT_OPS and _canonical_domain(node.domain) == "":
+            for value in node.inputs:
+                source = _skip_casts(value)
+                if source is not None and source.is_initializer() and source.dtype in _LOW_BIT_TYPES:
+                    return (
+                        f"{source.dtype.name} initializer '{source.name}'"
+                        f" feeds {node.op_type} '{node.name}'"
+                    )
+    return None
+
+
+def _skip_casts(value: ir.Value | None) -> ir.Value | None:
+    """Follow Casts upstream: weight-only quantisation stores integer weights and casts them up."""
+    while value is not None:
+        producer = value.producer()
+        if producer is None or producer.op_type != "Cast":
+            return value
+        value = producer.inputs[0]
+    return None
+
+
+def _check_external_data(model: ir.Model, path: str) -> None:
+    """Check each external data file exists and is long enough, before anything reads it lazily."""
+    for tensor, _, _ in _external_tensor_sites(model):
+        data_path = tensor.path
+        if not os.path.isfile(data_path):
+            raise OptinError(
+                f"model {path} needs external data file {data_path} (for tensor '{tensor.name}'),"
+                " which does not exist: copy it next to the model"
+            )
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        size = os.path.getsize(data_path)
+        if size < end:
+            raise OptinError(
+                f"external data file {data_path} of model {path} is truncated: tensor '{tensor.name}'"
+                f" needs bytes up to {end}, the file has {size}"
+            )
+
+
+# An external tensor, a function that puts a replacement tensor where it sits, and whether it is
+# an initializer (as opposed to the value of a node attribute such as Constant's).
+_Site = tuple[ir.ExternalTensor, Callable[[ir.TensorProtocol], None], bool]
+
+
+def _external_tensor_sites(model: ir.Model) -> list[_Site]:
+    """Every tensor in ``model`` whose data lives in an external file, and where it sits."""
+    sites: list[_Site] = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                sites.append((value.const_value, functools.partial(setattr, value, "const_value"), True))
+    for node in _all_nodes(model):
+        for name, attr in node.attributes.items():
+            if attr.is_ref() or attr.type != ir.AttributeType.TENSOR:
+                continue
+            if isinstance(attr.value, ir.ExternalTensor):
+                sites.append((attr.value, functools.partial(_set_tensor_attribute, node, name), False))
+    return sites
+
+
+def _set_tensor_attribute(node: ir.Node, name: str, tensor: ir.TensorProtocol) -> None:
+    node.attributes[name] = ir.Attr(name, ir.AttributeType.TENSOR, tensor)
+
+
+@contextlib.contextmanager
+def _inlined(
+    sites: list[tuple[ir.ExternalTensor, Callable[[ir.TensorProtocol], None]]],
+) -> Iterator[None]:
+    """Temporarily replace external tensors with in-memory copies, so saving embeds their data.
+
+    The originals are put back afterwards: saving must not change the caller's model.
+    """
+    originals = [tensor for tensor, _ in sites]
+    copies = ir.external_data.convert_tensors_from_external(originals)
+    for (_, put), copy in zip(sites, copies):
+        put(copy)
+    try:
+        yield
+    finally:
+        for (_, put), original in zip(sites, originals):
+            put(original)
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    """Total initializer size, from shapes and dtypes alone (lazy external data is not read)."""
+    return sum(
+        value.const_value.nbytes
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+        if value.const_value is not None
+    )
+
+
+def _refuse_overwriting_inputs(
+    outputs: list[str], input_path: str | os.PathLike | None, data_paths: list[str]
+) -> None:
+    """Raise if writing ``outputs`` would replace the input model or a data file it reads from."""
+    for output in outputs:
+        if input_path is not None and _same_file(output, os.fspath(input_path)):
+            raise OptinError(f"output path {output} is the input path: refusing to overwrite the input")
+        for data_path in data_paths:
+            if _same_file(output, data_path):
+                raise OptinError(
+                    f"output {output} is the external data file {data_path} the model reads its weights"
+                    " from: refusing to overwrite the input"
+                )
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file, through symlinks and hard links."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _fsync(path: str) -> None:
+    """Flush ``path`` to disk, so the rename that publishes it never exposes unwritten data."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
