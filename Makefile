@@ -1,0 +1,27 @@
+# Developer entry points. Everything runs inside .venv, which is created and populated on first use
+# (CI starts from a bare checkout), and re-populated only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Written after a successful install; pip runs again only when this is missing or older than
+# pyproject.toml. torch comes from the local CPU wheel because the dev extra pins torch==2.13.0.
+STAMP  := $(VENV)/.optin-installed
+
+.PHONY: .venv test test-slow demo
+
+.venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[dev,text]'
+	touch $@
+
+test: .venv
+	$(PY) -m pytest -q
+
+test-slow: .venv
+	$(PY) -m pytest -q -m slow
+
+demo: .venv
+	$(PY) -m tools.demo

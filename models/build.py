@@ -1,0 +1,113 @@
+"""Build reference artefacts: exported MiniLM encoders and calibration ``.npz`` files.
+
+Run from the repository root::
+
+    python -m models.build minilm --exporter torchscript --head pool out/minilm_pool.onnx
+    python -m models.build calib --texts bbc --n 32 --max-length 64 --seed 0 out/calib.npz
+
+This is a thin CLI over :mod:`models.text_encoders`, :mod:`models.corpora` and
+:mod:`optin_onnx.calibdata`; it needs the ``dev`` extra (torch, transformers, packaged data).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def build_minilm(out: str | Path, exporter: str = "torchscript", head: str = "none",
+                 simplify: bool = False, num_labels: int = 2, opset: int = 17) -> Path:
+    """Export all-MiniLM-L6-v2 (optionally with a pooling/classifier head) to ``out``."""
+    from models.text_encoders import EncoderWrapper, export, load_minilm
+    from models.text_encoders import simplify as simplify_onnx
+
+    out = Path(out)
+    module = EncoderWrapper(load_minilm(), head, num_labels=num_labels)  # type: ignore[arg-type]
+    if not simplify:
+        return export(module, out, exporter=exporter, opset=opset)  # type: ignore[arg-type]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        raw = export(module, Path(tmp) / "raw.onnx", exporter=exporter, opset=opset)  # type: ignore[arg-type]
+        return simplify_onnx(raw, out)
+
+
+def load_texts(source: str, n: int | None, seed: int = 0, offset: int = 0) -> list[str]:
+    """``source`` is ``bbc`` (the packaged BBC News corpus) or a UTF-8 file, one text per line."""
+    if source == "bbc":
+        from models.corpora import bbc_news, bbc_texts
+
+        return bbc_texts(len(bbc_news(seed)) - offset if n is None else n, seed=seed, offset=offset)
+    from optin_onnx.calibdata import read_texts
+
+    texts = read_texts(source)[offset:]
+    return texts if n is None else texts[:n]
+
+
+def build_calib(out: str | Path, texts: str = "bbc", n: int | None = 32, max_length: int = 64,
+                seed: int = 0, offset: int = 0, tokenizer_dir: str | Path | None = None) -> Path:
+    """Encode texts with the MiniLM tokenizer (or ``tokenizer_dir``) and write ``out`` atomically."""
+    from optin_onnx.calibdata import encode_texts, write_calibration
+
+    if tokenizer_dir is None:
+        from models.text_encoders import minilm_dir
+
+        tokenizer_dir = minilm_dir()
+    arrays = encode_texts(load_texts(texts, n, seed=seed, offset=offset), tokenizer_dir,
+                          max_length=max_length)
+    return write_calibration(arrays, out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m models.build", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("minilm", help="export all-MiniLM-L6-v2 to ONNX")
+    m.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    m.add_argument("--head", choices=["none", "pool", "classifier"], default="none")
+    m.add_argument("--simplify", action="store_true", help="run onnxsim on the export")
+    m.add_argument("--num-labels", type=int, default=2, help="classifier head width")
+    m.add_argument("--opset", type=int, default=17)
+    m.add_argument("out", type=Path)
+
+    c = sub.add_parser("calib", help="write a calibration .npz from text")
+    c.add_argument("--texts", default="bbc", help="'bbc' or a UTF-8 file with one text per line")
+    c.add_argument("--n", type=int, default=32, help="number of texts")
+    c.add_argument("--max-length", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0, help="BBC ordering seed")
+    c.add_argument("--offset", type=int, default=0, help="skip this many texts (held-out sets)")
+    c.add_argument("--tokenizer-dir", type=Path, default=None,
+                   help="directory with tokenizer.json (default: packaged MiniLM)")
+    c.add_argument("out", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from optin_onnx.errors import OptinError
+
+    t0 = time.perf_counter()
+    try:
+        if args.cmd == "minilm":
+            path = build_minilm(args.out, args.exporter, args.head, args.simplify,
+                                args.num_labels, args.opset)
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.exporter}, "
+                  f"head={args.head}{', simplified' if args.simplify else ''}) "
+                  f"in {time.perf_counter() - t0:.1f}s")
+        else:
+            path = build_calib(args.out, args.texts, args.n, args.max_length, args.seed,
+                               args.offset, args.tokenizer_dir)
+            import numpy as np
+
+            with np.load(path) as z:
+                shapes = ", ".join(f"{k} {z[k].shape} {z[k].dtype}" for k in z.files)
+            print(f"wrote {path}: {shapes} in {time.perf_counter() - t0:.1f}s")
+    except (OptinError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
