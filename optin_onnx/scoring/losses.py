@@ -1,0 +1,74 @@
+"""The two halves of OPTIN's trajectory loss.
+
+L_MD (manifold distillation): L2-normalise every token's feature vector, take K tokens (drawn once
+with a fixed seed, padding excluded), and sum the squared differences of the teacher's and the
+student's K x K cosine-similarity Gram matrices. L_KD: KL(teacher || student) of the softmaxed
+logits; embedding outputs use 1 - cosine instead, token outputs use L_MD.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def rows(feature: np.ndarray) -> np.ndarray:
+    """Token rows of a feature map: every leading axis flattened ([B, S, H] and the [B*S, H] of a
+    Gemm-form export give the same (sample, position) row order)."""
+    return feature.reshape(-1, feature.shape[-1])
+
+
+def normalised_gram(token_rows: np.ndarray) -> np.ndarray:
+    f = token_rows.astype(np.float64)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    return f @ f.T
+
+
+def md_loss(teacher_gram: np.ndarray, student_rows: np.ndarray) -> float:
+    return float(np.sum((normalised_gram(student_rows) - teacher_gram) ** 2))
+
+
+def kl_loss(teacher: np.ndarray, student: np.ndarray) -> float:
+    """Mean over samples of KL(softmax(teacher) || softmax(student))."""
+    t = teacher.reshape(-1, teacher.shape[-1]).astype(np.float64)
+    s = student.reshape(-1, student.shape[-1]).astype(np.float64)
+    lt = t - t.max(1, keepdims=True)
+    lt -= np.log(np.exp(lt).sum(1, keepdims=True))
+    ls = s - s.max(1, keepdims=True)
+    ls -= np.log(np.exp(ls).sum(1, keepdims=True))
+    return float(np.mean(np.sum(np.exp(lt) * (lt - ls), axis=1)))
+
+
+def cosine_loss(teacher: np.ndarray, student: np.ndarray) -> float:
+    """Mean over samples of 1 - cos(teacher, student)."""
+    t = teacher.reshape(teacher.shape[0], -1).astype(np.float64)
+    s = student.reshape(student.shape[0], -1).astype(np.float64)
+    cos = np.sum(t * s, 1) / np.maximum(np.linalg.norm(t, axis=1) * np.linalg.norm(s, axis=1), 1e-12)
+    return float(np.mean(1.0 - cos))
+
+
+@dataclass(frozen=True)
+class TokenSample:
+    """K token positions drawn once, shared by every feature and every candidate.
+
+    ``sample``/``position`` index the calibration set; rows inside a chunk are found with
+    :meth:`rows_in_chunk`.
+    """
+
+    sample: np.ndarray
+    position: np.ndarray
+
+    @staticmethod
+    def draw(token_mask: np.ndarray, k: int, seed: int) -> "TokenSample":
+        """``token_mask`` [N, S]: True at real (non-padding) tokens."""
+        idx = np.flatnonzero(token_mask.reshape(-1))
+        rng = np.random.default_rng(seed)
+        if idx.size > k:
+            idx = np.sort(rng.choice(idx, size=k, replace=False))
+        s = token_mask.shape[1]
+        return TokenSample(idx // s, idx % s)
+
+    def rows_in_chunk(self, start: int, stop: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(which of the K tokens fall in samples [start, stop), their row in that chunk's map)."""
+        sel = np.flatnonzero((self.sample >= start) & (self.sample < stop))
+        return sel, (self.sample[sel] - start) * seq_len + self.position[sel]

@@ -1,0 +1,99 @@
+"""Prefix reuse: the part of the graph a candidate can change, as a model of its own.
+
+Masking a unit of block b changes nothing before b's consumer. The suffix model starts at the
+consumer's output (fed the rank-k-updated dense value) and computes only what lies downstream of
+it. Every other value it needs is either
+
+- a float tensor computed before the cut (the residual stream, the attention bias): fed from the
+  dense run's cache; or
+- an integer/bool value (shape arithmetic, masks): recomputed inside the suffix from the graph
+  inputs, because shape values such as the batch size must follow the stacked batch of candidates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from optin_onnx.errors import OptinError
+
+
+@dataclass
+class Suffix:
+    model: onnx.ModelProto
+    start: str
+    cut: list[str]  # float values fed from the dense cache
+    graph_inputs: list[str]  # original graph inputs the suffix recomputes from
+    outputs: list[str]
+
+
+def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
+                 dtypes: dict[str, np.dtype]) -> Suffix:
+    """Extract the sub-model that maps ``start`` (plus cached values) to ``outputs``.
+
+    ``dtypes`` gives the element type of every value (from a probe run); it decides what is cut
+    (float) and what is recomputed (everything else).
+    """
+    g = model.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    inits = {t.name: t for t in g.initializer}
+    graph_in = {v.name for v in g.input} - set(inits)
+    downstream = {start}
+    static = set(inits)  # values computed from constants alone: cheap and batch-free, recompute
+    for n in g.node:
+        if any(i in downstream for i in n.input):
+            downstream.update(o for o in n.output if o)
+        if all(not i or i in static for i in n.input):
+            static.update(o for o in n.output if o)
+    missing = [o for o in outputs if o not in downstream]
+    if missing:
+        raise OptinError(f"internal: outputs {missing} do not depend on '{start}'")
+    keep_nodes: set[int] = set()
+    cut: set[str] = set()
+    used_inputs: set[str] = set()
+    used_inits: set[str] = set()
+    stack = list(outputs)
+    seen: set[str] = set()
+    while stack:
+        v = stack.pop()
+        if v in seen or not v:
+            continue
+        seen.add(v)
+        if v == start:
+            continue
+        if v in inits:
+            used_inits.add(v)
+            continue
+        if v in graph_in:
+            used_inputs.add(v)
+            continue
+        idx = producer.get(v)
+        if idx is None:
+            raise OptinError(f"internal: value '{v}' has no producer")
+        if v not in downstream and v not in static and np.issubdtype(dtypes[v], np.floating):
+            cut.add(v)
+            continue
+        if idx not in keep_nodes:
+            keep_nodes.add(idx)
+            stack.extend(g.node[idx].input)
+    nodes = [g.node[i] for i in sorted(keep_nodes)]
+    # Subgraph attributes (If/Loop) may read outer values: those must be available too.
+    for n in nodes:
+        for a in n.attribute:
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                raise OptinError(f"control flow op {n.op_type} '{n.name}' inside the scored region")
+
+    def vi(name: str) -> onnx.ValueInfoProto:
+        dt = helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name]))
+        return helper.make_tensor_value_info(name, dt, None)
+
+    ins = [start] + sorted(cut) + [v.name for v in g.input if v.name in used_inputs]
+    graph = helper.make_graph(nodes, f"suffix_{start}", [vi(n) for n in ins],
+                              [onnx.ValueInfoProto(name=o) for o in outputs],
+                              initializer=[inits[n] for n in sorted(used_inits)])
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import),
+                            ir_version=model.ir_version)
+    return Suffix(sub, start, sorted(cut), [v.name for v in g.input if v.name in used_inputs],
+                  list(outputs))
