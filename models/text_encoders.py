@@ -67,16 +67,19 @@ def load_minilm() -> nn.Module:
 
 
 def tiny_bert(layers: int = 2, heads: int = 4, head_dim: int = 8, ffn: int = 48,
-              vocab: int = 100, seed: int = 0) -> nn.Module:
-    """A random BERT small enough for exhaustive tests. Biases and LayerNorm params are randomised
-    too, so the dynamo exporter does not collapse them into shared tensors by accident... except
-    where a test wants that (see ``share_zero_biases``)."""
+              vocab: int = 100, seed: int = 0, init_range: float = 0.3) -> nn.Module:
+    """A random BERT small enough for exhaustive tests.
+
+    Weights are drawn wider than BERT's 0.02 so that masking one unit visibly moves the outputs
+    (tests compare scores, which must stand well above float32 noise). Biases and LayerNorm
+    parameters are randomised too, so the dynamo exporter does not merge them into shared tensors.
+    """
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=vocab, hidden_size=heads * head_dim, num_hidden_layers=layers,
                      num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=256,
-                     attn_implementation="eager")
+                     initializer_range=init_range, attn_implementation="eager")
     model = BertModel(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

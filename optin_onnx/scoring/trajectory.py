@@ -1,0 +1,246 @@
+"""Stage *score*: OPTIN's trajectory importance of every head and neuron.
+
+    I(l, j) = sum_{z > l} L_MD(F'_z, F_z) + lambda * L_KD(logits', logits)
+
+(z = l included for the last layer). F_z is the output of layer z's FFN second linear layer
+(the feature each MLP block's consumer writes); F' the same with only unit j of layer l masked.
+
+Two scorers compute the same numbers:
+
+- :func:`score_naive`: the definition, one full forward pass of the masked model per unit.
+- :func:`score_fast`: three exact cuts. (1) Prefix reuse: only the suffix downstream of the unit's
+  block runs, from cached dense activations. (2) Rank-k updates: removing unit j changes its
+  consumer's output by exactly ``-X[..., C_j] @ W[C_j, :]`` (C_j: the unit's channels, one for a
+  neuron, head_dim for a head), so the suffix starts from that updated tensor. (3) Candidate
+  batching: several candidates are stacked along the measured batch axis of every suffix input.
+
+Both terms are divided by their mean over all candidates before lambda weighs them, so lambda is
+the relative weight of the logit term whatever the feature scale (lambda = 1: equal say on
+average).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from optin_onnx.analysis import Block, Structure
+from optin_onnx.calibrate import CalibrationSet, batch_axes, capture, session
+from optin_onnx.errors import OptinError
+from optin_onnx.graph import const_array, nodes_by_name
+from optin_onnx.instrument import channel_mask, mask_input_name, masked_model
+from optin_onnx.probe import run_all_values
+from optin_onnx.scoring.losses import (TokenSample, cosine_loss, kl_loss, md_loss,
+                                       normalised_gram, rows)
+from optin_onnx.scoring.suffix import build_suffix
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ScoreConfig:
+    lam: float = 1.0
+    tokens: int = 768
+    seed: int = 0
+    candidates_per_run: int = 8
+    output_kind: str = "auto"  # auto | logits | embedding | tokens
+    features: str = "trajectory"  # trajectory | local (ablation: the unit's own layer only)
+    providers: list[str] | None = None
+
+
+@dataclass
+class Scores:
+    """Per-block importance (higher = keep), with the two raw loss terms behind it."""
+
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
+    md: dict[str, np.ndarray] = field(default_factory=dict)
+    kd: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def finalize(self, lam: float) -> "Scores":
+        md_all = np.concatenate(list(self.md.values())) if self.md else np.zeros(0)
+        kd_all = np.concatenate(list(self.kd.values())) if self.kd else np.zeros(0)
+        md_scale = md_all.mean() if md_all.size and md_all.mean() > 0 else 1.0
+        kd_scale = kd_all.mean() if kd_all.size and kd_all.mean() > 0 else 1.0
+        for name in self.md:
+            self.importance[name] = self.md[name] / md_scale + lam * self.kd[name] / kd_scale
+        return self
+
+
+def output_kind(model: ir.Model, name: str, rank: int, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if rank >= 3:
+        return "tokens"
+    producer = next((n for n in model.graph if name in [o.name for o in n.outputs]), None)
+    if producer is not None and producer.op_type in ("Gemm", "MatMul"):
+        return "logits"
+    if producer is not None and producer.op_type == "Add" and any(
+            v.producer() is not None and v.producer().op_type == "MatMul" for v in producer.inputs):
+        return "logits"
+    return "embedding"
+
+
+class Objective:
+    """The teacher side of the loss: features, sampled tokens, Gram matrices, output."""
+
+    def __init__(self, model: ir.Model, structure: Structure, cal: CalibrationSet,
+                 cfg: ScoreConfig):
+        self.structure = structure
+        self.cal = cal
+        self.cfg = cfg
+        mlp = [b for b in structure.blocks if b.kind == "mlp"]
+        carriers = mlp if mlp else structure.blocks
+        self.layer_feature = {b.layer: b.feature for b in carriers}
+        self.output = model.graph.outputs[0].name
+        self.tokens = TokenSample.draw(cal.token_mask, cfg.tokens, cfg.seed)
+
+    def features_for(self, block: Block) -> list[str]:
+        layers = sorted(self.layer_feature)
+        if self.cfg.features == "local":
+            chosen = [z for z in layers if z == block.layer]
+        else:
+            chosen = [z for z in layers if z > block.layer] or [z for z in layers if z == block.layer]
+        return [self.layer_feature[z] for z in chosen]
+
+    def all_features(self) -> list[str]:
+        return list(dict.fromkeys(self.layer_feature.values()))
+
+    def set_teacher(self, model: ir.Model, dense: list[dict[str, np.ndarray]]) -> None:
+        rank = dense[0][self.output].ndim
+        self.kind = output_kind(model, self.output, rank, self.cfg.output_kind)
+        self.gram = {f: normalised_gram(self.gather(f, dense)) for f in self.all_features()}
+        if self.kind == "tokens":
+            self.teacher_out = normalised_gram(self.gather(self.output, dense))
+        else:
+            self.teacher_out = np.concatenate([d[self.output] for d in dense])
+
+    def gather(self, name: str, chunks: Iterable[dict[str, np.ndarray]]) -> np.ndarray:
+        """The K sampled token rows of feature ``name`` across chunks (in sample order)."""
+        parts = []
+        for chunk, values in zip(self.cal.chunks, chunks):
+            _, idx = self.tokens.rows_in_chunk(chunk.start, chunk.stop, chunk.seq_len)
+            parts.append(rows(values[name])[idx])
+        return np.concatenate(parts)
+
+    def loss(self, block: Block, student: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+        md = sum(md_loss(self.gram[f], self.gather(f, student)) for f in self.features_for(block))
+        if self.kind == "tokens":
+            kd = md_loss(self.teacher_out, self.gather(self.output, student))
+        else:
+            out = np.concatenate([s[self.output] for s in student])
+            kd = kl_loss(self.teacher_out, out) if self.kind == "logits" else \
+                cosine_loss(self.teacher_out, out)
+        return float(md), float(kd)
+
+    def wanted(self, block: Block) -> list[str]:
+        return list(dict.fromkeys(self.features_for(block) + [self.output]))
+
+
+def _dtypes(proto: onnx.ModelProto, cal: CalibrationSet) -> dict[str, np.dtype]:
+    values = run_all_values(proto, {k: a[:1] for k, a in cal.chunks[0].feeds.items()})
+    out = {k: v.dtype for k, v in values.items()}
+    out.update({k: a.dtype for k, a in cal.feeds.items()})
+    return out
+
+
+def _split(arr: np.ndarray, n: int, axis: int | None) -> list[np.ndarray]:
+    if axis is None:
+        return [arr] * n
+    return np.split(arr, n, axis=axis)
+
+
+def _tile(arr: np.ndarray, n: int, axis: int | None) -> np.ndarray:
+    return arr if axis is None or n == 1 else np.concatenate([arr] * n, axis=axis)
+
+
+def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
+               cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None) -> Scores:
+    """Exact trajectory scores with prefix reuse, rank-k updates and candidate batching."""
+    t0 = time.perf_counter()
+    proto = ir.to_proto(model)
+    nodes = nodes_by_name(model.graph)
+    obj = Objective(model, structure, cal, cfg)
+    dtypes = _dtypes(proto, cal)
+    plans = []
+    for b in structure.blocks:
+        if len(b.consumers) != 1:
+            raise OptinError(f"{b.name} has {len(b.consumers)} consumers; the fast scorer needs one")
+        c = b.consumers[0]
+        node = nodes[c.node]
+        weight = const_array(node.inputs[c.weight_index])
+        w = weight if c.weight_axis == weight.ndim - 2 else np.swapaxes(weight, -1, -2)
+        suffix = build_suffix(proto, node.outputs[0].name, obj.wanted(b), dtypes)
+        plans.append((b, c, node.inputs[c.data_index].name, node.outputs[0].name, w, suffix))
+    needed = {obj.output, *obj.all_features()}
+    for _, _, x, y, _, sfx in plans:
+        needed.update([x, y, *sfx.cut])
+    needed -= set(cal.feeds)
+    dense = capture(proto, cal, sorted(needed), cfg.providers)
+    obj.set_teacher(model, dense)
+    axes = batch_axes(proto, cal, sorted(needed | set(cal.feeds)))
+    scores = Scores()
+    per_run = max(1, cfg.candidates_per_run)
+    for b, c, x_name, y_name, w, sfx in plans:
+        sess = session(sfx.model, sfx.outputs, cfg.providers, None)
+        md, kd = np.zeros(b.n_units), np.zeros(b.n_units)
+        for first in range(0, b.n_units, per_run):
+            units = list(range(first, min(first + per_run, b.n_units)))
+            n = len(units)
+            student: list[list[dict[str, np.ndarray]]] = [[] for _ in units]
+            for chunk, values in zip(cal.chunks, dense):
+                x, y = values[x_name], values[y_name]
+                ys = []
+                for u in units:
+                    ch = np.asarray(channel_mask(b, np.eye(b.n_units)[u], c.role).nonzero()[0])
+                    ys.append(y - np.take(x, ch, axis=c.data_axis) @ w[ch])
+                feeds = {sfx.start: np.concatenate(ys, axis=axes[y_name] or 0).astype(y.dtype)}
+                for name in sfx.cut:
+                    feeds[name] = _tile(values[name], n, axes[name])
+                for name in sfx.graph_inputs:
+                    feeds[name] = _tile(chunk.feeds[name], n, axes[name])
+                outs = dict(zip(sfx.outputs, sess.run(sfx.outputs, feeds)))
+                split = {k: _split(v, n, axes[k]) for k, v in outs.items()}
+                for i in range(n):
+                    student[i].append({k: v[i] for k, v in split.items()})
+            for i, u in enumerate(units):
+                md[u], kd[u] = obj.loss(b, student[i])
+            if progress:
+                progress(n)
+        scores.md[b.name], scores.kd[b.name] = md, kd
+    scores.seconds = time.perf_counter() - t0
+    return scores.finalize(cfg.lam)
+
+
+def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
+                cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None) -> Scores:
+    """The reference: one full forward pass of the masked model per unit (slow, obviously right)."""
+    t0 = time.perf_counter()
+    obj = Objective(model, structure, cal, cfg)
+    proto = ir.to_proto(model)
+    outputs = list(dict.fromkeys(obj.all_features() + [obj.output]))
+    dense = capture(proto, cal, outputs, cfg.providers)
+    obj.set_teacher(model, dense)
+    masked = ir.to_proto(masked_model(model, structure))
+    sess = session(masked, outputs, cfg.providers)
+    ones = {mask_input_name(b): channel_mask(b, np.ones(b.n_units), b.consumers[0].role)
+            for b in structure.blocks}
+    scores = Scores()
+    for b in structure.blocks:
+        md, kd = np.zeros(b.n_units), np.zeros(b.n_units)
+        for u in range(b.n_units):
+            unit = np.ones(b.n_units)
+            unit[u] = 0
+            masks = dict(ones, **{mask_input_name(b): channel_mask(b, unit, b.consumers[0].role)})
+            student = [dict(zip(outputs, sess.run(outputs, {**chunk.feeds, **masks})))
+                       for chunk in cal.chunks]
+            md[u], kd[u] = obj.loss(b, student)
+            if progress:
+                progress(1)
+        scores.md[b.name], scores.kd[b.name] = md, kd
+    scores.seconds = time.perf_counter() - t0
+    return scores.finalize(cfg.lam)
