@@ -51,13 +51,13 @@ def dummy_feeds(model: ir.Model, batch: int = PROBE_BATCH, seq: int = PROBE_SEQ,
 
 
 def resize_sample_axes(arr: np.ndarray, batch: int, seq: int | None) -> np.ndarray:
-    """Cycle samples to ``batch`` rows and (for rank >= 2) tile/cut axis 1 to ``seq`` positions.
+    """Cycle samples to ``batch`` rows and (token inputs, rank 2) tile/cut axis 1 to ``seq``.
 
     Tiling repeats real tokens, so an ``attention_mask`` stays a valid mask (padding stays padding).
     """
     reps = -(-batch // arr.shape[0])
     out = np.concatenate([arr] * reps, axis=0)[:batch]
-    if seq is not None and out.ndim >= 2 and out.shape[1] != seq:
+    if seq is not None and out.ndim == 2 and out.shape[1] != seq:
         reps = -(-seq // out.shape[1])
         out = np.concatenate([out] * reps, axis=1)[:, :seq]
     return np.ascontiguousarray(out)

@@ -1,0 +1,245 @@
+"""The whole job as one function: load -> analyse -> calibrate -> score -> search -> rewrite ->
+simplify -> verify -> report. Each stage is a plain function of its own module; this file only
+wires them together, times them and fills the report."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from optin_onnx.analysis import Structure, analyze_graph
+from optin_onnx.calibrate import CalibrationSet, make_calibration, subset
+from optin_onnx.errors import OptinError
+from optin_onnx.flops import MacModel, mac_model, total_macs
+from optin_onnx.graph import copy_model, normalize
+from optin_onnx.io import graph_input_names, load_calibration, load_model, save_model
+from optin_onnx.probe import dummy_feeds, probe, resize_sample_axes
+from optin_onnx.report import (Report, compare_latency, cosine_similarity, count_parameters,
+                               kl_divergence, latency_entry, top1_agreement)
+from optin_onnx.rewrite import rewrite
+from optin_onnx.scoring.trajectory import ScoreConfig, Scores, output_kind, score_fast
+from optin_onnx.search import SearchResult, search
+from optin_onnx.simplify import simplify
+from optin_onnx.verify import VerifyResult, verify
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+@dataclass
+class PruneOptions:
+    """Every knob of :func:`prune`; each is also a CLI flag of ``optin-onnx prune``."""
+
+    flops: float = 0.6
+    seq_len: int | None = None  # for counting FLOPs; default: mean real length of the calibration
+    samples: int = 32  # calibration samples used for scoring; the rest are held out for fidelity
+    prune: str = "both"  # heads | neurons | both
+    lam: float = 1.0
+    seed: int = 0
+    tokens: int = 768
+    width_multiple: int = 1
+    allow_block_removal: bool = False
+    provider: str = "cpu"
+    simplify: bool = True
+    tolerance: float = 1e-4
+    latency_cases: Sequence[tuple[int, int]] = ((1, 128), (32, 128))
+    latency_seconds: float = 20.0
+    candidates_per_run: int = 8
+    chunk_size: int = 16
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    report: Report
+    structure: Structure
+    scores: Scores
+    selection: SearchResult
+    verification: VerifyResult
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def providers_for(name: str) -> list[str]:
+    if name not in PROVIDERS:
+        raise OptinError(f"--provider must be one of {sorted(PROVIDERS)}, got '{name}'")
+    if name == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise OptinError("--provider cuda: this onnxruntime has no CUDA provider "
+                             "(pip install optin-onnx[gpu])")
+    return PROVIDERS[name]
+
+
+def as_model(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
+    """A private, name-normalised copy (the caller's file or object is never modified)."""
+    if isinstance(model, onnx.ModelProto):
+        return normalize(ir.from_proto(model))
+    if isinstance(model, ir.Model):
+        return normalize(copy_model(model))
+    return normalize(load_model(model))
+
+
+def as_calibration(model: ir.Model, calib: str | os.PathLike | dict[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+    names = graph_input_names(model)
+    if isinstance(calib, dict):
+        missing = [n for n in names if n not in calib]
+        if missing:
+            raise OptinError(f"calibration data has no array for graph input '{missing[0]}'")
+        return {n: np.asarray(calib[n]) for n in names}
+    return load_calibration(calib, names)
+
+
+def analyze(model: str | os.PathLike | ir.Model | onnx.ModelProto,
+            calib: dict[str, np.ndarray] | None = None) -> tuple[ir.Model, Structure]:
+    """Stage *analyse* on its own: the prunable blocks and what was declined."""
+    m = as_model(model)
+    feeds = dummy_feeds(m, like=calib) if calib is not None else None
+    return m, analyze_graph(m, probe(m, feeds))
+
+
+@contextmanager
+def _timed(stages: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    yield
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, kind: str, cal: CalibrationSet,
+              providers: list[str]) -> dict[str, float]:
+    from optin_onnx.calibrate import capture
+
+    name = dense.graph.output[0].name
+    t = np.concatenate([c[name] for c in capture(dense, cal, [name], providers)])
+    s = np.concatenate([c[name] for c in capture(slim, cal, [name], providers)])
+    if kind == "logits":
+        return {"kl_to_dense": kl_divergence(t, s), "top1_agreement": top1_agreement(t, s)}
+    if kind == "embedding":
+        return {"cosine_to_dense": cosine_similarity(t, s)}
+    rows_t = t.reshape(-1, t.shape[-1])
+    rows_s = s.reshape(-1, s.shape[-1])
+    real = np.concatenate([ch.feeds.get("attention_mask", np.ones(ch.feeds[next(iter(ch.feeds))]
+                                                                  .shape[:2])).reshape(-1)
+                           for ch in cal.chunks]).astype(bool)
+    if real.size == rows_t.shape[0]:
+        rows_t, rows_s = rows_t[real], rows_s[real]
+    return {"token_cosine_to_dense": cosine_similarity(rows_t, rows_s)}
+
+
+def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
+          calib: str | os.PathLike | dict[str, np.ndarray],
+          options: PruneOptions | None = None, *, output: str | os.PathLike | None = None,
+          progress: Callable[[int, int], None] | None = None, **overrides) -> PruneResult:
+    """Prune ``model`` to ``flops`` of its MACs using OPTIN trajectory scores.
+
+    ``calib``: an .npz path or a dict of arrays, one per graph input, first axis = sample.
+    Options come from ``options`` and/or keyword overrides (``flops=0.6, prune="heads"``, ...).
+    With ``output`` the pruned model is written there (atomically; never over the input).
+    ``progress(done, total)`` is called while scoring.
+    """
+    opt = options or PruneOptions()
+    for k, v in overrides.items():
+        if not hasattr(opt, k):
+            raise TypeError(f"unknown option {k!r}")
+        setattr(opt, k, v)
+    if not 0.0 < opt.flops <= 1.0:
+        raise OptinError(f"--flops must be in (0, 1], got {opt.flops}")
+    providers = providers_for(opt.provider)
+    stages: dict[str, float] = {}
+    input_path = None if isinstance(model, (ir.Model, onnx.ModelProto)) else Path(model)
+    if output is not None and input_path is not None and \
+            Path(output).resolve() == input_path.resolve():
+        raise OptinError("output path is the input path: refusing to overwrite the input")
+
+    with _timed(stages, "load"):
+        m = as_model(model)
+        arrays = as_calibration(m, calib)
+    with _timed(stages, "analyse"):
+        structure = analyze_graph(m, probe(m, dummy_feeds(m, like=arrays)))
+        if not structure.blocks:
+            why = "; ".join(f"{d.name}: {d.reasons[0]}" for d in structure.declined[:3])
+            raise OptinError("no prunable structure found" + (f" ({why})" if why else
+                             " (no MatMul/Gemm chain ends in a weight contraction)"))
+    with _timed(stages, "calibrate"):
+        full = make_calibration(arrays, opt.chunk_size)
+        n = full.n
+        n_score = min(max(1, opt.samples), n)
+        held = np.arange(n_score, min(n, n_score + 64))
+        cal = subset(full, np.arange(n_score), opt.chunk_size)
+        held_cal = subset(full, held, opt.chunk_size) if held.size else cal
+        seq_len = opt.seq_len or max(1, int(round(cal.mean_length)))
+        macs = mac_model(m, structure, seq_len, like=arrays)
+    with _timed(stages, "score"):
+        total = sum(b.n_units for b in structure.blocks)
+        done = [0]
+
+        def tick(k: int) -> None:
+            done[0] += k
+            if progress:
+                progress(done[0], total)
+
+        cfg = ScoreConfig(lam=opt.lam, tokens=opt.tokens, seed=opt.seed,
+                          candidates_per_run=opt.candidates_per_run, providers=providers)
+        scores = score_fast(m, structure, cal, cfg, tick)
+    with _timed(stages, "search"):
+        selection = search(structure, scores.importance, macs, opt.flops, prune=opt.prune,
+                           width_multiple=opt.width_multiple,
+                           allow_block_removal=opt.allow_block_removal)
+    with _timed(stages, "rewrite"):
+        slim_ir = rewrite(m, structure, selection.keep)
+        slim = ir.to_proto(slim_ir)
+    notes: list[str] = []
+    if opt.simplify:
+        with _timed(stages, "simplify"):
+            slim, why = simplify(slim)
+            if why:
+                notes.append(why)
+    with _timed(stages, "verify"):
+        onnx.checker.check_model(slim, full_check=True)
+        result = verify(m, slim, structure, selection.keep, full, opt.tolerance, providers)
+        if not result.passed:
+            raise OptinError(f"verification failed: the slim graph differs from the masked dense "
+                             f"graph by {result.max_abs_err:.2e} (> {opt.tolerance:g})")
+    with _timed(stages, "report"):
+        dense_proto = ir.to_proto(m)
+        slim_model = ir.from_proto(slim)
+        macs_after = total_macs(slim_model, seq_len, like=arrays)
+        kind = output_kind(m, m.graph.outputs[0].name,
+                           len(m.graph.outputs[0].shape or ()) or 2, "auto")
+        fidelity = _fidelity(dense_proto, slim, kind, held_cal, providers)
+        if not held.size:
+            notes.append("no held-out calibration samples: fidelity measured on the scoring set")
+        latency = {}
+        for batch, seq in opt.latency_cases:
+            feeds = {k: resize_sample_axes(a, batch, seq if a.ndim == 2 else None)
+                     for k, a in arrays.items()}
+            before, after = compare_latency(dense_proto, slim, feeds, providers=providers,
+                                            max_seconds=opt.latency_seconds)
+            latency[f"{opt.provider} b{batch} s{seq}"] = latency_entry(before, after)
+    if output is not None:
+        save_model(slim, output, input_path=input_path)
+    report = Report(
+        input_path=str(input_path) if input_path else "<in-memory>",
+        output_path=str(output) if output else "<in-memory>",
+        flops_target=opt.flops, flops_achieved=macs_after / macs.total, seq_len=seq_len,
+        macs_before=macs.total, macs_after=macs_after,
+        params_before=count_parameters(dense_proto), params_after=count_parameters(slim),
+        size_before=input_path.stat().st_size if input_path else dense_proto.ByteSize(),
+        size_after=Path(output).stat().st_size if output else slim.ByteSize(),
+        layers=[{"block": b.name, "kind": b.kind, "unit": b.unit_name,
+                 "units_before": b.n_units, "units_after": len(selection.keep[b.name])}
+                for b in structure.blocks],
+        latency=latency, fidelity=fidelity, verify=result.to_dict(), stage_seconds=stages,
+        declined=[f"{d.name}: {'; '.join(d.reasons)}" for d in structure.declined], notes=notes)
+    return PruneResult(slim, report, structure, scores, selection, result, stages)
+
+
+__all__ = ["PruneOptions", "PruneResult", "prune", "analyze", "MacModel"]

@@ -1,0 +1,109 @@
+"""Stage *search*: the mask that keeps the most importance within a FLOPs budget.
+
+As in OPTIN's code (and Kwon et al.): rank heads globally and neurons globally; for every number
+of kept heads, fill the remaining budget with the best neurons; keep the split with the largest
+total importance. No per-layer quotas. Costs come from :class:`~optin_onnx.flops.MacModel`, so a
+head's price includes its share of the attention's s^2 terms at the chosen sequence length.
+
+Neurons are taken in *chunks* of ``width_multiple`` (a layer's best, then its next best, ...) so
+every FFN width stays a multiple of it: widths that break SIMD or tensor-core tiling make a model
+with fewer FLOPs run slower.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from optin_onnx.analysis import Structure
+from optin_onnx.errors import OptinError
+from optin_onnx.flops import MacModel
+
+
+@dataclass
+class SearchResult:
+    keep: dict[str, list[int]]
+    fraction: float  # predicted MACs kept / dense MACs
+    importance: float
+
+    def counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.keep.items()}
+
+
+@dataclass
+class _Item:
+    block: str
+    units: list[int]
+    score: float
+    cost: float
+
+
+def _chunks(name: str, scores: np.ndarray, size: int, unit_cost: float) -> list[_Item]:
+    order = list(np.argsort(-scores, kind="stable"))
+    return [_Item(name, [int(u) for u in order[i:i + size]], float(scores[order[i:i + size]].sum()),
+                  unit_cost * len(order[i:i + size])) for i in range(0, len(order), size)]
+
+
+def search(structure: Structure, importance: Mapping[str, np.ndarray], macs: MacModel,
+           flops: float, *, prune: str = "both", width_multiple: int = 1,
+           allow_block_removal: bool = False) -> SearchResult:
+    """Choose kept units for every block so that predicted MACs <= ``flops`` x dense MACs."""
+    if not 0.0 < flops <= 1.0:
+        raise OptinError(f"--flops must be in (0, 1], got {flops}")
+    if prune not in ("heads", "neurons", "both"):
+        raise OptinError(f"--prune must be heads, neurons or both, got '{prune}'")
+    budget = flops * macs.total
+    fixed: list[_Item] = []  # always kept
+    heads: list[_Item] = []
+    neurons: list[list[_Item]] = []  # per block, chunks in order
+    for b in structure.blocks:
+        pruned = prune == "both" or (prune == "heads") == (b.kind == "attention")
+        size = 1 if b.kind == "attention" else max(1, width_multiple)
+        items = _chunks(b.name, np.asarray(importance[b.name], dtype=np.float64), size,
+                        macs.unit[b.name])
+        if not pruned:
+            fixed.extend(items)
+            continue
+        if not allow_block_removal:
+            fixed.append(items.pop(0))
+        if b.kind == "attention":
+            heads.extend(items)
+        else:
+            neurons.append(items)
+    floor = macs.base + sum(i.cost for i in fixed)
+    if floor > budget * (1 + 1e-9):
+        raise OptinError(f"FLOPs budget {flops:g} is impossible: the smallest model this search may "
+                         f"produce keeps {floor / macs.total:.3f} of the FLOPs"
+                         + ("" if allow_block_removal else " (try --allow-block-removal)"))
+    heads.sort(key=lambda i: -i.score)
+    flat = sorted((c for chunks in neurons for c in chunks), key=lambda i: -i.score)
+    rank = {id(c): (k, chunks) for chunks in neurons for k, c in enumerate(chunks)}
+
+    best: tuple[float, list[_Item]] | None = None
+    head_cost = head_score = 0.0
+    for n_heads in range(len(heads) + 1):
+        if n_heads:
+            head_cost += heads[n_heads - 1].cost
+            head_score += heads[n_heads - 1].score
+        room = budget - floor - head_cost
+        if room < -1e-9 * macs.total:
+            break
+        taken: set[int] = set()
+        chosen, score = [], head_score
+        for c in flat:
+            k, chunks = rank[id(c)]
+            if c.cost <= room + 1e-9 * macs.total and (k == 0 or id(chunks[k - 1]) in taken):
+                taken.add(id(c))
+                chosen.append(c)
+                room -= c.cost
+                score += c.score
+        if best is None or score > best[0]:
+            best = (score, heads[:n_heads] + chosen)
+    assert best is not None
+    keep: dict[str, list[int]] = {b.name: [] for b in structure.blocks}
+    for item in fixed + best[1]:
+        keep[item.block].extend(item.units)
+    keep = {k: sorted(v) for k, v in keep.items()}
+    fraction = macs.fraction({k: len(v) for k, v in keep.items()})
+    return SearchResult(keep, fraction, best[0] + sum(i.score for i in fixed))

@@ -1,0 +1,75 @@
+"""Stage *verify*: the slim graph must reproduce the masked dense graph.
+
+Checked on inputs of two batch sizes and two sequence lengths, one of them longer than any
+calibration sample (so a shape constant frozen at the calibration length would be caught), for
+every output. A failure is an error: a wrong model is never written.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from optin_onnx.analysis import Structure
+from optin_onnx.calibrate import CalibrationSet
+from optin_onnx.instrument import masked_model
+from optin_onnx.probe import resize_sample_axes
+
+
+@dataclass
+class VerifyResult:
+    max_abs_err: float
+    tolerance: float
+    cases: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_err <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {"max_abs_err": self.max_abs_err, "tolerance": self.tolerance,
+                "cases": self.cases, "passed": self.passed}
+
+
+def verify_cases(cal: CalibrationSet) -> list[tuple[int, int | None]]:
+    """(batch, sequence) pairs: batch 1 and 3; the calibration length and 8 tokens longer."""
+    has_seq = any(a.ndim == 2 for a in cal.feeds.values())
+    if not has_seq:
+        return [(1, None), (3, None)]
+    longest = max(a.shape[1] for a in cal.feeds.values() if a.ndim == 2)
+    short = max(1, int(round(cal.mean_length)))
+    return [(b, s) for b in (1, 3) for s in (short, longest + 8)]
+
+
+def _session(model: onnx.ModelProto, providers: Sequence[str] | None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
+           keep: Mapping[str, Sequence[int]], cal: CalibrationSet, tolerance: float = 1e-4,
+           providers: Sequence[str] | None = None) -> VerifyResult:
+    masks = {}
+    for b in structure.blocks:
+        m = np.zeros(b.n_units, dtype=np.float32)
+        m[list(keep.get(b.name, range(b.n_units)))] = 1.0
+        masks[b.name] = m
+    reference = _session(ir.to_proto(masked_model(dense, structure, masks)), providers)
+    candidate = _session(slim, providers)
+    result = VerifyResult(0.0, tolerance)
+    for batch, seq in verify_cases(cal):
+        feeds = {k: resize_sample_axes(a, batch, seq if a.ndim == 2 else None)
+                 for k, a in cal.feeds.items()}
+        want = reference.run(None, feeds)
+        got = candidate.run(None, feeds)
+        err = max(float(np.max(np.abs(w.astype(np.float64) - g))) if w.size else 0.0
+                  for w, g in zip(want, got))
+        result.max_abs_err = max(result.max_abs_err, err)
+        result.cases.append(f"{batch}x{seq}" if seq else f"{batch}")
+    return result
