@@ -1,0 +1,170 @@
+"""``optin-onnx``: the command-line front end. One flag per :class:`PruneOptions` field.
+
+    optin-onnx analyze  MODEL.onnx [--calib CALIB.npz]
+    optin-onnx prune    IN.onnx OUT.onnx --flops 0.6 --calib CALIB.npz [options]
+    optin-onnx make-calib TEXTS.txt TOKENIZER_DIR OUT.npz [--max-length 128] [--samples N]
+
+Errors in the input are printed as one line (``optin-onnx: error: ...``) with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from optin_onnx.errors import OptinError
+
+
+def _cases(text: str) -> list[tuple[int, int]]:
+    try:
+        out = []
+        for part in text.split(","):
+            if part.strip():
+                b, s = part.lower().split("x")
+                out.append((int(b), int(s)))
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxSEQ[,BATCHxSEQ...], got '{text}'")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from optin_onnx.pipeline import PruneOptions
+
+    d = PruneOptions()
+    p = argparse.ArgumentParser(prog="optin-onnx", description="Retraining-free structured "
+                                "pruning of ONNX models with OPTIN trajectory scores.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="print the prunable structure of a model")
+    a.add_argument("model")
+    a.add_argument("--calib", help="calibration .npz (probe shapes from real inputs)")
+    a.add_argument("--seq-len", type=int, default=128, help="sequence length for MACs (default 128)")
+
+    r = sub.add_parser("prune", help="prune a model to a FLOPs budget")
+    r.add_argument("input")
+    r.add_argument("output")
+    r.add_argument("--calib", required=True, help="calibration .npz: one array per graph input")
+    r.add_argument("--flops", type=float, default=d.flops,
+                   help=f"fraction of the MACs to keep, in (0, 1] (default {d.flops})")
+    r.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for counting FLOPs (default: mean real calibration length)")
+    r.add_argument("--samples", type=int, default=d.samples,
+                   help=f"calibration samples used for scoring; the rest are held out for fidelity "
+                        f"(default {d.samples})")
+    r.add_argument("--prune", choices=["heads", "neurons", "both"], default=d.prune)
+    r.add_argument("--lam", type=float, default=d.lam, help="weight of the logit/output term")
+    r.add_argument("--seed", type=int, default=d.seed, help="seed for the sampled tokens")
+    r.add_argument("--tokens", type=int, default=d.tokens, help="tokens K in the MD Gram matrices")
+    r.add_argument("--round", dest="width_multiple", type=int, default=d.width_multiple,
+                   help="keep FFN widths a multiple of N (default 1)")
+    r.add_argument("--allow-block-removal", action="store_true",
+                   help="allow removing every head (or neuron) of a layer")
+    r.add_argument("--provider", choices=["cpu", "cuda"], default=d.provider)
+    r.add_argument("--no-simplify", dest="simplify", action="store_false",
+                   help="skip onnxsim on the result")
+    r.add_argument("--tolerance", type=float, default=d.tolerance,
+                   help="max |slim - masked dense| accepted by the verify stage")
+    r.add_argument("--latency", type=_cases, default=list(d.latency_cases),
+                   help="latency cases BATCHxSEQ,... ('' to skip; default 1x128,32x128)")
+    r.add_argument("--latency-seconds", type=float, default=d.latency_seconds)
+    r.add_argument("--report", help="also write the report as JSON here")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("make-calib", help="build a calibration .npz from a text file")
+    c.add_argument("texts", help="UTF-8 file, one text per line")
+    c.add_argument("tokenizer_dir", help="directory with tokenizer.json")
+    c.add_argument("output")
+    c.add_argument("--max-length", type=int, default=128)
+    c.add_argument("--samples", type=int, default=None, help="use the first N texts")
+    return p
+
+
+def _analyze(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from optin_onnx.flops import mac_model
+    from optin_onnx.io import graph_input_names, load_calibration
+    from optin_onnx.pipeline import analyze, as_model
+
+    calib = None
+    if args.calib:
+        calib = load_calibration(args.calib, graph_input_names(as_model(args.model)))
+    model, structure = analyze(args.model, calib)
+    console = Console()
+    if not structure.blocks:
+        console.print(f"[bold red]no prunable structure found[/] in {args.model}")
+        for d in structure.declined:
+            console.print(f"  declined {d.name}: {'; '.join(d.reasons)}")
+        if not structure.declined:
+            console.print("  (no MatMul/Gemm output is contracted by another weight: nothing to "
+                          "slim without changing the model width)")
+        raise SystemExit(1)
+    macs = mac_model(model, structure, args.seq_len, like=calib)
+    t = Table(title=f"{args.model}: {structure.n_layers} layers, MACs at batch 1, "
+                    f"sequence {args.seq_len}: {macs.total / 1e6:.1f} M")
+    for col in ("layer", "block", "units", "unit size", "MACs / unit", "block MACs"):
+        t.add_column(col, justify="right" if col not in ("block",) else "left")
+    for b in structure.blocks:
+        size = f"{b.unit_size} (head dim)" if b.kind == "attention" else "1"
+        t.add_row(str(b.layer), b.name, f"{b.n_units} {b.unit_name}", size,
+                  f"{macs.unit[b.name] / 1e3:.1f} k", f"{macs.unit[b.name] * b.n_units / 1e6:.2f} M")
+    console.print(t)
+    console.print(f"MACs outside every block (embeddings, classifier heads, declined blocks): "
+                  f"{macs.base / macs.total:.1%} of the MACs")
+    for d in structure.declined:
+        console.print(f"[yellow]declined[/] {d.name}: {'; '.join(d.reasons)}")
+
+
+def _prune(args) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from optin_onnx.pipeline import PruneOptions, prune
+    from optin_onnx.report import print_report
+
+    opt = PruneOptions(flops=args.flops, seq_len=args.seq_len, samples=args.samples,
+                       prune=args.prune, lam=args.lam, seed=args.seed, tokens=args.tokens,
+                       width_multiple=args.width_multiple,
+                       allow_block_removal=args.allow_block_removal, provider=args.provider,
+                       simplify=args.simplify, tolerance=args.tolerance,
+                       latency_cases=args.latency, latency_seconds=args.latency_seconds)
+    if args.quiet:
+        result = prune(args.input, args.calib, opt, output=args.output)
+    else:
+        with Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task("score", total=None)
+            result = prune(args.input, args.calib, opt, output=args.output,
+                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    print_report(result.report)
+    if args.report:
+        result.report.to_json(args.report)
+
+
+def _make_calib(args) -> None:
+    from optin_onnx.calibdata import encode_texts, read_texts, write_calibration
+
+    texts = read_texts(args.texts)
+    if args.samples:
+        texts = texts[:args.samples]
+    arrays = encode_texts(texts, args.tokenizer_dir, max_length=args.max_length)
+    write_calibration(arrays, args.output)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
+    print(f"wrote {args.output}: {shapes}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"analyze": _analyze, "prune": _prune, "make-calib": _make_calib}[args.command](args)
+    except OptinError as exc:
+        print(f"optin-onnx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("optin-onnx: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
