@@ -109,6 +109,10 @@ def rewrite(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[i
     Blocks not in ``keep`` are left whole. A block with no kept units is removed, which requires
     ``block.removal`` (the analysis proved where its output goes); otherwise it is an error.
     """
+    unknown = sorted(set(keep) - {b.name for b in structure.blocks})
+    if unknown:
+        raise OptinError(f"no block named {unknown[0]!r} (blocks: "
+                         f"{', '.join(b.name for b in structure.blocks)})")
     out = copy_model(model)
     graph = out.graph
     namer = _Namer(graph)

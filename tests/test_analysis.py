@@ -345,11 +345,6 @@ def test_unknown_op_on_a_side_branch_of_the_ffn_declines_it(op, op_type):
     assert not any("l0_ffn" in sl.node for b in s.blocks for sl in b.slices)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "analysis/__init__.py _to_block returns None for a group without consumers before looking at "
-    "its barriers, and a barrier stops propagation, so an FFN whose hidden axis passes through an "
-    "op without a handler never reaches its W2 consumer and silently disappears instead of being "
-    "declined (axes.py docstring: 'the group is declined, with the reason')"))
 @pytest.mark.parametrize("op,op_type", UNKNOWN, ids=[u[0] for u in UNKNOWN])
 def test_unknown_op_inline_on_the_ffn_hidden_axis_declines_it(op, op_type):
     m, s = analyze_with_unknown(op, branch=False)
@@ -358,11 +353,6 @@ def test_unknown_op_inline_on_the_ffn_hidden_axis_declines_it(op, op_type):
     assert any(op_type in r for r in s.declined[0].reasons)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "analysis/__init__.py analyze_graph numbers layers by 'each MLP block closes a layer': when "
-    "one layer's FFN is not a block (declined or lost), both attention blocks are named "
-    "'layer0.attention' and layer 1's FFN 'layer0.mlp'; rewrite(keep={'layer0.attention': ...}) "
-    "then prunes both attention blocks"))
 @pytest.mark.parametrize("branch", [True, False], ids=["branch", "inline"])
 def test_block_names_stay_unique_when_an_ffn_is_not_prunable(branch):
     m, s = analyze_with_unknown("Einsum", branch=branch)

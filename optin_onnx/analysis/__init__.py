@@ -57,10 +57,13 @@ def _removal(node: ir.Node, probe: dict[str, np.ndarray]) -> Removal | None:
 
 
 def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | None:
-    if not g.consumers:
-        return None
+    """A group becomes a block when it ends in weight contractions with nothing in the way. A group
+    that never got there is reported only if an unknown op stopped it (the rest are the residual
+    stream's projections, which end at a residual add by design)."""
     name = f"group@{g.sources[0]}"
     reasons = list(dict.fromkeys(g.barriers))
+    if not g.consumers:
+        return Declined(name, reasons) if g.hard else None
     unit = g.unit_size or 1
     if not reasons and g.width % unit:
         reasons.append(f"width {g.width} is not a multiple of unit size {unit}")
@@ -82,9 +85,10 @@ def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | 
 def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
     """Find every prunable block of ``model`` (names must be unique: see ``graph.normalize``).
 
-    Blocks are ordered by where their consumer sits in the graph. Layers: each MLP block closes a
-    layer and the attention blocks before it belong to that layer (a BERT/ViT layer is attention
-    then FFN); a model without MLP blocks gets one layer per block.
+    Blocks are ordered by where their consumer sits in the graph. Layers: a layer is an attention
+    block followed by an MLP block (BERT, ViT); a block that cannot join the current layer (a
+    second attention block, or anything after its MLP) opens the next one, so names stay unique
+    even where a declined block leaves a layer half-empty.
     """
     nodes = nodes_by_name(model.graph)
     order = {n.name: i for i, n in enumerate(model.graph)}
@@ -96,15 +100,13 @@ def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
         elif isinstance(item, Declined):
             structure.declined.append(item)
     structure.blocks.sort(key=lambda b: min(order[c.node] for c in b.consumers))
-    has_mlp = any(b.kind == "mlp" for b in structure.blocks)
-    layer, pending = 0, False
+    layer, filled = -1, {"attention", "mlp"}
     for b in structure.blocks:
+        if b.kind in filled or (b.kind == "attention" and "mlp" in filled):
+            layer, filled = layer + 1, set()
+        filled.add(b.kind)
         b.layer = layer
-        pending = True
-        if b.kind == "mlp" or not has_mlp:
-            layer += 1
-            pending = False
-    structure.n_layers = layer + (1 if pending else 0)
+    structure.n_layers = layer + 1
     for b in structure.blocks:
         b.name = f"layer{b.layer}.{b.kind}"
     return structure

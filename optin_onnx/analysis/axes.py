@@ -64,6 +64,9 @@ class Group:
     shape_edits: list[ShapeEdit] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
+    # True once something other than a natural end (residual add, normalisation over the axis, a
+    # graph output) stopped the group: only then is a group without consumers worth reporting.
+    hard: bool = False
 
 
 class Propagator:
@@ -96,6 +99,7 @@ class Propagator:
         elif gb.unit_size is not None and gb.unit_size != ga.unit_size:
             ga.barriers.append(f"coupled groups split into units of {ga.unit_size} and {gb.unit_size}")
         ga.has_head |= gb.has_head
+        ga.hard |= gb.hard
         for name in ("sources", "consumers", "slices", "shape_edits", "nodes", "barriers"):
             getattr(ga, name).extend(getattr(gb, name))
         return a
@@ -113,12 +117,14 @@ class Propagator:
     def track(self, v: ir.Value | None) -> Track:
         return {} if v is None else self.tracks.get(v.name, {})
 
-    def block(self, gid: int, reason: str) -> None:
-        self.group(gid).barriers.append(reason)
+    def block(self, gid: int, reason: str, natural: bool = False) -> None:
+        g = self.group(gid)
+        g.barriers.append(reason)
+        g.hard |= not natural
 
-    def block_all(self, track: Track, reason: str) -> None:
+    def block_all(self, track: Track, reason: str, natural: bool = False) -> None:
         for gid, _ in track.values():
-            self.block(gid, reason)
+            self.block(gid, reason, natural)
 
     def new_group(self, node: ir.Node, out: ir.Value, axis: int, width: int) -> int:
         gid = len(self.groups)
@@ -157,7 +163,7 @@ class Propagator:
                     self.group(gid).slices.append(ParamSlice(node.name, i, a, role))
             else:
                 self.block(gid, f"{node.op_type} '{node.name}' combines the axis with run-time "
-                                f"tensor '{v.name}' (a residual or another structure)")
+                                f"tensor '{v.name}' (a residual or another structure)", natural=True)
                 return
         out[out_axis] = (self.find(gid), role)
 
@@ -181,7 +187,7 @@ class Propagator:
                             self.group(gid).nodes.append(node.name)
             self.maybe_source(node)
         for v in self.graph.outputs:
-            self.block_all(self.track(v), f"reaches graph output '{v.name}'")
+            self.block_all(self.track(v), f"reaches graph output '{v.name}'", natural=True)
 
     def maybe_source(self, node: ir.Node) -> None:
         if node.domain not in ("", "ai.onnx"):
@@ -383,7 +389,8 @@ def _layer_norm(p: Propagator, node: ir.Node) -> None:
         p.block_all(p.track(v), f"LayerNormalization '{node.name}' takes the axis as a parameter")
     for a, (gid, role) in t.items():
         if a >= axis and role is not Role.INNER:
-            return p.block(gid, f"LayerNormalization '{node.name}' normalises over the axis")
+            return p.block(gid, f"LayerNormalization '{node.name}' normalises over the axis",
+                           natural=True)
     p.tracks[node.outputs[0].name] = dict(t)
 
 
