@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tokens", type=int, default=d.tokens, help="tokens K in the MD Gram matrices")
     r.add_argument("--round", dest="width_multiple", type=int, default=d.width_multiple,
                    help="keep FFN widths a multiple of N (default 1)")
+    r.add_argument("--neuron-group", type=int, default=d.neuron_group,
+                   help="score neurons in groups of N adjacent by a local proxy (approximate; "
+                        f"default {d.neuron_group} = exact)")
     r.add_argument("--allow-block-removal", action="store_true",
                    help="allow removing every head (or neuron) of a layer")
     r.add_argument("--provider", choices=["cpu", "cuda"], default=d.provider)
@@ -124,7 +127,7 @@ def _prune(args) -> None:
 
     opt = PruneOptions(flops=args.flops, seq_len=args.seq_len, samples=args.samples,
                        prune=args.prune, lam=args.lam, seed=args.seed, tokens=args.tokens,
-                       width_multiple=args.width_multiple,
+                       width_multiple=args.width_multiple, neuron_group=args.neuron_group,
                        allow_block_removal=args.allow_block_removal, provider=args.provider,
                        simplify=args.simplify, tolerance=args.tolerance,
                        latency_cases=args.latency, latency_seconds=args.latency_seconds)

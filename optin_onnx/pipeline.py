@@ -45,6 +45,7 @@ class PruneOptions:
     seed: int = 0
     tokens: int = 768
     width_multiple: int = 1
+    neuron_group: int = 1  # >1: score neurons in proxy-ordered groups (approximate, faster)
     allow_block_removal: bool = False
     provider: str = "cpu"
     simplify: bool = True
@@ -187,7 +188,8 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
                 progress(done[0], total)
 
         cfg = ScoreConfig(lam=opt.lam, tokens=opt.tokens, seed=opt.seed,
-                          candidates_per_run=opt.candidates_per_run, providers=providers)
+                          candidates_per_run=opt.candidates_per_run,
+                          neuron_group=opt.neuron_group, providers=providers)
         scores = score_fast(m, structure, cal, cfg, tick)
     with _timed(stages, "search"):
         selection = search(structure, scores.importance, macs, opt.flops, prune=opt.prune,

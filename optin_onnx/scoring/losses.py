@@ -19,13 +19,16 @@ def rows(feature: np.ndarray) -> np.ndarray:
 
 
 def normalised_gram(token_rows: np.ndarray) -> np.ndarray:
+    """K x K cosine similarities. The product runs in float32 (the features are float32 already;
+    this is a tenth of the scoring time in float64), the norms in float64."""
     f = token_rows.astype(np.float64)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    f = (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     return f @ f.T
 
 
 def md_loss(teacher_gram: np.ndarray, student_rows: np.ndarray) -> float:
-    return float(np.sum((normalised_gram(student_rows) - teacher_gram) ** 2))
+    diff = normalised_gram(student_rows).astype(np.float64) - teacher_gram
+    return float(np.sum(diff * diff))
 
 
 def kl_loss(teacher: np.ndarray, student: np.ndarray) -> float:

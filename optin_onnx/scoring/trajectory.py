@@ -17,6 +17,11 @@ Two scorers compute the same numbers:
 Both terms are divided by their mean over all candidates before lambda weighs them, so lambda is
 the relative weight of the logit term whatever the feature scale (lambda = 1: equal say on
 average).
+
+Neuron groups (``neuron_group > 1``) are the one approximation on offer: a layer's neurons are
+ordered by a cheap local proxy (the size of their rank-1 contribution, ||a_k|| * ||W2[k]||), cut
+into groups of that many adjacent neurons, and each group is masked as one candidate; its score is
+shared among its neurons in proportion to the proxy. Both scorers support it identically.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class ScoreConfig:
     tokens: int = 768
     seed: int = 0
     candidates_per_run: int = 8
+    neuron_group: int = 1  # 1 = exact per-neuron scores
     output_kind: str = "auto"  # auto | logits | embedding | tokens
     features: str = "trajectory"  # trajectory | local (ablation: the unit's own layer only)
     providers: list[str] | None = None
@@ -148,6 +154,37 @@ def _dtypes(proto: onnx.ModelProto, cal: CalibrationSet) -> dict[str, np.dtype]:
     return out
 
 
+def candidate_sets(block: Block, group: int, proxy: np.ndarray | None) -> list[np.ndarray]:
+    """The unit sets scored for ``block``: singletons, or for MLP blocks with ``group > 1``,
+    runs of ``group`` neurons adjacent in proxy order."""
+    if block.kind != "mlp" or group <= 1:
+        return [np.array([u]) for u in range(block.n_units)]
+    order = np.argsort(-proxy, kind="stable")
+    return [order[i:i + group] for i in range(0, block.n_units, group)]
+
+
+def unit_proxy(block: Block, x_chunks: list[np.ndarray], weight: np.ndarray) -> np.ndarray:
+    """||a_k|| * ||W[k]|| per unit: the size of unit k's contribution to its consumer output."""
+    act = np.zeros(block.n_units * block.unit_size)
+    for x in x_chunks:
+        act += np.sum(x.reshape(-1, x.shape[-1]).astype(np.float64) ** 2, axis=0)
+    norm = np.sqrt(act) * np.linalg.norm(weight.astype(np.float64), axis=1)
+    return norm.reshape(block.n_units, block.unit_size).sum(1)
+
+
+def _spread(scores: np.ndarray, sets: list[np.ndarray], proxy: np.ndarray | None,
+            n_units: int) -> np.ndarray:
+    """Per-unit values from per-set values (a set's value shared in proportion to the proxy)."""
+    out = np.zeros(n_units)
+    for value, units in zip(scores, sets):
+        if len(units) == 1 or proxy is None:
+            out[units] = value / len(units)
+        else:
+            share = proxy[units] / max(proxy[units].sum(), 1e-30)
+            out[units] = value * share
+    return out
+
+
 def _split(arr: np.ndarray, n: int, axis: int | None) -> list[np.ndarray]:
     if axis is None:
         return [arr] * n
@@ -186,17 +223,21 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
     scores = Scores()
     per_run = max(1, cfg.candidates_per_run)
     for b, c, x_name, y_name, w, sfx in plans:
+        proxy = unit_proxy(b, [v[x_name] for v in dense], w) if b.kind == "mlp" else None
+        sets = candidate_sets(b, cfg.neuron_group, proxy)
         sess = session(sfx.model, sfx.outputs, cfg.providers, None)
-        md, kd = np.zeros(b.n_units), np.zeros(b.n_units)
-        for first in range(0, b.n_units, per_run):
-            units = list(range(first, min(first + per_run, b.n_units)))
-            n = len(units)
-            student: list[list[dict[str, np.ndarray]]] = [[] for _ in units]
+        md, kd = np.zeros(len(sets)), np.zeros(len(sets))
+        for first in range(0, len(sets), per_run):
+            batch = sets[first:first + per_run]
+            n = len(batch)
+            student: list[list[dict[str, np.ndarray]]] = [[] for _ in batch]
             for chunk, values in zip(cal.chunks, dense):
                 x, y = values[x_name], values[y_name]
                 ys = []
-                for u in units:
-                    ch = np.asarray(channel_mask(b, np.eye(b.n_units)[u], c.role).nonzero()[0])
+                for units in batch:
+                    keep = np.ones(b.n_units)
+                    keep[units] = 0
+                    ch = np.flatnonzero(channel_mask(b, keep, c.role) == 0)
                     ys.append(y - np.take(x, ch, axis=c.data_axis) @ w[ch])
                 feeds = {sfx.start: np.concatenate(ys, axis=axes[y_name] or 0).astype(y.dtype)}
                 for name in sfx.cut:
@@ -207,11 +248,12 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
                 split = {k: _split(v, n, axes[k]) for k, v in outs.items()}
                 for i in range(n):
                     student[i].append({k: v[i] for k, v in split.items()})
-            for i, u in enumerate(units):
-                md[u], kd[u] = obj.loss(b, student[i])
+            for i in range(n):
+                md[first + i], kd[first + i] = obj.loss(b, student[i])
             if progress:
-                progress(n)
-        scores.md[b.name], scores.kd[b.name] = md, kd
+                progress(sum(len(u) for u in batch))
+        scores.md[b.name] = _spread(md, sets, proxy, b.n_units)
+        scores.kd[b.name] = _spread(kd, sets, proxy, b.n_units)
     scores.seconds = time.perf_counter() - t0
     return scores.finalize(cfg.lam)
 
@@ -229,18 +271,29 @@ def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
     sess = session(masked, outputs, cfg.providers)
     ones = {mask_input_name(b): channel_mask(b, np.ones(b.n_units), b.consumers[0].role)
             for b in structure.blocks}
+    nodes = nodes_by_name(model.graph)
     scores = Scores()
     for b in structure.blocks:
-        md, kd = np.zeros(b.n_units), np.zeros(b.n_units)
-        for u in range(b.n_units):
-            unit = np.ones(b.n_units)
-            unit[u] = 0
-            masks = dict(ones, **{mask_input_name(b): channel_mask(b, unit, b.consumers[0].role)})
+        c = b.consumers[0]
+        proxy = None
+        if b.kind == "mlp" and cfg.neuron_group > 1:
+            node = nodes[c.node]
+            weight = const_array(node.inputs[c.weight_index])
+            w = weight if c.weight_axis == weight.ndim - 2 else np.swapaxes(weight, -1, -2)
+            x_name = node.inputs[c.data_index].name
+            proxy = unit_proxy(b, [v[x_name] for v in capture(proto, cal, [x_name])], w)
+        sets = candidate_sets(b, cfg.neuron_group, proxy)
+        md, kd = np.zeros(len(sets)), np.zeros(len(sets))
+        for i, units in enumerate(sets):
+            keep = np.ones(b.n_units)
+            keep[units] = 0
+            masks = dict(ones, **{mask_input_name(b): channel_mask(b, keep, c.role)})
             student = [dict(zip(outputs, sess.run(outputs, {**chunk.feeds, **masks})))
                        for chunk in cal.chunks]
-            md[u], kd[u] = obj.loss(b, student)
+            md[i], kd[i] = obj.loss(b, student)
             if progress:
-                progress(1)
-        scores.md[b.name], scores.kd[b.name] = md, kd
+                progress(len(units))
+        scores.md[b.name] = _spread(md, sets, proxy, b.n_units)
+        scores.kd[b.name] = _spread(kd, sets, proxy, b.n_units)
     scores.seconds = time.perf_counter() - t0
     return scores.finalize(cfg.lam)
