@@ -1,4 +1,13 @@
-"""optin-onnx: retraining-free structured pruning of exported ONNX models."""
-from optin_onnx.errors import OptinError
+"""optin-onnx: retraining-free structured pruning of exported ONNX models.
 
-__all__ = ["OptinError"]
+One function does the whole job (:func:`prune`); every stage is also importable on its own:
+``analysis.analyze_graph``, ``flops.mac_model``, ``calibrate.make_calibration``,
+``scoring.trajectory.score_fast``, ``search.search``, ``rewrite.rewrite``, ``simplify.simplify``,
+``verify.verify``, ``report.render``.
+"""
+from optin_onnx.errors import OptinError
+from optin_onnx.pipeline import PruneOptions, PruneResult, analyze, prune
+from optin_onnx.report import Report, print_report, render
+
+__all__ = ["OptinError", "PruneOptions", "PruneResult", "Report", "analyze", "print_report",
+           "prune", "render"]

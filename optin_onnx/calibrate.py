@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from optin_onnx import runtime
 from optin_onnx.errors import OptinError
 from optin_onnx.probe import run_all_values
 
@@ -82,20 +83,13 @@ def session(model: onnx.ModelProto, outputs: list[str], providers: list[str] | N
     """A session returning ``outputs`` (any intermediate values) in that order."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
     del m.graph.output[:]
     for name in outputs:
         m.graph.output.append(onnx.ValueInfoProto(name=name))
     so = ort.SessionOptions()
-    so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    del existing
-    try:
-        return ort.InferenceSession(m.SerializeToString(), so,
-                                    providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:
-        raise OptinError(f"onnxruntime could not load the model: {str(exc).splitlines()[0]}") from exc
+    return runtime.session(m, providers, so)
 
 
 def capture(model: onnx.ModelProto, cal: CalibrationSet, names: list[str],

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
+from optin_onnx import runtime
 from optin_onnx.errors import OptinError
 
 #: Probe sizes: small, and unlikely to coincide with any model width.
@@ -78,12 +78,8 @@ def run_all_values(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
         if name not in existing:
             m.graph.output.append(onnx.ValueInfoProto(name=name))
             existing.add(name)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    sess = runtime.session(m, providers, optimize=False)
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), so,
-                                    providers=providers or ["CPUExecutionProvider"])
         outs = sess.run(None, feeds)
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise OptinError(f"onnxruntime could not run the model: {str(exc).splitlines()[0]}") from exc

@@ -27,6 +27,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from optin_onnx import runtime
 from optin_onnx.errors import OptinError
 
 __all__ = [
@@ -174,12 +175,9 @@ def _session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
-    providers = providers or ["CPUExecutionProvider"]
-    if isinstance(model, onnx.ModelProto):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    if not Path(model).is_file():
+    if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
         raise OptinError(f"model file not found: {model}")
-    return ort.InferenceSession(str(model), options, providers=providers)
+    return runtime.session(model, providers, options)
 
 
 def _time_sessions(

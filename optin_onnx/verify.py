@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from optin_onnx.analysis import Structure
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.instrument import masked_model
 from optin_onnx.probe import resize_sample_axes
+from optin_onnx.runtime import session
 
 
 @dataclass
@@ -45,13 +45,6 @@ def verify_cases(cal: CalibrationSet) -> list[tuple[int, int | None]]:
     return [(b, s) for b in (1, 3) for s in (short, longest + 8)]
 
 
-def _session(model: onnx.ModelProto, providers: Sequence[str] | None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so,
-                                providers=list(providers or ["CPUExecutionProvider"]))
-
-
 def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
            keep: Mapping[str, Sequence[int]], cal: CalibrationSet, tolerance: float = 1e-4,
            providers: Sequence[str] | None = None) -> VerifyResult:
@@ -60,8 +53,8 @@ def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
         m = np.zeros(b.n_units, dtype=np.float32)
         m[list(keep.get(b.name, range(b.n_units)))] = 1.0
         masks[b.name] = m
-    reference = _session(ir.to_proto(masked_model(dense, structure, masks)), providers)
-    candidate = _session(slim, providers)
+    reference = session(ir.to_proto(masked_model(dense, structure, masks)), providers)
+    candidate = session(slim, providers)
     result = VerifyResult(0.0, tolerance)
     for batch, seq in verify_cases(cal):
         feeds = {k: resize_sample_axes(a, batch, seq if a.ndim == 2 else None)

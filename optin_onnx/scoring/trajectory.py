@@ -26,7 +26,7 @@ shared among its neurons in proportion to the proxy. Both scorers support it ide
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,8 +70,10 @@ class Scores:
     def finalize(self, lam: float) -> "Scores":
         md_all = np.concatenate(list(self.md.values())) if self.md else np.zeros(0)
         kd_all = np.concatenate(list(self.kd.values())) if self.kd else np.zeros(0)
-        md_scale = md_all.mean() if md_all.size and md_all.mean() > 0 else 1.0
-        kd_scale = kd_all.mean() if kd_all.size and kd_all.mean() > 0 else 1.0
+        md_mean = np.nanmean(md_all) if md_all.size else 0.0
+        kd_mean = np.nanmean(kd_all) if kd_all.size else 0.0
+        md_scale = md_mean if md_mean > 0 else 1.0
+        kd_scale = kd_mean if kd_mean > 0 else 1.0
         for name in self.md:
             self.importance[name] = self.md[name] / md_scale + lam * self.kd[name] / kd_scale
         return self
@@ -154,11 +156,13 @@ def _dtypes(proto: onnx.ModelProto, cal: CalibrationSet) -> dict[str, np.dtype]:
     return out
 
 
-def candidate_sets(block: Block, group: int, proxy: np.ndarray | None) -> list[np.ndarray]:
+def candidate_sets(block: Block, group: int, proxy: np.ndarray | None,
+                   only: Sequence[int] | None = None) -> list[np.ndarray]:
     """The unit sets scored for ``block``: singletons, or for MLP blocks with ``group > 1``,
-    runs of ``group`` neurons adjacent in proxy order."""
+    runs of ``group`` neurons adjacent in proxy order. ``only`` restricts exact scoring to some
+    units (benchmarks compare scorers on a subset; the rest score NaN)."""
     if block.kind != "mlp" or group <= 1:
-        return [np.array([u]) for u in range(block.n_units)]
+        return [np.array([u]) for u in (range(block.n_units) if only is None else only)]
     order = np.argsort(-proxy, kind="stable")
     return [order[i:i + group] for i in range(0, block.n_units, group)]
 
@@ -175,7 +179,7 @@ def unit_proxy(block: Block, x_chunks: list[np.ndarray], weight: np.ndarray) -> 
 def _spread(scores: np.ndarray, sets: list[np.ndarray], proxy: np.ndarray | None,
             n_units: int) -> np.ndarray:
     """Per-unit values from per-set values (a set's value shared in proportion to the proxy)."""
-    out = np.zeros(n_units)
+    out = np.full(n_units, np.nan)
     for value, units in zip(scores, sets):
         if len(units) == 1 or proxy is None:
             out[units] = value / len(units)
@@ -196,8 +200,11 @@ def _tile(arr: np.ndarray, n: int, axis: int | None) -> np.ndarray:
 
 
 def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
-               cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None) -> Scores:
-    """Exact trajectory scores with prefix reuse, rank-k updates and candidate batching."""
+               cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None,
+               only: Mapping[str, Sequence[int]] | None = None) -> Scores:
+    """Exact trajectory scores with prefix reuse, rank-k updates and candidate batching.
+
+    ``only`` (block name -> unit indices) scores only those units (others: NaN)."""
     t0 = time.perf_counter()
     proto = ir.to_proto(model)
     nodes = nodes_by_name(model.graph)
@@ -224,7 +231,8 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
     per_run = max(1, cfg.candidates_per_run)
     for b, c, x_name, y_name, w, sfx in plans:
         proxy = unit_proxy(b, [v[x_name] for v in dense], w) if b.kind == "mlp" else None
-        sets = candidate_sets(b, cfg.neuron_group, proxy)
+        sets = candidate_sets(b, cfg.neuron_group, proxy,
+                              None if only is None else only.get(b.name, []))
         sess = session(sfx.model, sfx.outputs, cfg.providers, None)
         md, kd = np.zeros(len(sets)), np.zeros(len(sets))
         for first in range(0, len(sets), per_run):
@@ -259,7 +267,8 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
 
 
 def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
-                cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None) -> Scores:
+                cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None,
+                only: Mapping[str, Sequence[int]] | None = None) -> Scores:
     """The reference: one full forward pass of the masked model per unit (slow, obviously right)."""
     t0 = time.perf_counter()
     obj = Objective(model, structure, cal, cfg)
@@ -282,7 +291,8 @@ def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
             w = weight if c.weight_axis == weight.ndim - 2 else np.swapaxes(weight, -1, -2)
             x_name = node.inputs[c.data_index].name
             proxy = unit_proxy(b, [v[x_name] for v in capture(proto, cal, [x_name])], w)
-        sets = candidate_sets(b, cfg.neuron_group, proxy)
+        sets = candidate_sets(b, cfg.neuron_group, proxy,
+                              None if only is None else only.get(b.name, []))
         md, kd = np.zeros(len(sets)), np.zeros(len(sets))
         for i, units in enumerate(sets):
             keep = np.ones(b.n_units)

@@ -1,0 +1,136 @@
+"""Benchmarks on all-MiniLM-L6-v2 (6 layers x 12 heads, FFN 1536) for the README.
+
+    python -m tools.bench_text scorers   # fast vs naive scorer, side by side, same elements
+    python -m tools.bench_text exact     # exact scoring of all 72 heads + 9,216 neurons
+    python -m tools.bench_text e2e       # default configuration, end to end, with latency
+
+Each writes a JSON record under ``--out`` (default ``docs/bench``) and prints a summary. The model
+and calibration data are built from packaged weights and BBC News text (cached, see tools.demo).
+Long-running by design: these are not tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _setup(n_texts: int, max_length: int, cache: str | None):
+    from models.build import build_calib, build_minilm
+    from tools.demo import cache_dir
+
+    root = cache_dir(cache)
+    model = root / "minilm_l6_pool_torchscript.onnx"
+    if not model.exists():
+        build_minilm(model, exporter="torchscript", head="pool")
+    calib = root / f"bbc_{n_texts}x{max_length}.npz"
+    if not calib.exists():
+        build_calib(calib, texts="bbc", n=n_texts, max_length=max_length)
+    return model, calib
+
+
+def _scoring_inputs(model_path: Path, calib_path: Path, samples: int):
+    from optin_onnx.analysis import analyze_graph
+    from optin_onnx.calibrate import make_calibration
+    from optin_onnx.pipeline import as_calibration, as_model
+    from optin_onnx.probe import dummy_feeds, probe
+
+    m = as_model(model_path)
+    arrays = {k: v[:samples] for k, v in as_calibration(m, str(calib_path)).items()}
+    structure = analyze_graph(m, probe(m, dummy_feeds(m, like=arrays)))
+    return m, structure, make_calibration(arrays)
+
+
+def bench_scorers(args) -> dict:
+    """Both scorers on the same calibration set and the same randomly chosen elements."""
+    from optin_onnx.scoring.trajectory import ScoreConfig, score_fast, score_naive
+
+    model, calib = _setup(args.texts, args.max_length, args.cache)
+    m, s, cal = _scoring_inputs(model, calib, args.texts)
+    rng = np.random.default_rng(args.seed)
+    units = {b.name: sorted(rng.choice(b.n_units, max(1, round(b.n_units * args.fraction)),
+                                       replace=False).tolist()) for b in s.blocks}
+    n = sum(len(u) for u in units.values())
+    cfg = ScoreConfig()
+    t0 = time.perf_counter()
+    fast = score_fast(m, s, cal, cfg, only=units)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    naive = score_naive(m, s, cal, cfg, only=units)
+    t_naive = time.perf_counter() - t0
+    rel = {}
+    for term in ("md", "kd", "importance"):
+        a = np.concatenate([getattr(fast, term)[b][units[b]] for b in units])
+        r = np.concatenate([getattr(naive, term)[b][units[b]] for b in units])
+        rel[term] = float(np.max(np.abs(a - r)) / np.max(np.abs(r)))
+    return {"elements": n, "texts": args.texts, "max_length": args.max_length,
+            "tokens": int(cal.token_mask.sum()), "fast_s": t_fast, "naive_s": t_naive,
+            "speedup": t_naive / t_fast, "max_rel_diff_vs_max": rel}
+
+
+def bench_exact(args) -> dict:
+    from optin_onnx.scoring.trajectory import ScoreConfig, score_fast
+
+    model, calib = _setup(args.texts, args.max_length, args.cache)
+    m, s, cal = _scoring_inputs(model, calib, args.texts)
+    t0 = time.perf_counter()
+    score_fast(m, s, cal, ScoreConfig())
+    seconds = time.perf_counter() - t0
+    heads = sum(b.n_units for b in s.blocks if b.kind == "attention")
+    neurons = sum(b.n_units for b in s.blocks if b.kind == "mlp")
+    return {"heads": heads, "neurons": neurons, "texts": args.texts, "max_length": args.max_length,
+            "tokens": int(cal.token_mask.sum()), "seconds": seconds}
+
+
+def bench_e2e(args) -> dict:
+    from optin_onnx.pipeline import PruneOptions, prune
+
+    n = args.texts + 32
+    model, calib = _setup(n, args.max_length, args.cache)
+    opt = PruneOptions(flops=args.flops, samples=args.texts, neuron_group=args.neuron_group,
+                       width_multiple=args.round)
+    t0 = time.perf_counter()
+    result = prune(model, calib, opt, output=Path(args.out) / "minilm_pruned.onnx")
+    seconds = time.perf_counter() - t0
+    r = result.report
+    return {"flops_target": args.flops, "flops_achieved": r.flops_achieved,
+            "neuron_group": args.neuron_group, "round": args.round, "texts": args.texts,
+            "seconds": seconds, "stage_seconds": r.stage_seconds, "latency": r.latency,
+            "fidelity": r.fidelity, "verify": r.verify,
+            "layers": {x["block"]: x["units_after"] for x in r.layers}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_text", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["scorers", "exact", "e2e"])
+    p.add_argument("--texts", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--fraction", type=float, default=1 / 24,
+                   help="scorers: share of heads and of neurons compared (same for both)")
+    p.add_argument("--flops", type=float, default=0.6)
+    p.add_argument("--neuron-group", type=int, default=None, help="e2e: default of PruneOptions")
+    p.add_argument("--round", type=int, default=None, help="e2e: default of PruneOptions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None)
+    p.add_argument("--out", default="docs/bench")
+    args = p.parse_args(argv)
+    from optin_onnx.pipeline import PruneOptions
+
+    d = PruneOptions()
+    args.neuron_group = d.neuron_group if args.neuron_group is None else args.neuron_group
+    args.round = d.width_multiple if args.round is None else args.round
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    record = {"scorers": bench_scorers, "exact": bench_exact, "e2e": bench_e2e}[args.what](args)
+    record["command"] = "python -m tools.bench_text " + " ".join(argv or sys.argv[1:])
+    path = Path(args.out) / f"{args.what}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
