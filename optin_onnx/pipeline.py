@@ -20,7 +20,7 @@ from optin_onnx.errors import OptinError
 from optin_onnx.flops import MacModel, mac_model, total_macs
 from optin_onnx.graph import copy_model, normalize
 from optin_onnx.io import graph_input_names, load_calibration, load_model, save_model
-from optin_onnx.probe import dummy_feeds, probe, resize_sample_axes
+from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
 from optin_onnx.report import (Report, compare_latency, cosine_similarity, count_parameters,
                                kl_divergence, latency_entry, top1_agreement)
 from optin_onnx.rewrite import rewrite
@@ -221,8 +221,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
             notes.append("no held-out calibration samples: fidelity measured on the scoring set")
         latency = {}
         for batch, seq in opt.latency_cases:
-            feeds = {k: resize_sample_axes(a, batch, seq if a.ndim == 2 else None)
-                     for k, a in arrays.items()}
+            feeds = sample_feeds(arrays, batch, seq, sequence_inputs(m))
             before, after = compare_latency(dense_proto, slim, feeds, providers=providers,
                                             max_seconds=opt.latency_seconds)
             latency[f"{opt.provider} b{batch} s{seq}"] = latency_entry(before, after)

@@ -26,6 +26,19 @@ def graph_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if not v.is_initializer()]
 
 
+def sequence_inputs(model: ir.Model) -> set[str]:
+    """Inputs whose axis 1 is a symbolic sequence axis (token inputs: [batch, sequence])."""
+    return {v.name for v in graph_inputs(model)
+            if v.shape is not None and len(v.shape) == 2 and not isinstance(v.shape[1], int)}
+
+
+def sample_feeds(arrays: dict[str, np.ndarray], batch: int, seq: int | None,
+                 seq_names: set[str]) -> dict[str, np.ndarray]:
+    """Calibration arrays cycled to ``batch`` samples; token inputs tiled/cut to ``seq``."""
+    return {k: resize_sample_axes(a, batch, seq if k in seq_names else None)
+            for k, a in arrays.items()}
+
+
 def dummy_feeds(model: ir.Model, batch: int = PROBE_BATCH, seq: int = PROBE_SEQ,
                 like: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Inputs for a probe run. Taken from ``like`` (calibration samples, cut or tiled to
@@ -33,9 +46,11 @@ def dummy_feeds(model: ir.Model, batch: int = PROBE_BATCH, seq: int = PROBE_SEQ,
     except ones for anything named like a mask, Gaussian noise for float inputs. Symbolic axis 0 gets
     ``batch``; other symbolic axes get ``seq``."""
     feeds = {}
+    seq_names = sequence_inputs(model)
     for v in graph_inputs(model):
         if like is not None and v.name in like:
-            feeds[v.name] = resize_sample_axes(like[v.name], batch, seq)
+            feeds[v.name] = resize_sample_axes(like[v.name], batch,
+                                               seq if v.name in seq_names else None)
             continue
         if v.shape is None:
             raise OptinError(f"graph input '{v.name}' has no shape; cannot synthesise a probe input")
@@ -51,13 +66,13 @@ def dummy_feeds(model: ir.Model, batch: int = PROBE_BATCH, seq: int = PROBE_SEQ,
 
 
 def resize_sample_axes(arr: np.ndarray, batch: int, seq: int | None) -> np.ndarray:
-    """Cycle samples to ``batch`` rows and (token inputs, rank 2) tile/cut axis 1 to ``seq``.
+    """Cycle samples to ``batch`` rows and (with ``seq``) tile/cut axis 1 to ``seq`` positions.
 
     Tiling repeats real tokens, so an ``attention_mask`` stays a valid mask (padding stays padding).
     """
     reps = -(-batch // arr.shape[0])
     out = np.concatenate([arr] * reps, axis=0)[:batch]
-    if seq is not None and out.ndim == 2 and out.shape[1] != seq:
+    if seq is not None and out.ndim >= 2 and out.shape[1] != seq:
         reps = -(-seq // out.shape[1])
         out = np.concatenate([out] * reps, axis=1)[:, :seq]
     return np.ascontiguousarray(out)
@@ -82,7 +97,8 @@ def run_all_values(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
     try:
         outs = sess.run(None, feeds)
     except Exception as exc:  # onnxruntime raises several unrelated types
-        raise OptinError(f"onnxruntime could not run the model: {str(exc).splitlines()[0]}") from exc
+        detail = " ".join(str(exc).split())[:400]
+        raise OptinError(f"onnxruntime could not run the model: {detail}") from exc
     return {o.name: arr for o, arr in zip(sess.get_outputs(), outs)}
 
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from optin_onnx.analysis import Structure
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.instrument import masked_model
-from optin_onnx.probe import resize_sample_axes
+from optin_onnx.probe import sample_feeds, sequence_inputs
 from optin_onnx.runtime import session
 
 
@@ -35,12 +35,12 @@ class VerifyResult:
                 "cases": self.cases, "passed": self.passed}
 
 
-def verify_cases(cal: CalibrationSet) -> list[tuple[int, int | None]]:
-    """(batch, sequence) pairs: batch 1 and 3; the calibration length and 8 tokens longer."""
-    has_seq = any(a.ndim == 2 for a in cal.feeds.values())
-    if not has_seq:
+def verify_cases(cal: CalibrationSet, seq_names: set[str]) -> list[tuple[int, int | None]]:
+    """(batch, sequence) pairs: batch 1 and 3; the mean real length and 8 tokens longer than the
+    longest calibration sample (no sequence axis: batch sizes only)."""
+    if not seq_names & set(cal.feeds):
         return [(1, None), (3, None)]
-    longest = max(a.shape[1] for a in cal.feeds.values() if a.ndim == 2)
+    longest = max(cal.feeds[k].shape[1] for k in seq_names & set(cal.feeds))
     short = max(1, int(round(cal.mean_length)))
     return [(b, s) for b in (1, 3) for s in (short, longest + 8)]
 
@@ -56,9 +56,8 @@ def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
     reference = session(ir.to_proto(masked_model(dense, structure, masks)), providers)
     candidate = session(slim, providers)
     result = VerifyResult(0.0, tolerance)
-    for batch, seq in verify_cases(cal):
-        feeds = {k: resize_sample_axes(a, batch, seq if a.ndim == 2 else None)
-                 for k, a in cal.feeds.items()}
+    for batch, seq in verify_cases(cal, sequence_inputs(dense)):
+        feeds = sample_feeds(cal.feeds, batch, seq, sequence_inputs(dense))
         want = reference.run(None, feeds)
         got = candidate.run(None, feeds)
         err = max(float(np.max(np.abs(w.astype(np.float64) - g))) if w.size else 0.0

@@ -163,9 +163,6 @@ def test_bad_input_exit_status_of_the_installed_script(name, tiny_exports, tmp_p
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-@pytest.mark.xfail(strict=True, reason="probe.dummy_feeds/resize_sample_axes tile axis 1 of every "
-                   "rank-2 calibration array to the probe sequence length, even when the graph "
-                   "declares it fixed: a [batch, features] model cannot be probed")
 def test_single_gemm_model_reports_no_structure(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])

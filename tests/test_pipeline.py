@@ -193,10 +193,6 @@ def test_refuses_to_overwrite_the_input_and_bad_budgets(tiny_exports, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
-@pytest.mark.xfail(strict=True, reason="rank-2 calibration arrays are always treated as token "
-                   "inputs: probe.dummy_feeds -> resize_sample_axes tiles axis 1 to the probe "
-                   "sequence length (11) although the graph declares it fixed (8), so onnxruntime "
-                   "rejects the probe run (same assumption in verify_cases and the latency feeds)")
 def test_prunes_a_model_with_a_fixed_width_rank2_input(tmp_path):
     """A residual MLP on [batch, features] inputs: analysable, so it must be prunable too."""
     rng = np.random.default_rng(0)

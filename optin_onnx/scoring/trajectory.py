@@ -34,7 +34,7 @@ import onnx
 import onnx_ir as ir
 
 from optin_onnx.analysis import Block, Structure
-from optin_onnx.calibrate import CalibrationSet, batch_axes, capture, session
+from optin_onnx.calibrate import MASK_INPUT, CalibrationSet, batch_axes, capture, session
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, nodes_by_name
 from optin_onnx.instrument import channel_mask, mask_input_name, masked_model
@@ -106,6 +106,8 @@ class Objective:
         self.layer_feature = {b.layer: b.feature for b in carriers}
         self.output = model.graph.outputs[0].name
         self.tokens = TokenSample.draw(cal.token_mask, cfg.tokens, cfg.seed)
+        self.has_mask = MASK_INPUT in cal.feeds
+        self._plain: dict[int, TokenSample] = {}
 
     def features_for(self, block: Block) -> list[str]:
         layers = sorted(self.layer_feature)
@@ -128,11 +130,24 @@ class Objective:
             self.teacher_out = np.concatenate([d[self.output] for d in dense])
 
     def gather(self, name: str, chunks: Iterable[dict[str, np.ndarray]]) -> np.ndarray:
-        """The K sampled token rows of feature ``name`` across chunks (in sample order)."""
+        """The K sampled token rows of feature ``name`` across chunks (in sample order).
+
+        A feature with one row per token (as many rows per sample as the chunk's sequence) uses
+        the padding-aware token sample; any other layout (pooled features, models without a
+        sequence axis) samples among all its rows per sample."""
         parts = []
         for chunk, values in zip(self.cal.chunks, chunks):
-            _, idx = self.tokens.rows_in_chunk(chunk.start, chunk.stop, chunk.seq_len)
-            parts.append(rows(values[name])[idx])
+            feature = rows(values[name])
+            per_sample = feature.shape[0] // (chunk.stop - chunk.start)
+            if self.has_mask and per_sample == chunk.seq_len:
+                sample = self.tokens
+            else:
+                if per_sample not in self._plain:
+                    self._plain[per_sample] = TokenSample.draw(
+                        np.ones((self.cal.n, per_sample), bool), self.cfg.tokens, self.cfg.seed)
+                sample = self._plain[per_sample]
+            _, idx = sample.rows_in_chunk(chunk.start, chunk.stop, per_sample)
+            parts.append(feature[idx])
         return np.concatenate(parts)
 
     def loss(self, block: Block, student: list[dict[str, np.ndarray]]) -> tuple[float, float]:
