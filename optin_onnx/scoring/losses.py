@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optin_onnx.errors import OptinError
+
 
 def rows(feature: np.ndarray) -> np.ndarray:
     """Token rows of a feature map: every leading axis flattened ([B, S, H] and the [B*S, H] of a
@@ -31,23 +33,65 @@ def md_loss(teacher_gram: np.ndarray, student_rows: np.ndarray) -> float:
     return float(np.sum(diff * diff))
 
 
+def kl_divergence(teacher_logits: np.ndarray, student_logits: np.ndarray) -> float:
+    """Mean KL(softmax(teacher) || softmax(student)) over every sample, in nats.
+
+    Classes are on the last axis; all leading axes (batch, and tokens for per-token logits) are
+    samples. Computed with log-softmax in float64 so large logits neither overflow nor lose the small
+    differences a good prune leaves.
+    """
+    t, s = as_pair(teacher_logits, student_logits, "kl_divergence")
+    log_p = _log_softmax(t)
+    log_q = _log_softmax(s)
+    per_sample = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+    # KL is non-negative; rounding can leave -1e-17 for identical inputs.
+    return float(np.mean(np.maximum(per_sample, 0.0)))
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over samples (first axis) of the cosine between the flattened per-sample outputs.
+
+    Suited to embedding and hidden-state outputs, where direction matters and scale does not. A 1-D
+    input is one sample. Two all-zero vectors count as identical (1); one all-zero vector as
+    unrelated (0).
+    """
+    x, y = as_pair(a, b, "cosine_similarity")
+    rows = x.shape[0] if x.ndim > 1 else 1
+    x = x.reshape(rows, -1)
+    y = y.reshape(rows, -1)
+    nx = np.linalg.norm(x, axis=1)
+    ny = np.linalg.norm(y, axis=1)
+    dot = np.sum(x * y, axis=1)
+    both_zero = (nx == 0) & (ny == 0)
+    denom = np.where((nx == 0) | (ny == 0), 1.0, nx * ny)
+    cos = np.where(both_zero, 1.0, dot / denom)
+    return float(np.mean(np.clip(cos, -1.0, 1.0)))
+
+
+def as_pair(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.size == 0:
+        raise OptinError(f"{what} needs two non-empty arrays of one shape, got {x.shape} and {y.shape}")
+    return x, y
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - np.max(x, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
 def kl_loss(teacher: np.ndarray, student: np.ndarray) -> float:
-    """Mean over samples of KL(softmax(teacher) || softmax(student))."""
-    t = teacher.reshape(-1, teacher.shape[-1]).astype(np.float64)
-    s = student.reshape(-1, student.shape[-1]).astype(np.float64)
-    lt = t - t.max(1, keepdims=True)
-    lt -= np.log(np.exp(lt).sum(1, keepdims=True))
-    ls = s - s.max(1, keepdims=True)
-    ls -= np.log(np.exp(ls).sum(1, keepdims=True))
-    return float(np.mean(np.sum(np.exp(lt) * (lt - ls), axis=1)))
+    """L_KD for logits: mean KL(softmax(teacher) || softmax(student))."""
+    return kl_divergence(teacher, student)
 
 
 def cosine_loss(teacher: np.ndarray, student: np.ndarray) -> float:
-    """Mean over samples of 1 - cos(teacher, student)."""
-    t = teacher.reshape(teacher.shape[0], -1).astype(np.float64)
-    s = student.reshape(student.shape[0], -1).astype(np.float64)
-    cos = np.sum(t * s, 1) / np.maximum(np.linalg.norm(t, axis=1) * np.linalg.norm(s, axis=1), 1e-12)
-    return float(np.mean(1.0 - cos))
+    """L_KD for embeddings: mean 1 - cos(teacher, student)."""
+    return 1.0 - cosine_similarity(teacher, student)
+
+
+
 
 
 @dataclass(frozen=True)
