@@ -63,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-block-removal", action="store_true",
                    help="allow removing every head (or neuron) of a layer")
     r.add_argument("--provider", choices=["cpu", "cuda"], default=d.provider)
-    r.add_argument("--no-simplify", dest="simplify", action="store_false",
-                   help="skip onnxsim on the result")
+    r.add_argument("--simplify", choices=["auto", "on", "off"], default=d.simplify,
+                   help="onnxsim on the result: auto keeps it only if onnxruntime runs it at least "
+                        "as fast (default auto)")
     r.add_argument("--tolerance", type=float, default=d.tolerance,
                    help="max |slim - masked dense| accepted by the verify stage")
     r.add_argument("--latency", type=_cases, default=list(d.latency_cases),
