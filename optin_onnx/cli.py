@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-block-removal", action="store_true",
                    help="allow removing every head (or neuron) of a layer")
     r.add_argument("--provider", choices=["cpu", "cuda"], default=d.provider)
+    r.add_argument("--no-canonicalize", dest="canonicalize", action="store_false",
+                   help="keep run-time Reshape targets as exported")
     r.add_argument("--simplify", choices=["auto", "on", "off"], default=d.simplify,
                    help="onnxsim on the result: auto keeps it only if onnxruntime runs it at least "
                         "as fast (default auto)")
@@ -130,7 +132,8 @@ def _prune(args) -> None:
                        prune=args.prune, lam=args.lam, seed=args.seed, tokens=args.tokens,
                        width_multiple=args.width_multiple, neuron_group=args.neuron_group,
                        allow_block_removal=args.allow_block_removal, provider=args.provider,
-                       simplify=args.simplify, tolerance=args.tolerance,
+                       canonicalize=args.canonicalize, simplify=args.simplify,
+                       tolerance=args.tolerance,
                        latency_cases=args.latency, latency_seconds=args.latency_seconds)
     if args.quiet:
         result = prune(args.input, args.calib, opt, output=args.output)

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from optin_onnx.analysis import Structure, analyze_graph
 from optin_onnx.calibrate import CalibrationSet, make_calibration, subset
+from optin_onnx.canonicalize import canonicalize_reshapes
 from optin_onnx.errors import OptinError
 from optin_onnx.flops import MacModel, mac_model, total_macs
 from optin_onnx.graph import copy_model, normalize
@@ -50,6 +51,7 @@ class PruneOptions:
     neuron_group: int = 8
     allow_block_removal: bool = False
     provider: str = "cpu"
+    canonicalize: bool = True  # constant Reshape targets where provably equivalent (fewer nodes)
     simplify: str = "auto"  # auto (keep onnxsim's graph only if not slower) | on | off
     tolerance: float = 1e-4
     latency_cases: Sequence[tuple[int, int]] = ((1, 128), (32, 128))
@@ -197,10 +199,18 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         selection = search(structure, scores.importance, macs, opt.flops, prune=opt.prune,
                            width_multiple=opt.width_multiple,
                            allow_block_removal=opt.allow_block_removal)
+    notes: list[str] = []
     with _timed(stages, "rewrite"):
         slim_ir = rewrite(m, structure, selection.keep)
-        slim = ir.to_proto(slim_ir)
-    notes: list[str] = []
+    if opt.canonicalize:
+        with _timed(stages, "canonicalize"):
+            probes = [probe(slim_ir, dummy_feeds(slim_ir, batch=b, seq=s, like=arrays))
+                      for b, s in ((3, 11), (2, 7))]
+            n_fixed = canonicalize_reshapes(slim_ir, probes)
+            if n_fixed:
+                notes.append(f"{n_fixed} run-time Reshape targets replaced by constants "
+                             f"(their shape-computing nodes removed)")
+    slim = ir.to_proto(slim_ir)
     with _timed(stages, "simplify"):
         batch, seq = (list(opt.latency_cases) or [(1, seq_len)])[-1]
         slim, why = choose_simplified(slim, sample_feeds(arrays, batch, seq, sequence_inputs(m)),
