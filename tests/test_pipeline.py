@@ -16,7 +16,7 @@ from tests.helpers import form_id, run, tiny_feeds
 
 FLOPS = 0.6
 N_CALIB, CALIB_SEQ, N_SCORE = 24, 16, 16
-STAGES = {"load", "analyse", "calibrate", "score", "search", "rewrite", "simplify", "verify",
+STAGES = {"load", "analyse", "calibrate", "score", "search", "rewrite", "canonicalize", "simplify", "verify",
           "report"}
 FORMS = [("torchscript", "classifier", False), ("dynamo", "pool", True)]
 
