@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from optin_onnx.errors import OptinError
@@ -222,3 +223,16 @@ def test_prunes_a_model_with_a_fixed_width_rank2_input(tmp_path):
     result = prune(path, calib, flops=0.7, latency_cases=[], samples=32)
     assert result.report.verify["passed"]
     assert result.report.flops_achieved <= 0.7 + 1e-9
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="this onnxruntime has no CUDA provider")
+def test_cuda_provider_prunes_and_verifies(tiny_exports, tmp_path):
+    """--provider cuda runs scoring, verification and latency on the GPU (where one is present)."""
+    src = tiny_exports[("torchscript", "classifier", False)]
+    feeds = tiny_feeds(24, 12, seed=3)
+    r = prune(src, feeds, flops=0.6, samples=16, provider="cuda", latency_cases=[(2, 16)],
+              latency_seconds=1, output=tmp_path / "gpu.onnx").report
+    assert r.verify["passed"]
+    assert "cuda b2 s16" in r.latency
+    assert 0.59 <= r.flops_achieved <= 0.6 + 1e-9
