@@ -97,7 +97,7 @@ def _analyze(args) -> None:
     if args.calib:
         calib = load_calibration(args.calib, graph_input_names(as_model(args.model)))
     model, structure = analyze(args.model, calib)
-    console = Console()
+    console = Console(width=max(100, Console().width))
     if not structure.blocks:
         console.print(f"[bold red]no prunable structure found[/] in {args.model}")
         for d in structure.declined:

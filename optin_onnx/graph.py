@@ -5,10 +5,7 @@ copy of a model gets unique node names once, in :func:`normalize`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 
@@ -27,10 +24,6 @@ def normalize(model: ir.Model) -> ir.Model:
 def copy_model(model: ir.Model) -> ir.Model:
     """A deep, independent copy (the input model is never mutated)."""
     return ir.from_proto(ir.to_proto(model))
-
-
-def to_proto(model: ir.Model) -> onnx.ModelProto:
-    return ir.to_proto(model)
 
 
 def nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
@@ -55,20 +48,6 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def is_float(value: ir.Value, probe: dict[str, np.ndarray] | None = None) -> bool:
-    """Whether ``value`` carries floating-point data (from its type, else from a probe run)."""
-    if value.dtype is not None:
-        return value.dtype.is_floating_point()
-    if probe is not None and value.name in probe:
-        return np.issubdtype(probe[value.name].dtype, np.floating)
-    return False
-
-
 def attr(node: ir.Node, name: str, default=None):
     a = node.attributes.get(name)
     return default if a is None else a.value
-
-
-def iter_topological(graph: ir.Graph) -> Iterator[ir.Node]:
-    """Nodes in a topological order (ONNX requires stored order to be one already)."""
-    yield from graph

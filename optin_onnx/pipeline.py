@@ -111,6 +111,15 @@ def analyze(model: str | os.PathLike | ir.Model | onnx.ModelProto,
     return m, analyze_graph(m, probe(m, feeds))
 
 
+def _file_size(path: Path) -> int:
+    """Bytes of a model file plus the external-data files its initializers point to."""
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data
+                 if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations
+                                     if (path.parent / loc).exists())
+
+
 @contextmanager
 def _timed(stages: dict[str, float], name: str):
     t0 = time.perf_counter()
@@ -246,8 +255,8 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         flops_target=opt.flops, flops_achieved=macs_after / macs.total, seq_len=seq_len,
         macs_before=macs.total, macs_after=macs_after,
         params_before=count_parameters(dense_proto), params_after=count_parameters(slim),
-        size_before=input_path.stat().st_size if input_path else dense_proto.ByteSize(),
-        size_after=Path(output).stat().st_size if output else slim.ByteSize(),
+        size_before=_file_size(input_path) if input_path else dense_proto.ByteSize(),
+        size_after=_file_size(Path(output)) if output else slim.ByteSize(),
         layers=[{"block": b.name, "kind": b.kind, "unit": b.unit_name,
                  "units_before": b.n_units, "units_after": len(selection.keep[b.name])}
                 for b in structure.blocks],

@@ -115,9 +115,3 @@ class Structure:
     blocks: list[Block] = field(default_factory=list)
     declined: list[Declined] = field(default_factory=list)
     n_layers: int = 0
-
-    def by_layer(self) -> dict[int, list[Block]]:
-        out: dict[int, list[Block]] = {}
-        for b in self.blocks:
-            out.setdefault(b.layer, []).append(b)
-        return out
