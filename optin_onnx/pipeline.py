@@ -56,7 +56,7 @@ class PruneOptions:
     tolerance: float = 1e-4
     latency_cases: Sequence[tuple[int, int]] = ((1, 128), (32, 128))
     latency_seconds: float = 20.0
-    candidates_per_run: int = 8
+    candidates_per_run: int = 4  # measured on MiniLM: 4 is fastest per candidate (1: 0.167 s, 4: 0.145 s, 16: 0.175 s)
     chunk_size: int = 16
 
 

@@ -3,6 +3,7 @@
     python -m tools.bench_text scorers   # fast vs naive scorer, side by side, same elements
     python -m tools.bench_text exact     # exact scoring of all 72 heads + 9,216 neurons
     python -m tools.bench_text e2e       # default configuration, end to end, with latency
+    python -m tools.bench_text latency   # dense vs that pruned model, several interleaved rounds
 
 Each writes a JSON record under ``--out`` (default ``docs/bench``) and prints a summary. The model
 and calibration data are built from packaged weights and BBC News text (cached, see tools.demo).
@@ -119,9 +120,41 @@ def bench_e2e(args) -> dict:
             "layers": {x["block"]: x["units_after"] for x in r.layers}}
 
 
+def bench_latency(args) -> dict:
+    """Dense vs the model the e2e benchmark wrote, timed interleaved, several rounds: batch-1
+    latency on a shared 2-core machine moves by +-15 % from one round to the next, so report the
+    median speed-up and the spread instead of one draw."""
+    from optin_onnx.io import load_calibration
+    from optin_onnx.pipeline import as_model
+    from optin_onnx.probe import sample_feeds, sequence_inputs
+    from optin_onnx.report import compare_latency
+    from tools.demo import cache_dir
+
+    model, calib = _setup(args.texts + 32, args.max_length, args.cache)
+    pruned = cache_dir(args.cache) / "minilm_pruned_bench.onnx"
+    if not pruned.exists():
+        raise SystemExit("run `python -m tools.bench_text e2e` first")
+    m = as_model(model)
+    arrays = load_calibration(calib, [v.name for v in m.graph.inputs])
+    out = {}
+    for batch, seq in ((1, 128), (32, 128)):
+        feeds = sample_feeds(arrays, batch, seq, sequence_inputs(m))
+        rounds = [compare_latency(model, pruned, feeds, max_seconds=args.seconds, repeats=10_000)
+                  for _ in range(args.rounds)]
+        speedups = sorted(a.median_ms / b.median_ms for a, b in rounds)
+        out[f"b{batch} s{seq}"] = {
+            "dense_ms": float(np.median([a.median_ms for a, _ in rounds])),
+            "pruned_ms": float(np.median([b.median_ms for _, b in rounds])),
+            "speedup_median": float(np.median(speedups)), "speedup_min": speedups[0],
+            "speedup_max": speedups[-1], "rounds": args.rounds}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_text", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["scorers", "exact", "e2e"])
+    p.add_argument("what", choices=["scorers", "exact", "e2e", "latency"])
+    p.add_argument("--rounds", type=int, default=5, help="latency: interleaved rounds")
+    p.add_argument("--seconds", type=float, default=20.0, help="latency: seconds per round")
     p.add_argument("--texts", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--fraction", type=float, default=1 / 24,
@@ -139,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args.neuron_group = d.neuron_group if args.neuron_group is None else args.neuron_group
     args.round = d.width_multiple if args.round is None else args.round
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    record = {"scorers": bench_scorers, "exact": bench_exact, "e2e": bench_e2e}[args.what](args)
+    record = {"scorers": bench_scorers, "exact": bench_exact, "e2e": bench_e2e,
+              "latency": bench_latency}[args.what](args)
     record["command"] = "python -m tools.bench_text " + " ".join(argv or sys.argv[1:])
     path = Path(args.out) / f"{args.what}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -51,7 +51,7 @@ class ScoreConfig:
     lam: float = 1.0
     tokens: int = 768
     seed: int = 0
-    candidates_per_run: int = 8
+    candidates_per_run: int = 4  # measured on MiniLM: 4 is fastest per candidate (1: 0.167 s, 4: 0.145 s, 16: 0.175 s)
     neuron_group: int = 1  # 1 = exact per-neuron scores
     output_kind: str = "auto"  # auto | logits | embedding | tokens
     features: str = "trajectory"  # trajectory | local (ablation: the unit's own layer only)
