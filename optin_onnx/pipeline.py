@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from optin_onnx.analysis import Structure, analyze_graph
-from optin_onnx.calibrate import CalibrationSet, make_calibration, subset
+from optin_onnx.calibrate import CalibrationSet, capture, make_calibration, subset
 from optin_onnx.canonicalize import canonicalize_reshapes
 from optin_onnx.errors import OptinError
 from optin_onnx.flops import MacModel, mac_model, total_macs
@@ -129,8 +129,6 @@ def _timed(stages: dict[str, float], name: str):
 
 def _fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, kind: str, cal: CalibrationSet,
               providers: list[str]) -> dict[str, float]:
-    from optin_onnx.calibrate import capture
-
     name = dense.graph.output[0].name
     t = np.concatenate([c[name] for c in capture(dense, cal, [name], providers)])
     s = np.concatenate([c[name] for c in capture(slim, cal, [name], providers)])
@@ -169,6 +167,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
     providers = providers_for(opt.provider)
     stages: dict[str, float] = {}
     input_path = None if isinstance(model, (ir.Model, onnx.ModelProto)) else Path(model)
+    # save_model refuses this too, but only after minutes of scoring: say it up front.
     if output is not None and input_path is not None and \
             Path(output).resolve() == input_path.resolve():
         raise OptinError("output path is the input path: refusing to overwrite the input")
