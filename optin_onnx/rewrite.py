@@ -91,10 +91,7 @@ def _remove_block(graph: ir.Graph, block: Block, namer: _Namer) -> None:
     r = block.removal
     nodes = nodes_by_name(graph)
     add = nodes[r.node]
-    bias = None
-    for node_name, slot in r.bias_uses:
-        b = const_array(nodes[node_name].inputs[slot])
-        bias = b if bias is None else bias + b
+    bias = r.constant(lambda node_name, slot: const_array(nodes[node_name].inputs[slot]))
     if bias is None:
         if add.outputs[0].is_graph_output():
             raise OptinError(f"cannot remove {block.name}: its residual add is a graph output")

@@ -28,8 +28,10 @@ def _feature(node: ir.Node) -> str:
 
 
 def _removal(node: ir.Node, probe: dict[str, np.ndarray]) -> Removal | None:
-    """Follow a consumer's output to the residual Add it feeds, collecting biases on the way."""
+    """Follow a consumer's output to the residual Add it feeds, collecting biases (constant Adds)
+    and scales (Mul by a constant, or Div of it by one: a layer scale) on the way."""
     bias: list[tuple[str, int]] = []
+    scales: list[tuple[str, int, int, bool]] = []
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias.append((node.name, 2))
     v = node.outputs[0]
@@ -39,6 +41,16 @@ def _removal(node: ir.Node, probe: dict[str, np.ndarray]) -> Removal | None:
             return None
         user, idx = uses[0].node, uses[0].idx
         if user.op_type in _PASS_THROUGH and idx == 0:
+            v = user.outputs[0]
+            continue
+        if user.op_type in ("Mul", "Div") and len(user.inputs) == 2 and \
+                (user.op_type == "Mul" or idx == 0):
+            other = user.inputs[1 - idx]
+            if const_array(other) is None or probe.get(v.name) is None or \
+                    probe.get(user.outputs[0].name) is None or \
+                    probe[v.name].shape != probe[user.outputs[0].name].shape:
+                return None
+            scales.append((user.name, 1 - idx, len(bias), user.op_type == "Div"))
             v = user.outputs[0]
             continue
         if user.op_type != "Add":
@@ -52,7 +64,7 @@ def _removal(node: ir.Node, probe: dict[str, np.ndarray]) -> Removal | None:
         if probe.get(other.name) is None or probe.get(user.outputs[0].name) is None or \
                 probe[other.name].shape != probe[user.outputs[0].name].shape:
             return None
-        return Removal(user.name, idx, tuple(bias))
+        return Removal(user.name, idx, tuple(bias), tuple(scales))
     return None
 
 
@@ -110,3 +122,4 @@ def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
     for b in structure.blocks:
         b.name = f"layer{b.layer}.{b.kind}"
     return structure
+

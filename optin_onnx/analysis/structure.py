@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 
 class Role(str, Enum):
     """How a tensor axis indexes a block's units.
@@ -67,13 +69,32 @@ class Consumer:
 @dataclass(frozen=True)
 class Removal:
     """How to remove an emptied block: the consumer's contribution reaches a residual ``Add``
-    (``node``) through bias adds and reshapes only; input ``input_index`` of that Add is replaced by
-    the accumulated bias (the constants at ``bias_uses``, summed) or, with no bias, the Add is
-    bypassed."""
+    (``node``) through bias adds, constant scales (a layer scale) and reshapes only; input
+    ``input_index`` of that Add is replaced by what an all-zero consumer output becomes on the way
+    (see :meth:`constant`) or, when that is nothing (no bias), the Add is bypassed.
+
+    ``bias_uses`` are the constants added on the way, in path order; ``scale_uses`` the constants
+    that multiply it, each as (node, slot, n): applied after the first ``n`` biases (``inverse``:
+    a ``Div``, the constant divides)."""
 
     node: str
     input_index: int
     bias_uses: tuple[tuple[str, int], ...]
+    scale_uses: tuple[tuple[str, int, int, bool], ...] = ()
+
+    def constant(self, lookup):
+        """The replaced operand: ``lookup(node, slot)`` gives a constant; None where no bias."""
+        value = None
+        steps = sorted([(n, 1, (node, slot, inv)) for node, slot, n, inv in self.scale_uses] +
+                       [(i + 1, 0, use) for i, use in enumerate(self.bias_uses)],
+                       key=lambda t: (t[0], t[1]))
+        for _, is_scale, use in steps:
+            c = np.asarray(lookup(use[0], use[1]))
+            if not is_scale:
+                value = c if value is None else value + c
+            elif value is not None:
+                value = value / c if use[2] else value * c
+        return value
 
 
 @dataclass
