@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--neuron-group", type=int, default=d.neuron_group,
                    help="score neurons in groups of N adjacent by a local proxy (approximate; "
                         f"default {d.neuron_group} = exact)")
+    r.add_argument("--feature", dest="feature_kind", choices=["auto", "ffn", "residual-ln"],
+                   default=d.feature_kind,
+                   help="trajectory feature: FFN outputs (post-LN, BERT), the LayerNorm'ed residual "
+                        "stream entering each later layer (pre-LN, ViT), or auto (by graph; default)")
     r.add_argument("--allow-block-removal", action="store_true",
                    help="allow removing every head (or neuron) of a layer")
     r.add_argument("--provider", choices=["cpu", "cuda"], default=d.provider)
@@ -131,6 +135,7 @@ def _prune(args) -> None:
     opt = PruneOptions(flops=args.flops, seq_len=args.seq_len, samples=args.samples,
                        prune=args.prune, lam=args.lam, seed=args.seed, tokens=args.tokens,
                        width_multiple=args.width_multiple, neuron_group=args.neuron_group,
+                       feature_kind=args.feature_kind,
                        allow_block_removal=args.allow_block_removal, provider=args.provider,
                        canonicalize=args.canonicalize, simplify=args.simplify,
                        tolerance=args.tolerance,

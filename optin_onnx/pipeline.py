@@ -49,6 +49,9 @@ class PruneOptions:
     # Neurons scored in proxy-ordered groups of 8: 9x less scoring time than exact on MiniLM, with
     # the same held-out fidelity there (README, Performance). 1 = exact per-neuron scores.
     neuron_group: int = 8
+    # What the trajectory loss compares (F_z): auto | ffn (FFN outputs: post-LN BERT) | residual-ln
+    # (the LayerNorm'ed residual stream entering each later layer: pre-LN ViT); auto picks by graph.
+    feature_kind: str = "auto"
     allow_block_removal: bool = False
     provider: str = "cpu"
     canonicalize: bool = True  # constant Reshape targets where provably equivalent (fewer nodes)
@@ -201,7 +204,8 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
 
         cfg = ScoreConfig(lam=opt.lam, tokens=opt.tokens, seed=opt.seed,
                           candidates_per_run=opt.candidates_per_run,
-                          neuron_group=opt.neuron_group, providers=providers)
+                          neuron_group=opt.neuron_group, feature_kind=opt.feature_kind,
+                          providers=providers)
         scores = score_fast(m, structure, cal, cfg, tick)
     with _timed(stages, "search"):
         selection = search(structure, scores.importance, macs, opt.flops, prune=opt.prune,

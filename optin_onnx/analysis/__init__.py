@@ -9,7 +9,7 @@ from optin_onnx.analysis.structure import (Block, Consumer, Declined, ParamSlice
                                            ShapeEdit, Structure)
 from optin_onnx.graph import const_array, nodes_by_name
 
-__all__ = ["analyze_graph", "Block", "Consumer", "Declined", "ParamSlice", "Removal", "Role",
+__all__ = ["analyze_graph", "pre_layer_norm", "residual_features", "Block", "Consumer", "Declined", "ParamSlice", "Removal", "Role",
            "ShapeEdit", "Structure"]
 
 #: Ops a removed block's contribution may pass through on its way to the residual add.
@@ -123,3 +123,57 @@ def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
         b.name = f"layer{b.layer}.{b.kind}"
     return structure
 
+
+def _attention_input(block: Block, nodes: dict[str, ir.Node]) -> ir.Value:
+    """The value an attention block's Q/K/V projections read (its first source's data input)."""
+    return nodes[block.sources[0]].inputs[0]
+
+
+def _normalised(v: ir.Value) -> ir.Node | None:
+    """The LayerNormalization that produced ``v``, through reshapes (onnxsim's ``Reshape -> Gemm``)."""
+    node = v.producer()
+    while node is not None and node.op_type in _PASS_THROUGH:
+        node = node.inputs[0].producer()
+    return node if node is not None and node.op_type == "LayerNormalization" else None
+
+
+def pre_layer_norm(model: ir.Model, structure: Structure) -> bool:
+    """True when every attention block reads a LayerNormalization of the residual stream (pre-LN:
+    ViT, DeiT, Dinov2): the normalised value is the stream the block's residual Add also reads.
+    In a post-LN model (BERT) the residual Add reads the normalised value itself."""
+    nodes = nodes_by_name(model.graph)
+    attention = [b for b in structure.blocks if b.kind == "attention"]
+    if not attention:
+        return False
+    for b in attention:
+        ln = _normalised(_attention_input(b, nodes))
+        if ln is None:
+            return False
+        stream = ln.inputs[0]
+        adds = [u.node for u in stream.uses() if u.node.op_type == "Add"]
+        if b.removal is not None:
+            adds = [a for a in adds if a.name == b.removal.node]
+        if not adds:
+            return False
+    return True
+
+
+def residual_features(model: ir.Model, structure: Structure) -> dict[int, str]:
+    """Layer l -> the LayerNorm'ed residual stream leaving layer l: the input of layer l+1's
+    attention projections, and for the last layer the graph's final normalisation (the last
+    LayerNormalization after every block; without one, the last residual add or the output)."""
+    nodes = nodes_by_name(model.graph)
+    order = {n.name: i for i, n in enumerate(model.graph)}
+    entering = {b.layer: _attention_input(b, nodes).name
+                for b in structure.blocks if b.kind == "attention"}
+    out = {z - 1: name for z, name in entering.items() if z >= 1}
+    last = structure.n_layers - 1
+    end = max((order[c.node] for b in structure.blocks for c in b.consumers), default=-1)
+    final = [n for n in model.graph if n.op_type == "LayerNormalization" and order[n.name] > end]
+    if final:
+        out[last] = final[-1].outputs[0].name
+    else:
+        last_blocks = [b for b in structure.blocks if b.layer == last and b.removal is not None]
+        out[last] = (nodes[last_blocks[-1].removal.node].outputs[0].name if last_blocks
+                     else model.graph.outputs[0].name)
+    return out

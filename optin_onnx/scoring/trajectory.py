@@ -2,8 +2,17 @@
 
     I(l, j) = sum_{z > l} L_MD(F'_z, F_z) + lambda * L_KD(logits', logits)
 
-(z = l included for the last layer). F_z is the output of layer z's FFN second linear layer
-(the feature each MLP block's consumer writes); F' the same with only unit j of layer l masked.
+F' is F with only unit j of layer l masked. What F_z is (``ScoreConfig.feature_kind``):
+
+- ``ffn``: the output of layer z's FFN second linear layer plus its bias (the feature each MLP
+  block's consumer writes: OPTIN's BERT code), z > l (z = l included for the last layer);
+- ``residual-ln``: the LayerNorm'ed residual stream leaving layer z, i.e. entering layer z+1 (the
+  input of its Q/K/V projections; after the last layer, the final normalisation): OPTIN's ViT
+  code, z >= l;
+- ``auto``: ``residual-ln`` for pre-LN models (the attention projections read a LayerNorm of the
+  residual stream), else ``ffn``.
+
+``features="local"`` (an ablation) keeps only the unit's own layer z = l in either kind.
 
 Two scorers compute the same numbers:
 
@@ -33,7 +42,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from optin_onnx.analysis import Block, Structure
+from optin_onnx.analysis import Block, Structure, pre_layer_norm, residual_features
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet, batch_axes, capture, session
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, nodes_by_name
@@ -55,6 +64,7 @@ class ScoreConfig:
     neuron_group: int = 1  # 1 = exact per-neuron scores
     output_kind: str = "auto"  # auto | logits | embedding | tokens
     features: str = "trajectory"  # trajectory | local (ablation: the unit's own layer only)
+    feature_kind: str = "auto"  # what F_z is: auto | ffn | residual-ln (see the module doc)
     providers: list[str] | None = None
 
 
@@ -93,6 +103,18 @@ def output_kind(model: ir.Model, name: str, rank: int, requested: str) -> str:
     return "embedding"
 
 
+FEATURE_KINDS = ("auto", "ffn", "residual-ln")
+
+
+def feature_kind(model: ir.Model, structure: Structure, requested: str) -> str:
+    """``requested``, with ``auto`` resolved: residual-ln for pre-LN models, else ffn."""
+    if requested not in FEATURE_KINDS:
+        raise OptinError(f"feature kind must be one of {', '.join(FEATURE_KINDS)}, got '{requested}'")
+    if requested != "auto":
+        return requested
+    return "residual-ln" if pre_layer_norm(model, structure) else "ffn"
+
+
 class Objective:
     """The teacher side of the loss: features, sampled tokens, Gram matrices, output."""
 
@@ -101,9 +123,13 @@ class Objective:
         self.structure = structure
         self.cal = cal
         self.cfg = cfg
-        mlp = [b for b in structure.blocks if b.kind == "mlp"]
-        carriers = mlp if mlp else structure.blocks
-        self.layer_feature = {b.layer: b.feature for b in carriers}
+        self.feature_kind = feature_kind(model, structure, cfg.feature_kind)
+        if self.feature_kind == "residual-ln":
+            self.layer_feature = residual_features(model, structure)
+        else:
+            mlp = [b for b in structure.blocks if b.kind == "mlp"]
+            carriers = mlp if mlp else structure.blocks
+            self.layer_feature = {b.layer: b.feature for b in carriers}
         self.output = model.graph.outputs[0].name
         self.tokens = TokenSample.draw(cal.token_mask, cfg.tokens, cfg.seed)
         self.has_mask = MASK_INPUT in cal.feeds
@@ -113,6 +139,8 @@ class Objective:
         layers = sorted(self.layer_feature)
         if self.cfg.features == "local":
             chosen = [z for z in layers if z == block.layer]
+        elif self.feature_kind == "residual-ln":  # F_z follows layer z: layer l's own output counts
+            chosen = [z for z in layers if z >= block.layer]
         else:
             chosen = [z for z in layers if z > block.layer] or [z for z in layers if z == block.layer]
         return [self.layer_feature[z] for z in chosen]
