@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from optin_onnx.analysis import Structure
-from optin_onnx.probe import dummy_feeds, run_all_values
+from optin_onnx.probe import PROBE_SEQ, dummy_feeds, run_all_values
 
 _HEAVY = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 
@@ -40,7 +40,7 @@ def node_macs(model: ir.Model, seq_len: int, like: dict[str, np.ndarray] | None 
     heavy = [n for n in model.graph if n.op_type in _HEAVY and n.domain in ("", "ai.onnx")]
     names = sorted({v.name for n in heavy for v in (*n.inputs, *n.outputs)
                     if v is not None and v.const_value is None})
-    feeds = dummy_feeds(model, batch=1, seq=seq_len, like=like)
+    feeds = dummy_feeds(model, batch=1, seq=seq_len or PROBE_SEQ, like=like)
     values = run_all_values(ir.to_proto(model), feeds, names=[n for n in names if n not in feeds])
     values.update(feeds)
 

@@ -191,7 +191,10 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         held = np.arange(n_score, min(n, n_score + 64))
         cal = subset(full, np.arange(n_score), opt.chunk_size)
         held_cal = subset(full, held, opt.chunk_size) if held.size else cal
-        seq_len = opt.seq_len or max(1, int(round(cal.mean_length)))
+        # Text: FLOPs at the mean real length. No sequence input (images): shapes are fixed,
+        # the length is moot and reported as 0.
+        has_seq = bool(sequence_inputs(m))
+        seq_len = opt.seq_len or (max(1, int(round(cal.mean_length))) if has_seq else 0)
         macs = mac_model(m, structure, seq_len, like=arrays)
     with _timed(stages, "score"):
         total = sum(b.n_units for b in structure.blocks)
@@ -224,7 +227,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
                              f"(their shape-computing nodes removed)")
     slim = ir.to_proto(slim_ir)
     with _timed(stages, "simplify"):
-        batch, seq = (list(opt.latency_cases) or [(1, seq_len)])[-1]
+        batch, seq = (list(opt.latency_cases) or [(1, seq_len or None)])[-1]
         slim, why = choose_simplified(slim, sample_feeds(arrays, batch, seq, sequence_inputs(m)),
                                       opt.simplify, providers)
         if why:

@@ -265,7 +265,7 @@ class Report:
     output_path: str
     flops_target: float
     flops_achieved: float
-    seq_len: int
+    seq_len: int  # 0: the model has no sequence input (images)
     macs_before: int
     macs_after: int
     params_before: int
@@ -339,8 +339,9 @@ def _renderable(report: Report) -> Group:
     parts: list[Any] = [
         Text.assemble(("optin-onnx: ", "bold"), report.input_path, " -> ", report.output_path),
         Text(
-            f"FLOPs target {report.flops_target:.1%}, achieved {report.flops_achieved:.1%}, "
-            f"at sequence length {report.seq_len}"
+            f"FLOPs target {report.flops_target:.1%}, achieved {report.flops_achieved:.1%}"
+            + (f", at sequence length {report.seq_len}" if report.seq_len else
+               " (inputs without a sequence axis)")
         ),
         _summary_table(report),
     ]

@@ -12,6 +12,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from optin_onnx.report import render
 from optin_onnx import analysis, graph, instrument, probe, rewrite
 from optin_onnx.calibrate import make_calibration
 from optin_onnx.pipeline import PruneOptions, analyze, prune
@@ -173,6 +174,8 @@ def test_prune_vit_classifier_end_to_end(vision_exports, tmp_path):
                    output=tmp_path / "slim.onnx")
     assert result.verification.passed
     assert abs(result.report.flops_achieved - 0.6) <= 0.01, result.report.flops_achieved
+    assert result.report.seq_len == 0  # pixel_values has no sequence axis
+    assert "sequence length" not in render(result.report)
     assert any(len(k) < b.n_units for b in result.structure.blocks
                for k in [result.selection.keep[b.name]])
     slim = onnx.load(str(tmp_path / "slim.onnx"))
