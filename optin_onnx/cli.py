@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"fraction of the MACs to keep, in (0, 1] (default {d.flops})")
     r.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for counting FLOPs (default: mean real calibration length)")
+    r.add_argument("--method", choices=["optin", "local", "magnitude", "random"],
+                   default=d.method,
+                   help="importance criterion: optin (trajectory), local (own layer only), "
+                        f"magnitude (weight L2 norm), random (seeded by --seed) (default {d.method})")
     r.add_argument("--samples", type=int, default=d.samples,
                    help=f"calibration samples used for scoring; the rest are held out for fidelity "
                         f"(default {d.samples})")
@@ -132,7 +136,7 @@ def _prune(args) -> None:
     from optin_onnx.pipeline import PruneOptions, prune
     from optin_onnx.report import print_report
 
-    opt = PruneOptions(flops=args.flops, seq_len=args.seq_len, samples=args.samples,
+    opt = PruneOptions(flops=args.flops, method=args.method, seq_len=args.seq_len, samples=args.samples,
                        prune=args.prune, lam=args.lam, seed=args.seed, tokens=args.tokens,
                        width_multiple=args.width_multiple, neuron_group=args.neuron_group,
                        feature_kind=args.feature_kind,

@@ -25,10 +25,16 @@ from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
 from optin_onnx.report import (Report, compare_latency, cosine_similarity, count_parameters,
                                kl_divergence, latency_entry, top1_agreement)
 from optin_onnx.rewrite import rewrite
+from optin_onnx.scoring.baselines import score_magnitude, score_random
 from optin_onnx.scoring.trajectory import ScoreConfig, Scores, output_kind, score_fast
 from optin_onnx.search import SearchResult, search
 from optin_onnx.simplify import choose as choose_simplified
 from optin_onnx.verify import VerifyResult, verify
+
+#: Importance criteria; all share the search, rewrite and verify stages (the accuracy benchmark):
+#: optin (trajectory scores), local (the ablation: the unit's own layer only), magnitude (squared
+#: L2 norm of the unit's weights), random (seeded by ``seed``).
+METHODS = ("optin", "local", "magnitude", "random")
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -39,6 +45,7 @@ class PruneOptions:
     """Every knob of :func:`prune`; each is also a CLI flag of ``optin-onnx prune``."""
 
     flops: float = 0.6
+    method: str = "optin"  # importance criterion: optin | local | magnitude | random (METHODS)
     seq_len: int | None = None  # for counting FLOPs; default: mean real length of the calibration
     samples: int = 32  # calibration samples used for scoring; the rest are held out for fidelity
     prune: str = "both"  # heads | neurons | both
@@ -167,6 +174,8 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         setattr(opt, k, v)
     if not 0.0 < opt.flops <= 1.0:
         raise OptinError(f"--flops must be in (0, 1], got {opt.flops}")
+    if opt.method not in METHODS:
+        raise OptinError(f"--method must be one of {', '.join(METHODS)}, got '{opt.method}'")
     providers = providers_for(opt.provider)
     stages: dict[str, float] = {}
     input_path = None if isinstance(model, (ir.Model, onnx.ModelProto)) else Path(model)
@@ -205,16 +214,22 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
             if progress:
                 progress(done[0], total)
 
-        cfg = ScoreConfig(lam=opt.lam, tokens=opt.tokens, seed=opt.seed,
-                          candidates_per_run=opt.candidates_per_run,
-                          neuron_group=opt.neuron_group, feature_kind=opt.feature_kind,
-                          providers=providers)
-        scores = score_fast(m, structure, cal, cfg, tick)
+        if opt.method == "magnitude":
+            scores = score_magnitude(m, structure)
+        elif opt.method == "random":
+            scores = score_random(structure, opt.seed)
+        else:
+            cfg = ScoreConfig(lam=opt.lam, tokens=opt.tokens, seed=opt.seed,
+                              candidates_per_run=opt.candidates_per_run,
+                              neuron_group=opt.neuron_group, feature_kind=opt.feature_kind,
+                              features="local" if opt.method == "local" else "trajectory",
+                              providers=providers)
+            scores = score_fast(m, structure, cal, cfg, tick)
     with _timed(stages, "search"):
         selection = search(structure, scores.importance, macs, opt.flops, prune=opt.prune,
                            width_multiple=opt.width_multiple,
                            allow_block_removal=opt.allow_block_removal)
-    notes: list[str] = []
+    notes: list[str] = [] if opt.method == "optin" else [f"importance criterion: {opt.method}"]
     with _timed(stages, "rewrite"):
         slim_ir = rewrite(m, structure, selection.keep)
     if opt.canonicalize:
@@ -271,4 +286,4 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
     return PruneResult(slim, report, structure, scores, selection, result, stages)
 
 
-__all__ = ["PruneOptions", "PruneResult", "prune", "analyze", "MacModel"]
+__all__ = ["METHODS", "PruneOptions", "PruneResult", "prune", "analyze", "MacModel"]
