@@ -114,9 +114,12 @@ def _analyze(args) -> None:
             console.print("  (no MatMul/Gemm output is contracted by another weight: nothing to "
                           "slim without changing the model width)")
         raise SystemExit(1)
+    from optin_onnx.probe import sequence_inputs
+
     macs = mac_model(model, structure, args.seq_len, like=calib)
+    where = f"sequence {args.seq_len}" if sequence_inputs(model) else "its fixed input size"
     t = Table(title=f"{args.model}: {structure.n_layers} layers, MACs at batch 1, "
-                    f"sequence {args.seq_len}: {macs.total / 1e6:.1f} M")
+                    f"{where}: {macs.total / 1e6:.1f} M")
     for col in ("layer", "block", "units", "unit size", "MACs / unit", "block MACs"):
         t.add_column(col, justify="right" if col not in ("block",) else "left")
     for b in structure.blocks:

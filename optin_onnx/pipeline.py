@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from optin_onnx.analysis import Structure, analyze_graph
+from optin_onnx.analysis.unfuse import split_fused_projections
 from optin_onnx.calibrate import CalibrationSet, capture, make_calibration, subset
 from optin_onnx.canonicalize import canonicalize_reshapes
 from optin_onnx.errors import OptinError
@@ -117,6 +118,7 @@ def analyze(model: str | os.PathLike | ir.Model | onnx.ModelProto,
             calib: dict[str, np.ndarray] | None = None) -> tuple[ir.Model, Structure]:
     """Stage *analyse* on its own: the prunable blocks and what was declined."""
     m = as_model(model)
+    split_fused_projections(m)
     feeds = dummy_feeds(m, like=calib) if calib is not None else None
     return m, analyze_graph(m, probe(m, feeds))
 
@@ -184,10 +186,16 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
             Path(output).resolve() == input_path.resolve():
         raise OptinError("output path is the input path: refusing to overwrite the input")
 
+    notes: list[str] = []
     with _timed(stages, "load"):
         m = as_model(model)
+        original = ir.to_proto(m)  # the baseline the report compares against
         arrays = as_calibration(m, calib)
     with _timed(stages, "analyse"):
+        n_unfused = split_fused_projections(m)
+        if n_unfused:
+            notes.append(f"{n_unfused} fused projections (MatMul -> Split) split back into one "
+                         f"MatMul per output")
         structure = analyze_graph(m, probe(m, dummy_feeds(m, like=arrays)))
         if not structure.blocks:
             why = "; ".join(f"{d.name}: {d.reasons[0]}" for d in structure.declined[:3])
@@ -229,7 +237,8 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         selection = search(structure, scores.importance, macs, opt.flops, prune=opt.prune,
                            width_multiple=opt.width_multiple,
                            allow_block_removal=opt.allow_block_removal)
-    notes: list[str] = [] if opt.method == "optin" else [f"importance criterion: {opt.method}"]
+    if opt.method != "optin":
+        notes.append(f"importance criterion: {opt.method}")
     with _timed(stages, "rewrite"):
         slim_ir = rewrite(m, structure, selection.keep)
     if opt.canonicalize:
@@ -254,7 +263,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
             raise OptinError(f"verification failed: the slim graph differs from the masked dense "
                              f"graph by {result.max_abs_err:.2e} (> {opt.tolerance:g})")
     with _timed(stages, "report"):
-        dense_proto = ir.to_proto(m)
+        dense_proto = original
         slim_model = ir.from_proto(slim)
         macs_after = total_macs(slim_model, seq_len, like=arrays)
         kind = output_kind(m, m.graph.outputs[0].name,

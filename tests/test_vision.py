@@ -196,3 +196,28 @@ def test_feature_flag_reaches_the_options(vision_exports):
     with pytest.raises(OptinError, match="feature kind"):
         Objective(m, s, make_calibration({"pixel_values": images(2)}),
                   ScoreConfig(feature_kind="bogus"))
+
+
+@pytest.mark.parametrize("family", ["deit-classifier", "dinov2"])
+def test_onnxsim_fused_qkv_is_split_back_and_pruned(vision_exports, family, tmp_path):
+    """onnxsim fuses Q/K/V into MatMul -> Split (and writes the head count as a constant Reshape
+    target): the fused projection is split back, the heads are found, and pruning stays exact."""
+    from models.text_encoders import simplify
+    from optin_onnx.analysis.unfuse import split_fused_projections
+
+    path = simplify(vision_exports[(family, "dynamo")], tmp_path / "sim.onnx")
+    m = graph.normalize(ir.load(str(path)))
+    assert any(n.op_type == "Split" for n in m.graph)
+    feeds = {"pixel_values": images(3, seed=5)}
+    before = run(m, feeds)
+    assert split_fused_projections(m) == 2
+    assert not any(n.op_type == "Split" for n in m.graph)
+    for a, b in zip(before, run(m, feeds)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    s = analysis.analyze_graph(m, probe.probe(m))
+    assert [(b.kind, b.n_units) for b in s.blocks if b.kind == "attention"] == [("attention", 4)] * 2
+    result = prune(path, {"pixel_values": images(12)}, flops=0.6, samples=8, latency_cases=[],
+                   output=tmp_path / "slim.onnx")
+    assert result.report.verify["passed"]
+    assert any("fused projections" in n for n in result.report.notes)
+    assert min(x["units_after"] for x in result.report.layers if x["kind"] == "attention") >= 1
