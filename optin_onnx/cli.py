@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                    default=d.feature_kind,
                    help="trajectory feature: FFN outputs (post-LN, BERT), the LayerNorm'ed residual "
                         "stream entering each later layer (pre-LN, ViT), or auto (by graph; default)")
+    r.add_argument("--reconstruct", action="store_true",
+                   help="least-squares scales for the kept heads/neurons, fitted block by block so "
+                        "each pruned block's output matches the dense one on the calibration set")
     r.add_argument("--allow-block-removal", action="store_true",
                    help="allow removing every head (or neuron) of a layer")
     r.add_argument("--provider", choices=["cpu", "cuda"], default=d.provider)
@@ -143,7 +146,8 @@ def _prune(args) -> None:
                        prune=args.prune, lam=args.lam, seed=args.seed, tokens=args.tokens,
                        width_multiple=args.width_multiple, neuron_group=args.neuron_group,
                        feature_kind=args.feature_kind,
-                       allow_block_removal=args.allow_block_removal, provider=args.provider,
+                       allow_block_removal=args.allow_block_removal, reconstruct=args.reconstruct,
+                       provider=args.provider,
                        canonicalize=args.canonicalize, simplify=args.simplify,
                        tolerance=args.tolerance,
                        latency_cases=args.latency, latency_seconds=args.latency_seconds)

@@ -25,6 +25,7 @@ from optin_onnx.io import graph_input_names, load_calibration, load_model, save_
 from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
 from optin_onnx.report import (Report, compare_latency, cosine_similarity, count_parameters,
                                kl_divergence, latency_entry, top1_agreement)
+from optin_onnx.reconstruct import reconstruct
 from optin_onnx.rewrite import rewrite
 from optin_onnx.scoring.baselines import score_magnitude, score_random
 from optin_onnx.scoring.trajectory import ScoreConfig, Scores, output_kind, score_fast
@@ -61,6 +62,7 @@ class PruneOptions:
     # (the LayerNorm'ed residual stream entering each later layer: pre-LN ViT); auto picks by graph.
     feature_kind: str = "auto"
     allow_block_removal: bool = False
+    reconstruct: bool = False  # least-squares scales for the kept units (optin_onnx.reconstruct)
     provider: str = "cpu"
     canonicalize: bool = True  # constant Reshape targets where provably equivalent (fewer nodes)
     simplify: str = "auto"  # auto (keep onnxsim's graph only if not slower) | on | off
@@ -239,6 +241,15 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
                            allow_block_removal=opt.allow_block_removal)
     if opt.method != "optin":
         notes.append(f"importance criterion: {opt.method}")
+    if opt.reconstruct:
+        with _timed(stages, "reconstruct"):
+            fixed = reconstruct(m, structure, selection.keep, cal, providers=providers)
+            m = fixed.model
+            applied = [c.block for c in fixed.corrections if c.applied]
+            notes.append(f"least-squares correction applied to {len(applied)} of "
+                         f"{len(fixed.corrections)} pruned blocks"
+                         + "".join(f"; {c.block} kept as is ({c.reason})"
+                                   for c in fixed.corrections if not c.applied))
     with _timed(stages, "rewrite"):
         slim_ir = rewrite(m, structure, selection.keep)
     if opt.canonicalize:

@@ -1,0 +1,149 @@
+"""Stage *reconstruct* (optional, ``--reconstruct``): least-squares correction of what remains.
+
+In the spirit of Kwon et al.'s mask tuning, but from onnxruntime activations and on OPTIN's mask:
+block by block, in graph order, find one scale per kept unit so that the pruned block's output
+(its consumer's output: the attention output projection, or the FFN's second linear layer, before
+the residual add) matches the dense model's on the calibration set, given the inputs the *pruned
+and already corrected* model feeds it:
+
+    min_s || sum_u s_u * X_u @ W_u  -  Y_dense ||^2  +  damping * || s - 1 ||^2
+
+X_u are unit u's channels of the consumer input (captured from the masked model), W_u its rows of
+the consumer weight. The normal equations need only n x n matrices: for neurons
+G = (X^T X) * (W W^T) elementwise; for heads the per-head contributions are formed explicitly.
+A fit is rejected (scales stay 1) when it does not lower the loss it fits or a scale leaves
+[-10, 10]. Scales are folded into the consumer's weight rows, so the result is still a plain graph.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from optin_onnx.analysis import Block, Role, Structure
+from optin_onnx.calibrate import CalibrationSet, capture
+from optin_onnx.graph import const_array, copy_model, nodes_by_name
+from optin_onnx.instrument import masked_model
+
+MAX_SCALE = 10.0
+
+
+@dataclass
+class Correction:
+    block: str
+    loss_before: float
+    loss_after: float
+    applied: bool
+    reason: str = ""
+
+
+@dataclass
+class ReconstructResult:
+    model: ir.Model
+    corrections: list[Correction] = field(default_factory=list)
+
+
+def _oriented(weight: np.ndarray, axis: int) -> np.ndarray:
+    return weight if axis == weight.ndim - 2 else np.swapaxes(weight, -1, -2)
+
+
+def _normal_equations(block: Block, x: np.ndarray, w: np.ndarray, y: np.ndarray,
+                      units: Sequence[int], role: Role) -> tuple[np.ndarray, np.ndarray, float]:
+    """G, b and y.y of the least-squares problem over the kept units (float64)."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    y = y.reshape(-1, y.shape[-1]).astype(np.float64)
+    w = w.astype(np.float64)
+    size = block.unit_size if role is Role.FLAT else 1
+    if size == 1:
+        xk, wk = x[:, units], w[units]
+        g = (xk.T @ xk) * (wk @ wk.T)
+        b = np.einsum("tu,tu->u", xk, y @ wk.T)
+    else:
+        parts = [x[:, u * size:(u + 1) * size] @ w[u * size:(u + 1) * size] for u in units]
+        flat = np.stack([p.reshape(-1) for p in parts])
+        g = flat @ flat.T
+        b = flat @ y.reshape(-1)
+    return g, b, float(np.sum(y * y))
+
+
+def _loss(g: np.ndarray, b: np.ndarray, yy: float, s: np.ndarray) -> float:
+    return float(s @ g @ s - 2 * b @ s + yy)
+
+
+def reconstruct(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int]],
+                cal: CalibrationSet, damping: float = 1e-2,
+                providers: Sequence[str] | None = None) -> ReconstructResult:
+    """A copy of ``model`` whose consumer weights carry least-squares scales for the kept units.
+
+    ``damping`` is relative: it is multiplied by the mean diagonal of each block's G, so it means
+    the same for every block whatever the activation scale.
+    """
+    out = copy_model(model)
+    result = ReconstructResult(out)
+    dense_proto = ir.to_proto(model)
+    nodes = nodes_by_name(model.graph)
+    masks = {}
+    for b in structure.blocks:
+        m = np.zeros(b.n_units, dtype=np.float32)
+        m[list(keep.get(b.name, range(b.n_units)))] = 1.0
+        masks[b.name] = m
+    targets = {}
+    for b in structure.blocks:
+        c = b.consumers[0]
+        targets[b.name] = nodes[c.node].outputs[0].name
+    teacher = capture(dense_proto, cal, sorted(set(targets.values())), providers)
+    for b in structure.blocks:
+        units = sorted(int(u) for u in keep.get(b.name, range(b.n_units)))
+        if len(b.consumers) != 1 or not units or len(units) == b.n_units:
+            continue
+        c = b.consumers[0]
+        student_proto = ir.to_proto(masked_model(out, structure, masks))
+        student_nodes = {n.name: n for n in student_proto.graph.node}
+        x_name = student_nodes[c.node].input[c.data_index]
+        xs = capture(student_proto, cal, [x_name], providers)
+        out_nodes = nodes_by_name(out.graph)
+        weight_value = out_nodes[c.node].inputs[c.weight_index]
+        weight = const_array(weight_value)
+        w = _oriented(weight, c.weight_axis)
+        bias = None
+        if out_nodes[c.node].op_type == "Gemm" and len(out_nodes[c.node].inputs) > 2:
+            bias = const_array(out_nodes[c.node].inputs[2])
+        g = np.zeros((len(units), len(units)))
+        bvec = np.zeros(len(units))
+        yy = 0.0
+        for xv, tv in zip(xs, teacher):
+            y = tv[targets[b.name]]
+            if bias is not None:
+                y = y - bias
+            gi, bi, yi = _normal_equations(b, xv[x_name], w, y, units, c.role)
+            g, bvec, yy = g + gi, bvec + bi, yy + yi
+        ones = np.ones(len(units))
+        lam = damping * float(np.mean(np.diag(g))) if len(units) else 0.0
+        try:
+            s = np.linalg.solve(g + lam * np.eye(len(units)), bvec + lam * ones)
+        except np.linalg.LinAlgError:
+            result.corrections.append(Correction(b.name, 0.0, 0.0, False, "singular system"))
+            continue
+        before, after = _loss(g, bvec, yy, ones), _loss(g, bvec, yy, s)
+        if not np.all(np.isfinite(s)) or np.max(np.abs(s)) > MAX_SCALE:
+            result.corrections.append(Correction(b.name, before, after, False,
+                                                 f"a scale left [-{MAX_SCALE:g}, {MAX_SCALE:g}]"))
+            continue
+        if after >= before:
+            result.corrections.append(Correction(b.name, before, after, False,
+                                                 "the fit did not lower the loss"))
+            continue
+        scaled = np.array(w, dtype=np.float64, copy=True)
+        size = b.unit_size if c.role is Role.FLAT else 1
+        for su, u in zip(s, units):
+            scaled[u * size:(u + 1) * size] *= su
+        scaled = scaled.astype(weight.dtype)
+        new = scaled if c.weight_axis == weight.ndim - 2 else np.swapaxes(scaled, -1, -2)
+        name = f"{weight_value.name}__reconstructed"
+        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(new), name=name))
+        out.graph.register_initializer(value)
+        out_nodes[c.node].replace_input_with(c.weight_index, value)
+        result.corrections.append(Correction(b.name, before, after, True))
+    return result
