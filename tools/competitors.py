@@ -32,7 +32,6 @@ import json
 import time
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import onnx
