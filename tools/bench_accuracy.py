@@ -4,7 +4,8 @@
 
 Every method shares the analysis, the FLOPs model, the search and the rewrite; only the importance
 scores differ: ``optin`` (trajectory), ``local`` (ablation: the unit's own layer output only),
-``magnitude``, ``random`` (mean of 3 seeds). Scores are computed once per method on the
+``magnitude``, ``random`` (mean of 3 seeds), and ``optin+ls`` (OPTIN's mask, then the
+least-squares reconstruct stage). Scores are computed once per method on the
 calibration split; each FLOPs level is then a search + rewrite, evaluated on the held-out test
 split (never used for anything else). Writes ``docs/bench/accuracy_<model>.json`` and a PNG plot.
 """
@@ -53,6 +54,7 @@ def bench_bbc(args) -> dict:
     from optin_onnx.flops import mac_model, total_macs
     from optin_onnx.pipeline import as_model
     from optin_onnx.probe import dummy_feeds, probe
+    from optin_onnx.reconstruct import reconstruct
     from optin_onnx.rewrite import rewrite
     from optin_onnx.scoring.baselines import score_magnitude, score_random
     from optin_onnx.scoring.trajectory import ScoreConfig, score_fast
@@ -78,7 +80,10 @@ def bench_bbc(args) -> dict:
     scores = {}
     for method in args.methods:
         t0 = time.perf_counter()
-        if method in ("optin", "local"):
+        if method in ("optin", "local", "optin+ls"):
+            if method == "optin+ls" and "optin" in scores:
+                scores[method] = scores["optin"]
+                continue
             cfg = ScoreConfig(neuron_group=args.neuron_group,
                               features="local" if method == "local" else "trajectory")
             scores[method] = [score_fast(m, structure, cal, cfg).importance]
@@ -94,7 +99,9 @@ def bench_bbc(args) -> dict:
             per_seed = []
             for importance in runs:
                 sel = search(structure, importance, macs, level)
-                slim = rewrite(m, structure, sel.keep)
+                base = reconstruct(m, structure, sel.keep, cal).model if method == "optin+ls" \
+                    else m
+                slim = rewrite(base, structure, sel.keep)
                 got = _metrics(_logits(ir.to_proto(slim), test), dense_logits, labels)
                 got["flops_kept"] = total_macs(slim, seq_len, like=calib) / macs.total
                 per_seed.append(got)
@@ -134,17 +141,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", type=lambda s: [float(x) for x in s.split(",")],
                    default=[0.9, 0.8, 0.7, 0.6, 0.5])
     p.add_argument("--methods", type=lambda s: s.split(","),
-                   default=["optin", "local", "magnitude", "random"])
+                   default=["optin", "optin+ls", "local", "magnitude", "random"])
     p.add_argument("--samples", type=int, default=32, help="calibration texts")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--neuron-group", type=int, default=8)
     p.add_argument("--cache", default=None)
     p.add_argument("--out", default="docs/bench")
+    p.add_argument("--merge", action="store_true",
+                   help="add these methods to an existing record instead of replacing it")
     args = p.parse_args(argv)
     record = bench_bbc(args)
     record["command"] = "python -m tools.bench_accuracy " + " ".join(argv or sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / f"accuracy_{args.model}.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        old["methods"].update(record["methods"])
+        old["score_seconds"].update(record["score_seconds"])
+        old["command"] += " && " + record["command"]
+        record = old
     (out / f"accuracy_{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(record, out / f"accuracy_{args.model}.png")
     print(json.dumps(record["dense"]), flush=True)
