@@ -134,6 +134,36 @@ def plot(record: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table(record: dict) -> str:
+    """Markdown: test accuracy (and agreement with the dense model) per method and FLOPs level."""
+    levels = [r["level"] for r in next(iter(record["methods"].values()))]
+    dense = record["dense"]["accuracy"]
+    head = "| method | " + " | ".join(f"{lv:g}" for lv in levels) + " |"
+    lines = [head, "|---" * (len(levels) + 1) + "|"]
+    for method, rows in record["methods"].items():
+        cells = [f"{100 * r['accuracy']:.1f} ({100 * (r['accuracy'] - dense):+.1f}; "
+                 f"agr {100 * r['agreement']:.0f}, KL {r['kl_to_dense']:.3f})" for r in rows]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_results(record: dict, model: str, results: Path) -> None:
+    """Replace the block between this model's markers in docs/RESULTS.md with a fresh table."""
+    start, end = f"<!-- accuracy:{model} -->", f"<!-- /accuracy:{model} -->"
+    text = results.read_text() if results.exists() else ""
+    body = (f"{start}\nDense test accuracy {100 * record['dense']['accuracy']:.2f} % on "
+            f"{record['test_texts']} held-out texts; {record['calibration_texts']} calibration "
+            f"texts; FLOPs counted at {record['seq_len_for_flops']} tokens. Cells: accuracy % "
+            f"(change in points; agreement with dense predictions %, KL to dense logits). "
+            f"Command: `{record['command']}`.\n\n{table(record)}\n\n"
+            f"![accuracy vs FLOPs](bench/accuracy_{model}.png)\n{end}")
+    if start in text and end in text:
+        text = text[:text.index(start)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    results.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_accuracy",
                                 description=__doc__.splitlines()[0])
@@ -163,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         record = old
     (out / f"accuracy_{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(record, out / f"accuracy_{args.model}.png")
+    update_results(record, args.model, out.parent / "RESULTS.md")
     print(json.dumps(record["dense"]), flush=True)
     return 0
 
