@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from optin_onnx.analysis import Block, Role, Structure
+from optin_onnx.analysis import Block, Consumer, Role, Structure
 from optin_onnx.graph import copy_model, nodes_by_name
 
 
@@ -20,6 +20,14 @@ def channel_mask(block: Block, unit_mask: np.ndarray, role: Role) -> np.ndarray:
     """Expand a per-unit 0/1 mask to the consumer's channels (FLAT: ``unit_size`` each)."""
     unit_mask = np.asarray(unit_mask, dtype=np.float32)
     return np.repeat(unit_mask, block.unit_size) if role is Role.FLAT else unit_mask
+
+
+def oriented(weight: np.ndarray, consumer: Consumer) -> np.ndarray:
+    """A consumer's weight with its contracted (channel) axis second to last, i.e. [K, N] for a
+    MatMul or a Gemm without transB. Swapping is its own inverse, so this also maps back."""
+    if consumer.weight_axis == weight.ndim - 2:
+        return weight
+    return np.swapaxes(weight, -1, -2)
 
 
 def mask_input_name(block: Block) -> str:

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from optin_onnx.analysis import Block, Role, Structure
 from optin_onnx.calibrate import CalibrationSet, capture
 from optin_onnx.graph import const_array, copy_model, nodes_by_name
-from optin_onnx.instrument import masked_model
+from optin_onnx.instrument import masked_model, oriented
 
 MAX_SCALE = 10.0
 
@@ -43,10 +43,6 @@ class Correction:
 class ReconstructResult:
     model: ir.Model
     corrections: list[Correction] = field(default_factory=list)
-
-
-def _oriented(weight: np.ndarray, axis: int) -> np.ndarray:
-    return weight if axis == weight.ndim - 2 else np.swapaxes(weight, -1, -2)
 
 
 def _normal_equations(block: Block, x: np.ndarray, w: np.ndarray, y: np.ndarray,
@@ -106,7 +102,7 @@ def reconstruct(model: ir.Model, structure: Structure, keep: Mapping[str, Sequen
         out_nodes = nodes_by_name(out.graph)
         weight_value = out_nodes[c.node].inputs[c.weight_index]
         weight = const_array(weight_value)
-        w = _oriented(weight, c.weight_axis)
+        w = oriented(weight, c)
         bias = None
         if out_nodes[c.node].op_type == "Gemm" and len(out_nodes[c.node].inputs) > 2:
             bias = const_array(out_nodes[c.node].inputs[2])
@@ -140,7 +136,7 @@ def reconstruct(model: ir.Model, structure: Structure, keep: Mapping[str, Sequen
         for su, u in zip(s, units):
             scaled[u * size:(u + 1) * size] *= su
         scaled = scaled.astype(weight.dtype)
-        new = scaled if c.weight_axis == weight.ndim - 2 else np.swapaxes(scaled, -1, -2)
+        new = oriented(scaled, c)
         name = f"{weight_value.name}__reconstructed"
         value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(new), name=name))
         out.graph.register_initializer(value)

@@ -46,7 +46,7 @@ from optin_onnx.analysis import Block, Structure, pre_layer_norm, residual_featu
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet, batch_axes, capture, session
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, nodes_by_name
-from optin_onnx.instrument import channel_mask, mask_input_name, masked_model
+from optin_onnx.instrument import channel_mask, mask_input_name, masked_model, oriented
 from optin_onnx.probe import run_all_values
 from optin_onnx.scoring.losses import (TokenSample, cosine_loss, kl_loss, md_loss,
                                        normalised_gram, rows)
@@ -260,7 +260,7 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
         c = b.consumers[0]
         node = nodes[c.node]
         weight = const_array(node.inputs[c.weight_index])
-        w = weight if c.weight_axis == weight.ndim - 2 else np.swapaxes(weight, -1, -2)
+        w = oriented(weight, c)
         suffix = build_suffix(proto, node.outputs[0].name, obj.wanted(b), dtypes)
         plans.append((b, c, node.inputs[c.data_index].name, node.outputs[0].name, w, suffix))
     needed = {obj.output, *obj.all_features()}
@@ -331,7 +331,7 @@ def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
         if b.kind == "mlp" and cfg.neuron_group > 1:
             node = nodes[c.node]
             weight = const_array(node.inputs[c.weight_index])
-            w = weight if c.weight_axis == weight.ndim - 2 else np.swapaxes(weight, -1, -2)
+            w = oriented(weight, c)
             x_name = node.inputs[c.data_index].name
             proxy = unit_proxy(b, [v[x_name] for v in capture(proto, cal, [x_name])], w)
         sets = candidate_sets(b, cfg.neuron_group, proxy,
