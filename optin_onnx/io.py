@@ -85,6 +85,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if evidence is not None:
         raise OptinError(f"{_QUANTISED_HINT} ({path}: {evidence})")
     _check_external_data(model, path)
+    if _initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES:
+        # Weights kept beside the file (the dynamo exporter's default, at any size) are read now:
+        # a lazy reference is relative to this file's directory, and serialised for onnxruntime
+        # it would be looked up relative to the working directory instead.
+        ir.external_data.load_to_model(model)
     return model
 
 

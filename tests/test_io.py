@@ -206,10 +206,10 @@ def test_external_data_round_trip_leaves_input_untouched(
     source = write_external(tmp_path / "in.onnx", "in.data")
     before = {name: (tmp_path / name).read_bytes() for name in ("in.onnx", "in.data")}
     expected = np.arange(16 * 32, dtype=np.float32).reshape(16, 32)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)  # as if the model were > 2 GB
     model = io.load_model(source)
     assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
 
-    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
     out = tmp_path / "out" / "pruned.onnx"
     out.parent.mkdir()
     io.save_model(model, out, input_path=source)
@@ -222,6 +222,23 @@ def test_external_data_round_trip_leaves_input_untouched(
     # The caller's model still reads lazily from the input, and the input is byte-identical.
     assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
     assert {name: (tmp_path / name).read_bytes() for name in ("in.onnx", "in.data")} == before
+
+
+def test_small_model_with_external_data_runs_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dynamo exporter keeps weights beside the model at any size: under the threshold they
+    are read at load time, so onnxruntime (fed bytes) never looks them up elsewhere."""
+    from optin_onnx.runtime import session
+
+    source = write_external(tmp_path / "in.onnx", "in.data")
+    model = io.load_model(source)
+    assert not isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
+    monkeypatch.chdir(tmp_path.parent)
+    sess = session(ir.to_proto(model))
+    feeds = {i.name: np.ones([d if isinstance(d, int) else 2 for d in i.shape], np.float32)
+             for i in sess.get_inputs()}
+    assert all(np.isfinite(o).all() for o in sess.run(None, feeds))
 
 
 def test_small_model_from_external_input_is_saved_self_contained(tmp_path: Path) -> None:
