@@ -93,12 +93,14 @@ def session(model: onnx.ModelProto, outputs: list[str], providers: list[str] | N
 
 
 def capture(model: onnx.ModelProto, cal: CalibrationSet, names: list[str],
-            providers: list[str] | None = None) -> list[dict[str, np.ndarray]]:
-    """Dense activations ``names`` for every chunk of the calibration set."""
+            providers: list[str] | None = None, extra: dict[str, np.ndarray] | None = None
+            ) -> list[dict[str, np.ndarray]]:
+    """Dense activations ``names`` for every chunk of the calibration set (``extra``: inputs
+    that are not calibration data, such as all-ones masks, fed to every chunk)."""
     sess = session(model, names, providers)
     out = []
     for chunk in cal.chunks:
-        values = sess.run(names, chunk.feeds)
+        values = sess.run(names, {**chunk.feeds, **(extra or {})})
         out.append(dict(zip(names, values)))
     return out
 

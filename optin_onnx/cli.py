@@ -61,13 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tokens", type=int, default=d.tokens, help="tokens K in the MD Gram matrices")
     r.add_argument("--round", dest="width_multiple", type=int, default=d.width_multiple,
                    help="keep FFN widths a multiple of N (default 1)")
+    r.add_argument("--channel-multiple", type=int, default=d.channel_multiple,
+                   help="keep conv channel counts a multiple of N where a group has at least N "
+                        f"(default {d.channel_multiple})")
     r.add_argument("--neuron-group", type=int, default=d.neuron_group,
-                   help="score neurons in groups of N adjacent by a local proxy (approximate; "
-                        f"default {d.neuron_group} = exact)")
-    r.add_argument("--feature", dest="feature_kind", choices=["auto", "ffn", "residual-ln"],
-                   default=d.feature_kind,
+                   help="score neurons (and conv channels) in groups of N adjacent by a local "
+                        f"proxy (approximate; default {d.neuron_group}; 1 = exact)")
+    r.add_argument("--feature", dest="feature_kind",
+                   choices=["auto", "ffn", "residual-ln", "blocks"], default=d.feature_kind,
                    help="trajectory feature: FFN outputs (post-LN, BERT), the LayerNorm'ed residual "
-                        "stream entering each later layer (pre-LN, ViT), or auto (by graph; default)")
+                        "stream entering each later layer (pre-LN, ViT), the block outputs (CNNs), "
+                        "or auto (by graph; default)")
     r.add_argument("--reconstruct", action="store_true",
                    help="least-squares scales for the kept heads/neurons, fitted block by block so "
                         "each pruned block's output matches the dense one on the calibration set")
@@ -145,6 +149,7 @@ def _prune(args) -> None:
     opt = PruneOptions(flops=args.flops, method=args.method, seq_len=args.seq_len, samples=args.samples,
                        prune=args.prune, lam=args.lam, seed=args.seed, tokens=args.tokens,
                        width_multiple=args.width_multiple, neuron_group=args.neuron_group,
+                       channel_multiple=args.channel_multiple,
                        feature_kind=args.feature_kind,
                        allow_block_removal=args.allow_block_removal, reconstruct=args.reconstruct,
                        provider=args.provider,

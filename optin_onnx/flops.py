@@ -7,12 +7,13 @@ and neurons changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from optin_onnx.analysis import Structure
+from optin_onnx.analysis.structure import Factor
 from optin_onnx.probe import PROBE_SEQ, dummy_feeds, run_all_values
 
 _HEAVY = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
@@ -20,18 +21,44 @@ _HEAVY = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 
 @dataclass
 class MacModel:
-    """MACs of the model as an affine function of the kept units: ``base + sum(unit[b] * k_b)``."""
+    """MACs of the model as a function of the kept units per block.
+
+    Every counted node contributes its dense MACs times the kept fraction of each axis it has in
+    some block: one block for a transformer's projections (affine in the kept units:
+    ``base + sum(unit[b] * k_b)``), two for a conv between two channel groups (it shrinks with
+    its input and its output channels: a product). Blocks joined on one axis by a channel Concat
+    form one factor, their kept channels summed.
+    """
 
     total: int
     base: int
-    unit: dict[str, float]  # block name -> MACs per kept unit
+    unit: dict[str, float]  # block name -> MACs per kept unit, others kept whole
     seq_len: int
+    # (dense MACs, factors): each factor is one axis of the node (Structure.mac_factors)
+    terms: list[tuple[float, tuple[Factor, ...]]] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)  # block name -> units when dense
+
+    def term(self, term: tuple[float, tuple[Factor, ...]], kept: dict[str, int]) -> float:
+        m, factors = term
+        for blocks, fixed in factors:
+            m *= (sum(kept.get(b, self.sizes[b]) for b in blocks) + fixed) / \
+                (sum(self.sizes[b] for b in blocks) + fixed)
+        return m
 
     def macs(self, kept: dict[str, int]) -> float:
-        return self.base + sum(self.unit[b] * k for b, k in kept.items())
+        """Predicted MACs; blocks missing from ``kept`` stay whole."""
+        if not self.terms:  # a model given by per-unit costs alone
+            return self.base + sum(self.unit[b] * k for b, k in kept.items())
+        return self.base + sum(self.term(t, kept) for t in self.terms)
 
     def fraction(self, kept: dict[str, int]) -> float:
         return self.macs(kept) / self.total
+
+    @property
+    def affine(self) -> bool:
+        """True when every node scales with one block (every transformer): ``unit`` is exact."""
+        return all(len(factors) == 1 and len(factors[0][0]) == 1 and not factors[0][1]
+                   for _, factors in self.terms)
 
 
 def node_macs(model: ir.Model, seq_len: int, like: dict[str, np.ndarray] | None = None
@@ -71,13 +98,14 @@ def total_macs(model: ir.Model, seq_len: int, like: dict[str, np.ndarray] | None
 
 def mac_model(model: ir.Model, structure: Structure, seq_len: int,
               like: dict[str, np.ndarray] | None = None) -> MacModel:
-    """Attribute each block's matrix products to its units (they scale linearly with the width)."""
+    """Attribute each node's matrix products to the blocks on its axes (a node's MACs are linear
+    in the width of each axis: ``Structure.mac_factors``)."""
     per_node = node_macs(model, seq_len, like)
     total = sum(per_node.values())
-    unit, claimed = {}, set()
-    for b in structure.blocks:
-        mine = [n for n in b.nodes if n in per_node and n not in claimed]
-        claimed.update(mine)
-        unit[b.name] = sum(per_node[n] for n in mine) / b.n_units
-    base = total - sum(unit[b.name] * b.n_units for b in structure.blocks)
-    return MacModel(total=total, base=int(round(base)), unit=unit, seq_len=seq_len)
+    terms = [(float(per_node[n]), tuple(factors))
+             for n, factors in structure.mac_factors.items() if n in per_node]
+    unit = {b.name: sum(m for m, factors in terms if any(b.name in f[0] for f in factors))
+            / b.n_units for b in structure.blocks}
+    base = total - sum(m for m, _ in terms)
+    return MacModel(total=total, base=int(round(base)), unit=unit, seq_len=seq_len, terms=terms,
+                    sizes={b.name: b.n_units for b in structure.blocks})

@@ -40,29 +40,101 @@ def masked_model(model: ir.Model, structure: Structure,
 
     With ``masks`` (block name -> per-unit 0/1 array) the masks are constants (blocks not named stay
     dense); without, each block gets a float graph input ``optin_mask__<block>`` of its channel
-    width, so one session can evaluate any mask.
+    width, so one session can evaluate any mask. A consumer input shared by several blocks (after
+    a channel Concat) gets one Mul by their masks joined at their offsets.
     """
     out = copy_model(model)
     graph = out.graph
     nodes = nodes_by_name(graph)
+    inputs: dict[str, ir.Value] = {}
+    uses: dict[tuple[str, int], list[tuple[Block, Consumer, int]]] = {}
     for block in structure.blocks:
         if masks is not None and block.name not in masks:
             continue
+        if masks is None:
+            inputs[block.name] = ir.Value(
+                name=mask_input_name(block), type=ir.TensorType(ir.DataType.FLOAT),
+                shape=ir.Shape([block.width(block.consumers[0].role)]))
+            graph.inputs.append(inputs[block.name])
         for i, c in enumerate(block.consumers):
-            node = nodes[c.node]
-            width = block.n_units * (block.unit_size if c.role is Role.FLAT else 1)
-            if masks is None:
-                if i == 0:
-                    mask = ir.Value(name=mask_input_name(block),
-                                    type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([width]))
-                    graph.inputs.append(mask)
-            else:
-                arr = channel_mask(block, masks[block.name], c.role)
-                mask = ir.Value(name=f"{mask_input_name(block)}_{i}", const_value=ir.tensor(arr))
-                graph.register_initializer(mask)
-            data = node.inputs[c.data_index]
-            mul = ir.Node("", "Mul", [data, mask], name=f"{node.name}__optin_mask")
-            mul.outputs[0].name = f"{data.name}__masked_{i}_{block.name}"
-            graph.insert_before(node, mul)
-            node.replace_input_with(c.data_index, mul.outputs[0])
+            uses.setdefault((c.node, c.data_index), []).append((block, c, i))
+    for (node_name, index), parts in uses.items():
+        node = nodes[node_name]
+        parts.sort(key=lambda part: part[1].offset)
+        block, c, i = parts[0]
+        if masks is None:
+            mask = _joined(graph, node, [(p[0], p[1], inputs[p[0].name]) for p in parts])
+            if c.repeat > 1:
+                mask = _repeated(graph, node, mask, c.repeat)
+            if c.trailing:
+                mask = _channel_first(graph, node, mask, c.trailing)
+        else:
+            pieces, at = [], 0
+            for b, k, _ in parts:
+                pieces += [np.ones(k.offset - at, np.float32), channel_mask(b, masks[b.name], k.role)]
+                at = k.offset + b.width(k.role)
+            pieces.append(np.ones(max(0, c.span - at), np.float32))
+            arr = np.repeat(np.concatenate(pieces), c.repeat).reshape((-1,) + (1,) * c.trailing)
+            mask = ir.Value(name=f"{mask_input_name(block)}_{i}", const_value=ir.tensor(arr))
+            graph.register_initializer(mask)
+        data = node.inputs[index]
+        mul = ir.Node("", "Mul", [data, mask], name=f"{node.name}__optin_mask")
+        mul.outputs[0].name = f"{data.name}__masked_{i}_{block.name}"
+        graph.insert_before(node, mul)
+        node.replace_input_with(index, mul.outputs[0])
     return out
+
+
+def _joined(graph: ir.Graph, before: ir.Node,
+            parts: list[tuple[Block, Consumer, ir.Value]]) -> ir.Value:
+    """The channel mask of one consumer input: the blocks' mask inputs at their offsets on the
+    axis (after a channel Concat), ones for channels that belong to no block."""
+    block, c, value = parts[0]
+    if len(parts) == 1 and c.offset == 0 and c.span in (0, block.width(c.role)):
+        return value
+    pieces, at = [], 0
+    for b, k, v in parts:
+        if k.offset > at:
+            pieces.append(_ones(graph, f"{before.name}__optin_ones{at}", k.offset - at))
+        pieces.append(v)
+        at = k.offset + b.width(k.role)
+    if c.span > at:
+        pieces.append(_ones(graph, f"{before.name}__optin_ones{at}", c.span - at))
+    node = ir.Node("", "Concat", pieces, attributes=[ir.AttrInt64("axis", 0)],
+                   name=f"{before.name}__optin_mask_concat")
+    graph.insert_before(before, node)
+    return node.outputs[0]
+
+
+def _ones(graph: ir.Graph, name: str, n: int) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.ones(n, np.float32)))
+    graph.register_initializer(value)
+    return value
+
+
+def _repeated(graph: ir.Graph, before: ir.Node, mask: ir.Value, repeat: int) -> ir.Value:
+    """``mask`` with every channel repeated ``repeat`` times (for a flattened feature map)."""
+    tag = f"{mask.name}__x{repeat}_{before.name}"
+    flat = ir.Value(name=f"{tag}_flat", const_value=ir.tensor(np.array([-1], np.int64)))
+    column = ir.Value(name=f"{tag}_col", const_value=ir.tensor(np.array([-1, 1], np.int64)))
+    for v in (flat, column):
+        graph.register_initializer(v)
+    ones = ir.Value(name=f"{tag}_ones", const_value=ir.tensor(np.ones((1, repeat), np.float32)))
+    graph.register_initializer(ones)
+    col = ir.Node("", "Reshape", [mask, column], name=f"{tag}_reshape_col")
+    tiled = ir.Node("", "Mul", [col.outputs[0], ones], name=f"{tag}_tile")
+    out = ir.Node("", "Reshape", [tiled.outputs[0], flat], name=f"{tag}_reshape")
+    for n in (col, tiled, out):
+        graph.insert_before(before, n)
+    return out.outputs[0]
+
+
+def _channel_first(graph: ir.Graph, before: ir.Node, mask: ir.Value, trailing: int) -> ir.Value:
+    """``mask`` as [C, 1, ..., 1], to broadcast on an axis followed by ``trailing`` others."""
+    tag = f"{mask.name}__c{trailing}_{before.name}"
+    shape = ir.Value(name=f"{tag}_shape",
+                     const_value=ir.tensor(np.array([-1] + [1] * trailing, np.int64)))
+    graph.register_initializer(shape)
+    node = ir.Node("", "Reshape", [mask, shape], name=f"{tag}_reshape")
+    graph.insert_before(before, node)
+    return node.outputs[0]

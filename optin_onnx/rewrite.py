@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from optin_onnx.analysis import Block, Role, Structure
+from optin_onnx.analysis import Block, Structure
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, copy_model, nodes_by_name
 
@@ -57,33 +57,39 @@ def _clone_producer(graph: ir.Graph, node: ir.Node, index: int, namer: _Namer) -
     return clone
 
 
-def _kept_indices(block: Block, role: Role, units: Sequence[int]) -> np.ndarray:
-    return np.asarray(block.channels(units) if role is Role.FLAT else list(units), dtype=np.int64)
-
-
-def _new_size(block: Block, role: Role, n_kept: int) -> int:
-    return n_kept * block.unit_size if role is Role.FLAT else n_kept
-
-
-def _slice_block(graph: ir.Graph, block: Block, units: Sequence[int], namer: _Namer) -> None:
+def _slice_blocks(graph: ir.Graph, blocks: list[tuple[Block, list[int]]], namer: _Namer) -> None:
+    """Delete the dropped channels of every block. Edits are collected per tensor use and axis
+    first: after a channel Concat several blocks own parts of one axis, and their deletions must
+    be made together (positions are those of the dense tensor)."""
     nodes = nodes_by_name(graph)
-    for s in block.slices:
-        node = nodes[s.node]
-        arr = const_array(node.inputs[s.input_index])
+    cuts: dict[tuple[str, int, int], list[np.ndarray]] = {}
+    for block, units in blocks:
+        dropped = sorted(set(range(block.n_units)) - set(units))
+        for s in block.slices:
+            positions = block.indices(dropped, s.role, s.repeat, s.offset)
+            cuts.setdefault((s.node, s.input_index, s.axis), []).append(positions)
+    for (node_name, index, axis), positions in cuts.items():
+        node = nodes[node_name]
+        arr = const_array(node.inputs[index])
         if arr is None:
-            raise OptinError(f"internal: {s.node} input {s.input_index} is no longer a constant")
-        sliced = np.take(arr, _kept_indices(block, s.role, units), axis=s.axis)
-        base = node.inputs[s.input_index].name or f"{s.node}_w"
-        _set_const(graph, node, s.input_index, sliced, namer(f"{base}__{block.name}"))
-    for e in block.shape_edits:
-        node = nodes[e.node]
-        for slot in e.path[:-1]:
-            node = _clone_producer(graph, node, slot, namer)
-        slot = e.path[-1]
-        arr = np.array(const_array(node.inputs[slot]), copy=True)
-        arr.reshape(-1)[e.offset] = _new_size(block, e.role, len(units))
-        base = node.inputs[slot].name or f"{node.name}_shape"
-        _set_const(graph, node, slot, arr, namer(f"{base}__{block.name}"))
+            raise OptinError(f"internal: {node_name} input {index} is no longer a constant")
+        sliced = np.delete(arr, np.concatenate(positions), axis=axis)
+        base = node.inputs[index].name or f"{node_name}_w"
+        _set_const(graph, node, index, sliced, namer(f"{base}__sliced"))
+    for block, units in blocks:
+        dropped = sorted(set(range(block.n_units)) - set(units))
+        for e in block.shape_edits:  # a width shrinks by what this block drops from it
+            node = nodes[e.node]
+            for slot in e.path[:-1]:
+                node = _clone_producer(graph, node, slot, namer)
+            slot = e.path[-1]
+            arr = np.array(const_array(node.inputs[slot]), copy=True)
+            arr.reshape(-1)[e.offset] -= len(block.indices(dropped, e.role, e.repeat))
+            base = node.inputs[slot].name or f"{node.name}_shape"
+            _set_const(graph, node, slot, arr, namer(f"{base}__{block.name}"))
+        for name in block.group_edits:  # depthwise: one filter group per kept channel
+            group = nodes[name].attributes["group"].value - len(dropped)
+            nodes[name].attributes["group"] = ir.AttrInt64("group", group)
 
 
 def _remove_block(graph: ir.Graph, block: Block, namer: _Namer) -> None:
@@ -113,6 +119,7 @@ def rewrite(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[i
     out = copy_model(model)
     graph = out.graph
     namer = _Namer(graph)
+    sliced = []
     for block in structure.blocks:
         if block.name not in keep:
             continue
@@ -127,7 +134,8 @@ def rewrite(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[i
                                  f"provably reach a residual add")
             _remove_block(graph, block, namer)
         else:
-            _slice_block(graph, block, units, namer)
+            sliced.append((block, units))
+    _slice_blocks(graph, sliced, namer)
     RemoveUnusedNodesPass()(out)
     # Recorded intermediate shapes (the dynamo exporter writes them) are stale now; graph inputs
     # and outputs keep theirs, since pruning never changes them.

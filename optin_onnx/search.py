@@ -8,6 +8,13 @@ head's price includes its share of the attention's s^2 terms at the chosen seque
 Neurons are taken in *chunks* of ``width_multiple`` (a layer's best, then its next best, ...) so
 every FFN width stays a multiple of it: widths that break SIMD or tensor-core tiling make a model
 with fewer FLOPs run slower.
+
+Conv channel groups (CNNs) break the premise of that search: a conv between two groups costs the
+product of their widths, so a unit has no fixed price. There the search is greedy: starting from
+the dense model, repeatedly drop the chunk of a block that loses the least importance per MAC
+saved (at the current widths), until the budget is met. Channel counts stay multiples of
+``channel_multiple`` (default 8) where the group has at least that many, and a group is never
+emptied.
 """
 from __future__ import annotations
 
@@ -47,13 +54,18 @@ def _chunks(name: str, scores: np.ndarray, size: int, unit_cost: float) -> list[
 
 def search(structure: Structure, importance: Mapping[str, np.ndarray], macs: MacModel,
            flops: float, *, prune: str = "both", width_multiple: int = 1,
-           allow_block_removal: bool = False) -> SearchResult:
+           channel_multiple: int = 8, allow_block_removal: bool = False) -> SearchResult:
     """Choose kept units for every block so that predicted MACs <= ``flops`` x dense MACs."""
     if not 0.0 < flops <= 1.0:
         raise OptinError(f"--flops must be in (0, 1], got {flops}")
     if prune not in ("heads", "neurons", "both"):
         raise OptinError(f"--prune must be heads, neurons or both, got '{prune}'")
+    if channel_multiple < 1:
+        raise OptinError(f"--channel-multiple must be at least 1, got {channel_multiple}")
     budget = flops * macs.total
+    if not macs.affine or any(b.kind == "channels" for b in structure.blocks):
+        return _greedy(structure, importance, macs, flops, prune, width_multiple,
+                       channel_multiple, allow_block_removal)
     fixed: list[_Item] = []  # always kept
     heads: list[_Item] = []
     neurons: list[list[_Item]] = []  # per block, chunks in order
@@ -107,3 +119,69 @@ def search(structure: Structure, importance: Mapping[str, np.ndarray], macs: Mac
     keep = {k: sorted(v) for k, v in keep.items()}
     fraction = macs.fraction({k: len(v) for k, v in keep.items()})
     return SearchResult(keep, fraction, best[0] + sum(i.score for i in fixed))
+
+
+def _removal_steps(kind: str, n: int, width_multiple: int, channel_multiple: int,
+                   allow_block_removal: bool) -> list[int]:
+    """Sizes of the successive chunks a block may lose, least important first."""
+    if kind == "channels":
+        if n < channel_multiple:
+            return [1] * (n - 1)
+        top = (n - 1) // channel_multiple * channel_multiple  # largest multiple below n
+        return ([n - top] if top else []) + [channel_multiple] * (top // channel_multiple - 1)
+    size = 1 if kind == "attention" else max(1, width_multiple)
+    steps = [size] * (n // size) + ([n % size] if n % size else [])
+    return steps if allow_block_removal else steps[:-1]
+
+
+def _greedy(structure: Structure, importance: Mapping[str, np.ndarray], macs: MacModel,
+            flops: float, prune: str, width_multiple: int, channel_multiple: int,
+            allow_block_removal: bool) -> SearchResult:
+    budget = flops * macs.total
+    kept = {b.name: b.n_units for b in structure.blocks}
+    order, steps = {}, {}
+    for b in structure.blocks:
+        scores = np.asarray(importance[b.name], dtype=np.float64)
+        order[b.name] = list(np.argsort(scores, kind="stable"))  # least important first
+        pruned = b.kind == "channels" or prune == "both" or \
+            (prune == "heads") == (b.kind == "attention")
+        steps[b.name] = _removal_steps(b.kind, b.n_units, width_multiple, channel_multiple,
+                                       allow_block_removal) if pruned else []
+    terms_of = {b.name: [t for t in macs.terms if any(b.name in f[0] for f in t[1])]
+                for b in structure.blocks}
+    scores_of = {b.name: np.asarray(importance[b.name], dtype=np.float64)
+                 for b in structure.blocks}
+    removed = {b.name: 0 for b in structure.blocks}  # units dropped so far
+    taken = {b.name: 0 for b in structure.blocks}  # chunks dropped so far
+
+    def saving(name: str, size: int) -> float:
+        if not macs.terms:
+            return macs.unit[name] * size
+        fewer = dict(kept, **{name: kept[name] - size})
+        return sum(macs.term(t, kept) - macs.term(t, fewer) for t in terms_of[name])
+
+    floor = dict(kept)
+    for name, st in steps.items():
+        floor[name] -= sum(st)
+    if macs.macs(floor) > budget * (1 + 1e-9):
+        raise OptinError(f"FLOPs budget {flops:g} is impossible: the smallest model this search may "
+                         f"produce keeps {macs.fraction(floor):.3f} of the FLOPs")
+    while macs.macs(kept) > budget * (1 + 1e-9):
+        best = None
+        for name in kept:
+            if taken[name] >= len(steps[name]):
+                continue
+            size = steps[name][taken[name]]
+            units = order[name][removed[name]:removed[name] + size]
+            cost = float(scores_of[name][units].sum())
+            gain = saving(name, size)
+            ratio = cost / gain if gain > 0 else np.inf
+            if best is None or ratio < best[0]:
+                best = (ratio, name, size)
+        _, name, size = best
+        kept[name] -= size
+        removed[name] += size
+        taken[name] += 1
+    keep = {name: sorted(int(u) for u in order[name][removed[name]:]) for name in kept}
+    total = sum(float(scores_of[n][keep[n]].sum()) for n in keep)
+    return SearchResult(keep, macs.fraction(kept), total)

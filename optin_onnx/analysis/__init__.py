@@ -70,12 +70,13 @@ def _removal(node: ir.Node, probe: dict[str, np.ndarray]) -> Removal | None:
 
 def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | None:
     """A group becomes a block when it ends in weight contractions with nothing in the way. A group
-    that never got there is reported only if an unknown op stopped it (the rest are the residual
-    stream's projections, which end at a residual add by design)."""
+    that never got there is reported only if an unknown op stopped it and nothing marks it as the
+    model width (the residual stream's projections end at a residual add or a LayerNorm by
+    design)."""
     name = f"group@{g.sources[0]}"
     reasons = list(dict.fromkeys(g.barriers))
     if not g.consumers:
-        return Declined(name, reasons) if g.hard else None
+        return Declined(name, reasons) if g.hard and not g.natural else None
     unit = g.unit_size or 1
     if not reasons and g.width % unit:
         reasons.append(f"width {g.width} is not a multiple of unit size {unit}")
@@ -85,13 +86,17 @@ def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | 
     if n_units < 2:
         return None
     consumer = nodes[g.consumers[0].node]
+    kind = "attention" if g.has_head else "mlp"
+    if any(nodes[s].op_type == "Conv" for s in g.sources):
+        kind = "channels"  # conv channel groups are never emptied: no removal
     removals = [_removal(nodes[c.node], probe) for c in g.consumers]
     return Block(
-        name=name, kind="attention" if g.has_head else "mlp", n_units=n_units, unit_size=unit,
+        name=name, kind=kind, n_units=n_units, unit_size=unit,
         sources=list(dict.fromkeys(g.sources)), consumers=list(dict.fromkeys(g.consumers)),
         slices=list(dict.fromkeys(g.slices)), shape_edits=list(dict.fromkeys(g.shape_edits)),
         nodes=list(dict.fromkeys(g.nodes)), feature=_feature(consumer),
-        removal=removals[0] if len(removals) == 1 else None)
+        removal=removals[0] if len(removals) == 1 and kind != "channels" else None,
+        group_edits=list(dict.fromkeys(g.group_edits)))
 
 
 def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
@@ -100,27 +105,39 @@ def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
     Blocks are ordered by where their consumer sits in the graph. Layers: a layer is an attention
     block followed by an MLP block (BERT, ViT); a block that cannot join the current layer (a
     second attention block, or anything after its MLP) opens the next one, so names stay unique
-    even where a declined block leaves a layer half-empty.
+    even where a declined block leaves a layer half-empty. A conv channel group is a layer of its
+    own.
     """
     nodes = nodes_by_name(model.graph)
     order = {n.name: i for i, n in enumerate(model.graph)}
     structure = Structure()
-    for g in propagate(model, probe):
+    groups = {}
+    found, factors = propagate(model, probe)
+    for g in found:
         item = _to_block(g, nodes, probe)
         if isinstance(item, Block):
             structure.blocks.append(item)
+            groups[id(item)] = g
         elif isinstance(item, Declined):
             structure.declined.append(item)
     structure.blocks.sort(key=lambda b: min(order[c.node] for c in b.consumers))
     layer, filled = -1, {"attention", "mlp"}
     for b in structure.blocks:
-        if b.kind in filled or (b.kind == "attention" and "mlp" in filled):
+        if b.kind in filled or (b.kind == "attention" and "mlp" in filled) or "channels" in filled \
+                or (b.kind == "channels" and filled):
             layer, filled = layer + 1, set()
         filled.add(b.kind)
         b.layer = layer
     structure.n_layers = layer + 1
     for b in structure.blocks:
         b.name = f"layer{b.layer}.{b.kind}"
+    name_of = {groups[id(b)].id: b.name for b in structure.blocks}
+    for node, axes in factors.items():
+        for parts in axes:
+            names = tuple(name_of[g] for g, _ in parts if g in name_of)
+            if names:
+                fixed = sum(w for g, w in parts if g not in name_of)
+                structure.mac_factors.setdefault(node, []).append((names, fixed))
     return structure
 
 

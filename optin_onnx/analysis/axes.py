@@ -25,11 +25,24 @@ The head axis (HEAD) is a batch axis of both attention MatMuls, D (INNER) is con
 head, and Wo contracts H*D (FLAT): one group, with unit size D. An FFN is a group with unit size 1:
 
     x --MatMul(W1)+b1--act(...)--MatMul(W2)+b2--> residual
+
+CNNs are the same idea on axis 1 of NCHW maps. Each ``Conv`` (group 1) with a constant weight
+starts a group on its output channels and ends the group of its input channels; BatchNormalization,
+activations, pooling and Pad keep the axis; a depthwise conv keeps it too (its weight, bias and
+``group`` attribute shrink with it); a residual ``Add`` or a squeeze-excite ``Mul`` couples the
+groups of its operands, so every conv that writes one residual stream lands in one group:
+
+    x --Conv(W1)--BN--Relu--Conv(W2)--BN--+--Relu--> (next block's convs: consumers)
+    |                                     |
+    +------------(shortcut)---------------+
+
+``Flatten`` (or a Reshape) of an [N, C, H, W] map into [N, C*H*W] keeps the channel axis with a
+*repeat* of H*W: the classifier's weight rows c*H*W .. c*H*W + H*W - 1 belong to channel c.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -64,9 +77,16 @@ class Group:
     shape_edits: list[ShapeEdit] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
+    group_edits: list[str] = field(default_factory=list)  # depthwise convs on the axis
+    # A composite: the output axis of a channel Concat, made of these (group, channel offset)
+    # parts. What is recorded on it is handed to the parts, with offsets, at the end of the pass.
+    parts: list[tuple[int, int]] = field(default_factory=list)
     # True once something other than a natural end (residual add, normalisation over the axis, a
-    # graph output) stopped the group: only then is a group without consumers worth reporting.
+    # graph output) stopped the group; ``natural`` once such an end did. A group without consumers
+    # is worth reporting only when it is hard and not natural: a natural end marks the model
+    # width (a transformer's residual stream), which is never a block whatever else stops it.
     hard: bool = False
+    natural: bool = False
 
 
 class Propagator:
@@ -78,6 +98,10 @@ class Propagator:
         self.tracks: dict[str, Track] = {}
         self.groups: dict[int, Group] = {}
         self.parent: dict[int, int] = {}
+        # (value, axis) -> H*W where a Flatten folded positions into the channel axis
+        self.repeat: dict[tuple[str, int], int] = {}
+        # (node, group, "in" | "out"): a matrix-product node whose MACs scale with the group's width
+        self.mac_axes: list[tuple[str, int, str]] = []
 
     # -- union-find over groups -------------------------------------------------------------
     def find(self, gid: int) -> int:
@@ -86,11 +110,18 @@ class Propagator:
             gid = self.parent[gid]
         return gid
 
+    def layout(self, g: Group) -> list[tuple[int, int]]:
+        return [(self.find(p), o) for p, o in g.parts]
+
     def union(self, a: int, b: int) -> int:
         a, b = self.find(a), self.find(b)
         if a == b:
             return a
+        if self.groups[b].parts and not self.groups[a].parts:
+            a, b = b, a  # a composite stays the root: the plain group's channels split like it
         ga, gb = self.groups[a], self.groups[b]
+        if ga.parts and gb.parts and self.layout(ga) != self.layout(gb):
+            ga.barriers.append("two channel Concats of different layouts are coupled")
         self.parent[b] = a
         if ga.width != gb.width:
             ga.barriers.append(f"groups of widths {ga.width} and {gb.width} are coupled")
@@ -100,9 +131,64 @@ class Propagator:
             ga.barriers.append(f"coupled groups split into units of {ga.unit_size} and {gb.unit_size}")
         ga.has_head |= gb.has_head
         ga.hard |= gb.hard
-        for name in ("sources", "consumers", "slices", "shape_edits", "nodes", "barriers"):
+        ga.natural |= gb.natural
+        for name in ("sources", "consumers", "slices", "shape_edits", "nodes", "barriers",
+                     "group_edits"):
             getattr(ga, name).extend(getattr(gb, name))
         return a
+
+    def composite(self, parts: list[tuple[int, int]], width: int) -> int:
+        gid = len(self.groups)
+        self.groups[gid] = Group(gid, width, unit_size=1, parts=parts)
+        self.parent[gid] = gid
+        return gid
+
+    def resolve(self) -> None:
+        """Hand what each composite recorded to its parts, offsetting channel positions (later
+        composites first: a Concat of a Concat's output resolves through both)."""
+        for gid in sorted(self.groups, reverse=True):
+            c = self.groups[gid]
+            if not c.parts or self.find(gid) != gid:
+                continue
+            parts = self.layout(c)
+            for p, o in parts:
+                g = self.groups[p]
+                g.consumers += [replace(k, offset=k.offset + o, span=k.span or c.width)
+                                for k in c.consumers]
+                g.slices += [replace(k, offset=k.offset + o) for k in c.slices]
+                g.shape_edits += c.shape_edits
+                g.group_edits += c.group_edits
+                g.nodes += c.nodes
+                g.barriers += c.barriers
+                g.hard |= c.hard
+                g.natural |= c.natural
+
+    def parts_of(self, gid: int) -> list[tuple[int, int]]:
+        """(group, width) of the plain groups that make up ``gid``'s axis (itself if plain)."""
+        g = self.groups[self.find(gid)]
+        if not g.parts:
+            return [(g.id, g.width)]
+        bounds = [o for _, o in g.parts] + [g.width]
+        out = []
+        for (p, _), lo, hi in zip(g.parts, bounds, bounds[1:]):
+            inner = self.parts_of(p)
+            out += inner if len(inner) > 1 else [(inner[0][0], hi - lo)]
+        return out
+
+    def mac_factors(self) -> dict[str, list[list[tuple[int, int]]]]:
+        """Node -> the axes its MACs scale with, each as the (group, width) parts on that axis:
+        every contracted channel axis of a consumer and every channel axis of its output, an axis
+        counted once per side (a depthwise conv's channels, the head axis of the attention
+        products, are one axis)."""
+        out: dict[str, list[list[tuple[int, int]]]] = {}
+        seen: set[tuple[str, str, tuple]] = set()
+        for node, gid, side in self.mac_axes:
+            parts = self.parts_of(gid)
+            key = (node, side, tuple(parts))
+            if key not in seen:
+                seen.add(key)
+                out.setdefault(node, []).append(parts)
+        return out
 
     def group(self, gid: int) -> Group:
         return self.groups[self.find(gid)]
@@ -114,6 +200,26 @@ class Propagator:
             arr = const_array(v)
         return None if arr is None else tuple(np.shape(arr))
 
+    def static(self, v: ir.Value | None) -> np.ndarray | None:
+        """The value of ``v`` when it is computed from constants alone (exporters build Pad's
+        pads with a chain of ConstantOfShape/Concat/Slice), else None."""
+        if v is None:
+            return None
+        arr = const_array(v)
+        if arr is not None:
+            return arr
+        stack, seen = [v], set()
+        while stack:
+            u = stack.pop()
+            if u.name in seen or const_array(u) is not None:
+                continue
+            seen.add(u.name)
+            node = u.producer()
+            if node is None:
+                return None  # a graph input
+            stack.extend(i for i in node.inputs if i is not None)
+        return self.probe.get(v.name)
+
     def track(self, v: ir.Value | None) -> Track:
         return {} if v is None else self.tracks.get(v.name, {})
 
@@ -121,6 +227,7 @@ class Propagator:
         g = self.group(gid)
         g.barriers.append(reason)
         g.hard |= not natural
+        g.natural |= natural
 
     def block_all(self, track: Track, reason: str, natural: bool = False) -> None:
         for gid, _ in track.values():
@@ -176,16 +283,32 @@ class Propagator:
                 for t in ins:
                     for gid, _ in t.values():
                         self.group(gid).nodes.append(node.name)
+                folded = [(v, a) for v in node.inputs if v is not None
+                          for a in self.track(v) if (v.name, a) in self.repeat]
                 if handler is None:
                     for t in ins:
                         self.block_all(t, f"no handler for op {node.op_type} ('{node.name}')")
+                elif folded and node.op_type not in _FOLDED_OK:
+                    for v, a in folded:
+                        self.block(self.track(v)[a][0], f"{node.op_type} '{node.name}' reads a "
+                                                        f"flattened (channel, position) axis")
                 else:
                     handler(self, node)
+                    if folded and node.op_type in UNARY:
+                        for a in self.track(node.outputs[0]):
+                            r = self.repeat.get((node.inputs[0].name, a))
+                            if r:
+                                self.repeat[(node.outputs[0].name, a)] = r
                 for v in node.outputs:
                     for gid, _ in self.track(v).values():
                         if node.name not in self.group(gid).nodes:
                             self.group(gid).nodes.append(node.name)
             self.maybe_source(node)
+            if node.op_type in _HEAVY:
+                for v in node.outputs:
+                    for gid, role in self.track(v).values():
+                        if role is not Role.INNER:
+                            self.mac_axes.append((node.name, gid, "out"))
         for v in self.graph.outputs:
             self.block_all(self.track(v), f"reaches graph output '{v.name}'", natural=True)
 
@@ -195,7 +318,19 @@ class Propagator:
         out = node.outputs[0] if node.outputs else None
         if out is None or out.name not in self.probe:
             return
-        if node.op_type == "MatMul":
+        if node.op_type == "Conv":
+            w = const_array(node.inputs[1])
+            if w is None or attr(node, "group", 1) != 1 or self.track(out).get(1):
+                return
+            gid = self.new_group(node, out, 1, w.shape[0])
+            g = self.group(gid)
+            g.slices.append(ParamSlice(node.name, 1, 0, Role.FLAT))
+            g.nodes.append(node.name)
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                if const_array(node.inputs[2]) is None:
+                    g.barriers.append(f"Conv '{node.name}' has a run-time bias")
+                g.slices.append(ParamSlice(node.name, 2, 0, Role.FLAT))
+        elif node.op_type == "MatMul":
             w = const_array(node.inputs[1])
             if w is None or w.ndim != 2 or self.track(out).get(self.probe[out.name].ndim - 1):
                 return
@@ -262,6 +397,7 @@ def _reshape(p: Propagator, node: ir.Node) -> None:
         return p.block_all(p.track(target), f"Reshape '{node.name}' shape depends on the axis")
     si, so = p.shape(data), p.shape(node.outputs[0])
     out: Track = {}
+    folds: dict[int, int] = {}  # output axis -> positions folded into it after each channel
     merged_inner: set[int] = set()
     for a in sorted(t):
         gid, role = t[a]
@@ -277,6 +413,10 @@ def _reshape(p: Propagator, node: ir.Node) -> None:
             merged_inner.add(a + 1)
         elif any(so[k] == n for k in ks):
             out[next(k for k in ks if so[k] == n)] = (gid, role)
+        elif role is Role.FLAT and _folds(si, so, a, t, ks) is not None:
+            k, r = _folds(si, so, a, t, ks)
+            out[k] = (gid, role)
+            folds[k] = r
         elif role is Role.FLAT and any(k + 1 < len(so) and so[k] * so[k + 1] == n for k in ks):
             k = next(k for k in ks if k + 1 < len(so) and so[k] * so[k + 1] == n)
             g = p.group(gid)
@@ -304,7 +444,7 @@ def _reshape(p: Propagator, node: ir.Node) -> None:
                 continue
             if elem.value == so[k]:
                 p.group(gid).shape_edits.append(ShapeEdit(node.name, (1,) + elem.path, elem.offset,
-                                                          role))
+                                                          role, folds.get(k, 1)))
                 continue
         elif isinstance(elem, DimElement):
             src = p.tracks.get(elem.value, {}).get(elem.axis)
@@ -313,6 +453,21 @@ def _reshape(p: Propagator, node: ir.Node) -> None:
         return p.block(gid, f"Reshape '{node.name}': cannot prove where element {k} of its "
                             f"target shape comes from")
     p.tracks[node.outputs[0].name] = out
+    for k, r in folds.items():
+        p.repeat[(node.outputs[0].name, k)] = r
+
+
+def _folds(si, so, a: int, t: Track, ks: list[int]) -> tuple[int, int] | None:
+    """(output axis, repeat) when input axis ``a`` and the untracked axes right after it become one
+    output axis (``x.view(N, -1)`` of an NCHW map): channel c then owns ``repeat`` elements."""
+    for k in ks:
+        r, j = 1, a + 1
+        while j < len(si) and j not in t and so[k] > si[a] * r:
+            r *= si[j]
+            j += 1
+        if r > 1 and so[k] == si[a] * r:
+            return k, r
+    return None
 
 
 def _matmul(p: Propagator, node: ir.Node) -> None:
@@ -326,13 +481,18 @@ def _matmul(p: Propagator, node: ir.Node) -> None:
     out: Track = {}
     ka, kb = ta.get(ra - 1), tb.get(rb - 2)
     weight = const_array(b_v)
+    folded = [a for a in ta if a != ra - 1 and (a_v.name, a) in p.repeat]
+    if folded:
+        return p.block(ta[folded[0]][0], f"MatMul '{node.name}' reads a flattened axis as rows")
     if ka is not None:
         gid, role = ka
         if weight is not None:
             if role is not Role.INNER:
                 g = p.group(gid)
-                g.consumers.append(Consumer(node.name, 0, ra - 1, 1, rb - 2, role))
-                g.slices.append(ParamSlice(node.name, 1, rb - 2, role))
+                r = p.repeat.get((a_v.name, ra - 1), 1)
+                g.consumers.append(Consumer(node.name, 0, ra - 1, 1, rb - 2, role, r))
+                p.mac_axes.append((node.name, gid, "in"))
+                g.slices.append(ParamSlice(node.name, 1, rb - 2, role, r))
         elif kb is not None and kb[1] is Role.INNER and role is Role.INNER:
             p.union(gid, kb[0])  # Q.K^T: a contraction inside each head couples Q and K
         else:
@@ -365,8 +525,10 @@ def _gemm(p: Propagator, node: ir.Node) -> None:
             continue
         w_axis = 1 if trans_b else 0
         g = p.group(gid)
-        g.consumers.append(Consumer(node.name, 0, k_axis, 1, w_axis, role))
-        g.slices.append(ParamSlice(node.name, 1, w_axis, role))
+        r = p.repeat.get((node.inputs[0].name, axis), 1)
+        g.consumers.append(Consumer(node.name, 0, k_axis, 1, w_axis, role, r))
+        p.mac_axes.append((node.name, gid, "in"))
+        g.slices.append(ParamSlice(node.name, 1, w_axis, role, r))
 
 
 def _softmax(p: Propagator, node: ir.Node) -> None:
@@ -436,6 +598,183 @@ def _squeeze(p: Propagator, node: ir.Node) -> None:
     p.tracks[node.outputs[0].name] = {kept.index(a): v for a, v in t.items() if a in kept}
 
 
+def _spatial_only(p: Propagator, node: ir.Node, t: Track) -> bool:
+    """Conv-like ops keep batch and channel axes (0, 1) and mix spatial ones: a tracked spatial
+    axis is a barrier. True when the op may proceed."""
+    bad = [gid for a, (gid, _) in t.items() if a >= 2]
+    for gid in bad:
+        p.block(gid, f"{node.op_type} '{node.name}' mixes the axis spatially")
+    return not bad
+
+
+def _conv(p: Propagator, node: ir.Node) -> None:
+    """Group-1 Conv: a consumer of its input channels (weight axis 1). Depthwise Conv (one filter
+    per channel): the output channel axis is the input's, and weight, bias and ``group`` shrink with
+    it. Other grouped convs tie channels in blocks of C/group: a barrier."""
+    t = p.track(node.inputs[0])
+    for v in node.inputs[1:]:
+        p.block_all(p.track(v), f"Conv '{node.name}' takes the axis as a weight or bias")
+    if not _spatial_only(p, node, t) or 1 not in t:
+        return
+    gid, role = t[1]
+    w = const_array(node.inputs[1])
+    group = attr(node, "group", 1)
+    if w is None:
+        return p.block(gid, f"Conv '{node.name}' has a run-time weight")
+    g = p.group(gid)
+    if group == 1:
+        g.consumers.append(Consumer(node.name, 0, 1, 1, 1, role,
+                                    trailing=len(p.shape(node.inputs[0])) - 2))
+        p.mac_axes.append((node.name, gid, "in"))
+        g.slices.append(ParamSlice(node.name, 1, 1, role))
+        return
+    channels = p.shape(node.inputs[0])[1]
+    if group != channels or w.shape[0] != channels or w.shape[1] != 1:
+        return p.block(gid, f"grouped Conv '{node.name}' (group={group}, {channels} channels in, "
+                            f"{w.shape[0]} out) ties channels in blocks")
+    g.slices.append(ParamSlice(node.name, 1, 0, role))
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if const_array(node.inputs[2]) is None:
+            return p.block(gid, f"Conv '{node.name}' has a run-time bias")
+        g.slices.append(ParamSlice(node.name, 2, 0, role))
+    g.group_edits.append(node.name)
+    p.tracks[node.outputs[0].name] = {1: (gid, role)}
+
+
+def _batch_norm(p: Propagator, node: ir.Node) -> None:
+    t = p.track(node.inputs[0])
+    for v in node.inputs[1:]:
+        p.block_all(p.track(v), f"BatchNormalization '{node.name}' takes the axis as a parameter")
+    if len([o for o in node.outputs if o is not None and o.uses()]) > 1:
+        return p.block_all(t, f"BatchNormalization '{node.name}' in training mode")
+    if not _spatial_only(p, node, t) or 1 not in t:
+        return
+    gid, role = t[1]
+    for i in range(1, 5):
+        if const_array(node.inputs[i]) is None:
+            return p.block(gid, f"BatchNormalization '{node.name}' has run-time statistics")
+        p.group(gid).slices.append(ParamSlice(node.name, i, 0, role))
+    p.tracks[node.outputs[0].name] = dict(t)
+
+
+def _pool(p: Propagator, node: ir.Node) -> None:
+    """Pooling works per channel; MaxPool's optional indices output encodes channel positions."""
+    t = p.track(node.inputs[0])
+    if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].uses():
+        return p.block_all(t, f"{node.op_type} '{node.name}' returns indices")
+    if _spatial_only(p, node, t):
+        p.tracks[node.outputs[0].name] = dict(t)
+
+
+def _pad(p: Propagator, node: ir.Node) -> None:
+    """Padding of other axes keeps the channel axis; padding the channel axis is a barrier."""
+    t = p.track(node.inputs[0])
+    for v in node.inputs[1:]:
+        p.block_all(p.track(v), f"Pad '{node.name}' takes the axis as a parameter")
+    rank = len(p.shape(node.inputs[0]))
+    pads = p.static(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
+        else attr(node, "pads", None)
+    axes = p.static(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None \
+        else None
+    if pads is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None):
+        return p.block_all(t, f"Pad '{node.name}' has run-time pads")
+    pads = np.reshape(pads, -1)
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in np.reshape(axes, -1)]
+    padded = {a for i, a in enumerate(axes) if pads[i] != 0 or pads[i + len(axes)] != 0}
+    for a, (gid, _) in t.items():
+        if a in padded:
+            return p.block(gid, f"Pad '{node.name}' pads the axis")
+    p.tracks[node.outputs[0].name] = dict(t)
+
+
+def _reduce(p: Propagator, node: ir.Node) -> None:
+    """A reduction over other axes (the squeeze-excite ``mean`` over H, W) keeps the axis."""
+    t = p.track(node.inputs[0])
+    rank = len(p.shape(node.inputs[0]))
+    for v in node.inputs[1:]:
+        p.block_all(p.track(v), f"{node.op_type} '{node.name}' takes the axis as a parameter")
+    axes = p.static(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
+        else attr(node, "axes", None)
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        return p.block_all(t, f"{node.op_type} '{node.name}' has run-time axes")
+    if axes is None or np.size(axes) == 0:
+        reduced = set() if attr(node, "noop_with_empty_axes", 0) else set(range(rank))
+    else:
+        reduced = {int(a) % rank for a in np.reshape(axes, -1)}
+    for a, (gid, _) in t.items():
+        if a in reduced:
+            return p.block(gid, f"{node.op_type} '{node.name}' reduces over the axis")
+    keep = attr(node, "keepdims", 1)
+    kept = [a for a in range(rank) if keep or a not in reduced]
+    p.tracks[node.outputs[0].name] = {kept.index(a): v for a, v in t.items()}
+
+
+def _concat(p: Propagator, node: ir.Node) -> None:
+    """Concat along another axis keeps the channel axis, like a broadcasting op (a ViT's class
+    token joins the patch tokens: a constant operand is sliced, a run-time one stops the group).
+    Concat *along* the channel axes of several groups makes a composite axis: each group keeps
+    its channels at an offset (see :meth:`Propagator.resolve`)."""
+    rank = len(p.shape(node.outputs[0]))
+    axis = attr(node, "axis", 0) % rank
+    data = [(i, v) for i, v in enumerate(node.inputs) if v is not None]
+    out: Track = {}
+    joined = [p.track(v).get(axis) for _, v in data]
+    if any(joined):
+        why = None
+        if not all(joined):
+            why = f"Concat '{node.name}' joins a channel group with an untracked tensor"
+        elif any(r is not Role.FLAT or (v.name, axis) in p.repeat or p.group(g).unit_size not in
+                 (None, 1) for (_, v), (g, r) in zip(data, joined)):
+            why = f"Concat '{node.name}' joins groups of multi-channel units"
+        if why:
+            for j in joined:
+                if j:
+                    p.block(j[0], why)
+            return
+        parts, offset = [], 0
+        for (_, v), (g, _) in zip(data, joined):
+            parts.append((p.find(g), offset))
+            offset += p.shape(v)[axis]
+        out[axis] = (p.composite(parts, offset), Role.FLAT)
+    for a in range(rank):
+        if a != axis:
+            p.merge_axis(node, [(i, v, a) for i, v in data], a, out)
+    if out:
+        p.tracks[node.outputs[0].name] = out
+
+
+def _split(p: Propagator, node: ir.Node) -> None:
+    """Split along another axis keeps the channel axis in every piece; splitting the channel
+    axis itself would cut a group into windows: declined."""
+    t = p.track(node.inputs[0])
+    for v in node.inputs[1:]:
+        p.block_all(p.track(v), f"Split '{node.name}' takes the axis as a parameter")
+    axis = attr(node, "axis", 0) % len(p.shape(node.inputs[0]))
+    if axis in t:
+        return p.block(t[axis][0], f"Split '{node.name}' divides a channel group along its axis "
+                                   f"(not supported)")
+    for out in node.outputs:
+        if out is not None:
+            p.tracks[out.name] = dict(t)
+
+
+def _flatten(p: Propagator, node: ir.Node) -> None:
+    """[N, C, H, W] -> [N, C*H*W] (axis 1): the channel axis survives with a repeat of H*W."""
+    t = p.track(node.inputs[0])
+    si = p.shape(node.inputs[0])
+    k = attr(node, "axis", 1) % (len(si) or 1)
+    out: Track = {}
+    for a, (gid, role) in t.items():
+        lead, rest = (si[:a], si[a + 1:k]) if a < k else (si[k:a], si[a + 1:])
+        if _prod(lead) != 1 or role is not Role.FLAT and _prod(rest) != 1:
+            return p.block(gid, f"Flatten '{node.name}' mixes the axis with others")
+        o = 0 if a < k else 1
+        out[o] = (gid, role)
+        if _prod(rest) > 1:
+            p.repeat[(node.outputs[0].name, o)] = _prod(rest)
+    p.tracks[node.outputs[0].name] = out
+
+
 HANDLERS: dict[str, Callable[[Propagator, ir.Node], None]] = {
     **{op: _elementwise for op in UNARY | BROADCAST},
     "Transpose": _transpose,
@@ -448,11 +787,31 @@ HANDLERS: dict[str, Callable[[Propagator, ir.Node], None]] = {
     "Shape": _shape,
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
+    "Conv": _conv,
+    "BatchNormalization": _batch_norm,
+    "Pad": _pad,
+    "Flatten": _flatten,
+    "Concat": _concat,
+    "Split": _split,
+    **{op: _pool for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+                            "GlobalMaxPool", "GlobalLpPool")},
+    **{op: _reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
+                              "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")},
 }
 
+#: Matrix products: the nodes whose MACs are counted (see :mod:`optin_onnx.flops`).
+_HEAVY = {"MatMul", "Gemm", "Conv"}
 
-def propagate(model: ir.Model, probe: dict[str, np.ndarray]) -> list[Group]:
-    """Run the pass; return the merged groups (roots of the union-find), in creation order."""
+#: Ops that may read a flattened (channel, position) axis: per-element ops and the classifier.
+_FOLDED_OK = UNARY | {"Gemm", "MatMul"}
+
+
+def propagate(model: ir.Model, probe: dict[str, np.ndarray]
+              ) -> tuple[list[Group], dict[str, list[list[tuple[int, int]]]]]:
+    """Run the pass; return the merged groups (roots of the union-find), in creation order, and
+    the MAC factors of every matrix product (:meth:`Propagator.mac_factors`)."""
     prop = Propagator(model, probe)
     prop.run()
-    return [g for gid, g in prop.groups.items() if prop.find(gid) == gid]
+    prop.resolve()
+    groups = [g for gid, g in prop.groups.items() if prop.find(gid) == gid and not g.parts]
+    return groups, prop.mac_factors()

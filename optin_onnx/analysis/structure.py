@@ -14,8 +14,8 @@ import numpy as np
 class Role(str, Enum):
     """How a tensor axis indexes a block's units.
 
-    FLAT:  channel c = unit * unit_size + offset (a projection's output width, e.g. H*D or the FFN
-           width); slicing keeps whole runs of ``unit_size`` channels.
+    FLAT:  channel c = unit * unit_size + offset (a projection's output width, e.g. H*D, the FFN
+           width, a conv's output channels); slicing keeps whole runs of ``unit_size`` channels.
     HEAD:  the axis indexes units directly (the head axis after the Reshape that splits heads).
     INNER: the within-unit axis (head_dim); never sliced.
     """
@@ -27,12 +27,18 @@ class Role(str, Enum):
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """Slice the constant feeding ``node.inputs[input_index]`` along ``axis``."""
+    """Slice the constant feeding ``node.inputs[input_index]`` along ``axis``.
+
+    ``repeat`` > 1: the axis is a flattened (channel, position) axis (``Flatten`` of an NCHW map
+    before a classifier), element ``c * repeat + r`` belongs to channel ``c``. ``offset``: the
+    block's channels start there (after a channel ``Concat``, other blocks own the rest)."""
 
     node: str
     input_index: int
     axis: int
     role: Role
+    repeat: int = 1
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,9 @@ class ShapeEdit:
 
     node: str
     path: tuple[int, ...]
-    offset: int
+    offset: int  # of the element in the constant
     role: Role
+    repeat: int = 1
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,11 @@ class Consumer:
     """A node that contracts the block's channels against a constant weight: the end of the block.
 
     The mask point of the block is this node's data input (``data_index``), whose ``data_axis``
-    indexes channels with ``role``; the weight's rows along ``weight_axis`` match those channels.
+    indexes channels with ``role``; the weight's rows along ``weight_axis`` match those channels
+    (each channel ``repeat`` times in a row, after a ``Flatten`` of a feature map). ``trailing``
+    axes follow ``data_axis`` (a Conv's spatial axes): a mask broadcast on the data needs them.
+    ``offset``: where the block's channels start on that axis (after a channel ``Concat``), and
+    ``span`` the axis' channel count there (0: the block's own width).
     """
 
     node: str
@@ -64,6 +75,10 @@ class Consumer:
     weight_index: int
     weight_axis: int
     role: Role
+    repeat: int = 1
+    trailing: int = 0
+    offset: int = 0
+    span: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,10 +114,12 @@ class Removal:
 
 @dataclass
 class Block:
-    """One prunable structure: an attention block (heads) or an MLP/FFN block (neurons)."""
+    """One prunable structure: an attention block (heads), an MLP/FFN block (neurons) or a group
+    of coupled conv channels (every conv writing a residual stream, the depthwise convs and
+    squeeze-excite gates on the way, ...)."""
 
     name: str
-    kind: str  # "attention" | "mlp"
+    kind: str  # "attention" | "mlp" | "channels"
     n_units: int
     unit_size: int
     sources: list[str]
@@ -113,14 +130,26 @@ class Block:
     removal: "Removal | None" = None  # how to drop the whole block, when that is provably exact
     feature: str = ""  # value whose change the trajectory loss measures (consumer output + bias)
     layer: int = -1
+    # Depthwise convs on the block's axis: their ``group`` attribute shrinks with the block.
+    group_edits: list[str] = field(default_factory=list)
 
     @property
     def unit_name(self) -> str:
-        return "heads" if self.kind == "attention" else "neurons"
+        return {"attention": "heads", "mlp": "neurons"}.get(self.kind, "channels")
 
     def channels(self, units) -> list[int]:
         """Channel indices on a FLAT axis for the given unit indices."""
         return [u * self.unit_size + k for u in units for k in range(self.unit_size)]
+
+    def indices(self, units, role: Role, repeat: int = 1, offset: int = 0) -> np.ndarray:
+        """Element indices of ``units`` on an axis with ``role``, each channel ``repeat`` times,
+        the block's channels starting at channel ``offset``."""
+        base = np.asarray(self.channels(units) if role is Role.FLAT else list(units), np.int64)
+        return ((base[:, None] + offset) * repeat + np.arange(repeat)).reshape(-1)
+
+    def width(self, role: Role, repeat: int = 1) -> int:
+        """Size of an axis with ``role`` when every unit is kept."""
+        return self.n_units * (self.unit_size if role is Role.FLAT else 1) * repeat
 
 
 @dataclass
@@ -131,8 +160,15 @@ class Declined:
     reasons: list[str]
 
 
+#: One axis a matrix product's MACs scale with: the blocks on it (several after a channel Concat,
+#: their kept units adding up) and the channels on it that belong to no block.
+Factor = tuple[tuple[str, ...], int]
+
+
 @dataclass
 class Structure:
     blocks: list[Block] = field(default_factory=list)
     declined: list[Declined] = field(default_factory=list)
     n_layers: int = 0
+    # node -> the factors its MACs scale with (a conv between two groups: two; see flops.py)
+    mac_factors: dict[str, list[Factor]] = field(default_factory=dict)

@@ -12,7 +12,9 @@ block, higher = keep), so :func:`~optin_onnx.search.search` uses them unchanged.
   squared Frobenius norm of the parameters it keeps, so the search keeps the most weight energy
   the FLOPs budget allows, and heads (about 4 x hidden x head_dim elements) and neurons
   (2 x hidden + 1) are compared on the same footing. (Within a block the order is the L2 norm's.)
-  A unit whose parameters are all zero scores exactly 0.
+  A unit whose parameters are all zero scores exactly 0. For a conv channel: its filter in
+  every producing conv (+ bias), its BN scale and shift, its input slice of every consuming conv
+  or classifier; BN running statistics are not weights and do not count.
 - :func:`score_random`: uniform random importances in [0, 1), seeded (the floor every criterion
   should beat).
 """
@@ -43,21 +45,17 @@ def _unit_sum_squares(block: Block, nodes: dict[str, ir.Node]) -> np.ndarray:
         if arr is None:
             raise OptinError(f"{block.name}: the sliced input {s.input_index} of '{s.node}' is not "
                              f"a constant")
-        if not np.issubdtype(arr.dtype, np.floating):
-            continue
+        if not np.issubdtype(arr.dtype, np.floating) or s.role is Role.INNER or \
+                (nodes[s.node].op_type == "BatchNormalization" and s.input_index >= 3):
+            continue  # INNER axes are never sliced; BN running statistics are not weights
         sq = np.moveaxis(np.asarray(arr, dtype=np.float64) ** 2, s.axis, 0)
-        per_index = sq.reshape(sq.shape[0], -1).sum(axis=1)
-        if s.role is Role.FLAT:
-            if per_index.size != block.n_units * block.unit_size:
-                raise OptinError(f"{block.name}: slice of '{s.node}' has {per_index.size} channels, "
-                                 f"expected {block.n_units} x {block.unit_size}")
-            total += per_index.reshape(block.n_units, block.unit_size).sum(axis=1)
-        elif s.role is Role.HEAD:
-            if per_index.size != block.n_units:
-                raise OptinError(f"{block.name}: slice of '{s.node}' has {per_index.size} heads, "
-                                 f"expected {block.n_units}")
-            total += per_index
-        # Role.INNER axes are never sliced: nothing goes away with a unit there.
+        width = block.width(s.role, s.repeat)
+        start = s.offset * s.repeat  # after a channel Concat the block owns a part of the axis
+        per_index = sq.reshape(sq.shape[0], -1).sum(axis=1)[start:start + width]
+        if per_index.size != width:
+            raise OptinError(f"{block.name}: slice of '{s.node}' has {per_index.size} elements, "
+                             f"expected {width}")
+        total += per_index.reshape(block.n_units, -1).sum(axis=1)
     return total
 
 

@@ -12,7 +12,14 @@ F' is F with only unit j of layer l masked. What F_z is (``ScoreConfig.feature_k
 - ``auto``: ``residual-ln`` for pre-LN models (the attention projections read a LayerNorm of the
   residual stream), else ``ffn``.
 
-``features="local"`` (an ablation) keeps only the unit's own layer z = l in either kind.
+- ``blocks`` (CNNs: picked by ``auto`` when the graph has conv channel groups): the block
+  outputs, i.e. every activation the whole network passes through (a value that alone carries
+  everything computed so far: between residual blocks, between plain conv layers, the pooled
+  feature before the classifier), as the next layer sees it (pruned channels masked). A token is
+  a spatial position. z runs over the points at or after the block's first consumer.
+
+``features="local"`` (an ablation) keeps only the unit's own layer z = l in every kind (for
+``blocks``, the first point after the block).
 
 Two scorers compute the same numbers:
 
@@ -23,12 +30,17 @@ Two scorers compute the same numbers:
   neuron, head_dim for a head), so the suffix starts from that updated tensor. (3) Candidate
   batching: several candidates are stacked along the measured batch axis of every suffix input.
 
+Conv channel groups have many consumers (every conv reading a residual stream), so the rank-k
+update does not apply; their fast path runs, per candidate, only the part of the masked model
+downstream of the block's mask input (still exact, one candidate per run).
+
 Both terms are divided by their mean over all candidates before lambda weighs them, so lambda is
 the relative weight of the logit term whatever the feature scale (lambda = 1: equal say on
 average).
 
-Neuron groups (``neuron_group > 1``) are the one approximation on offer: a layer's neurons are
-ordered by a cheap local proxy (the size of their rank-1 contribution, ||a_k|| * ||W2[k]||), cut
+Neuron groups (``neuron_group > 1``) are the one approximation on offer: a layer's neurons (or a
+conv group's channels) are ordered by a cheap local proxy (the size of their rank-1 contribution,
+||a_k|| * ||W2[k]||: :func:`channel_proxy`), cut
 into groups of that many adjacent neurons, and each group is masked as one candidate; its score is
 shared among its neurons in proportion to the proxy. Both scorers support it identically.
 """
@@ -42,7 +54,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from optin_onnx.analysis import Block, Structure, pre_layer_norm, residual_features
+from optin_onnx.analysis import Block, Consumer, Structure, pre_layer_norm, residual_features
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet, batch_axes, capture, session
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, nodes_by_name
@@ -103,28 +115,93 @@ def output_kind(model: ir.Model, name: str, rank: int, requested: str) -> str:
     return "embedding"
 
 
-FEATURE_KINDS = ("auto", "ffn", "residual-ln")
+FEATURE_KINDS = ("auto", "ffn", "residual-ln", "blocks")
 
 
 def feature_kind(model: ir.Model, structure: Structure, requested: str) -> str:
-    """``requested``, with ``auto`` resolved: residual-ln for pre-LN models, else ffn."""
+    """``requested``, with ``auto`` resolved: blocks for CNNs, residual-ln for pre-LN models,
+    else ffn."""
     if requested not in FEATURE_KINDS:
         raise OptinError(f"feature kind must be one of {', '.join(FEATURE_KINDS)}, got '{requested}'")
+    channels = any(b.kind == "channels" for b in structure.blocks)
+    if requested == "blocks" and not channels:
+        raise OptinError("feature kind 'blocks' needs conv channel groups; use 'ffn' or "
+                         "'residual-ln' for this model")
+    if requested in ("ffn", "residual-ln") and channels:
+        raise OptinError(f"feature kind '{requested}' does not apply to conv channel groups; use "
+                         f"'blocks'")
     if requested != "auto":
         return requested
+    if channels:
+        return "blocks"
     return "residual-ln" if pre_layer_norm(model, structure) else "ffn"
+
+
+@dataclass(frozen=True)
+class Point:
+    """A block output in the masked model: value ``name`` (its channels on ``axis``), produced by
+    the node at position ``order``."""
+
+    order: int
+    name: str
+    axis: int
+
+
+def block_points(masked: onnx.ModelProto, structure: Structure,
+                 dtypes: Mapping[str, np.dtype]) -> tuple[list[Point], dict[str, int]]:
+    """The block outputs of a CNN (see the module doc) and, per block, the position of its first
+    mask. A value is a block output when, right after it is computed, it is the only run-time
+    float value still needed (constants, masks and shape arithmetic do not count)."""
+    g = masked.graph
+    masks = {mask_input_name(b) for b in structure.blocks}
+    static = {t.name for t in g.initializer} | masks
+    last = {v: i for i, n in enumerate(g.node) for v in n.input}
+    last.update({o.name: len(g.node) for o in g.output})
+    consumers: dict[str, list[tuple[Block, Consumer]]] = {}
+    for b in structure.blocks:
+        for c in b.consumers:
+            consumers.setdefault(f"{c.node}__optin_mask", []).append((b, c))
+    first_mask: dict[str, int] = {}
+    masked_by: dict[str, tuple[str, int]] = {}  # value -> (its masked name, channel axis)
+    for i, n in enumerate(g.node):
+        for b, c in consumers.get(n.name, []):
+            first_mask.setdefault(b.name, i)
+            masked_by.setdefault(n.input[0], (n.output[0], c.data_axis))
+    live = {v.name for v in g.input if v.name not in masks and
+            np.issubdtype(dtypes[v.name], np.floating)}
+    points = []
+    for i, n in enumerate(g.node):
+        if all(not v or v in static for v in n.input):
+            static.update(n.output)
+            continue
+        live -= {v for v in n.input if last.get(v) == i}
+        for o in n.output:
+            if o and o not in static and last.get(o, -1) > i and \
+                    np.issubdtype(dtypes[o], np.floating):
+                live.add(o)
+        if len(live) == 1 and next(iter(live)) in n.output and next(iter(live)) in masked_by:
+            name, axis = masked_by[next(iter(live))]
+            points.append(Point(i, name, axis))
+    return points, first_mask
 
 
 class Objective:
     """The teacher side of the loss: features, sampled tokens, Gram matrices, output."""
 
     def __init__(self, model: ir.Model, structure: Structure, cal: CalibrationSet,
-                 cfg: ScoreConfig):
+                 cfg: ScoreConfig, points: tuple[list[Point], dict[str, int]] | None = None):
         self.structure = structure
         self.cal = cal
         self.cfg = cfg
         self.feature_kind = feature_kind(model, structure, cfg.feature_kind)
-        if self.feature_kind == "residual-ln":
+        self.axis: dict[str, int] = {}  # feature -> its channel axis, where not the last
+        if self.feature_kind == "blocks":
+            if points is None:
+                raise OptinError("internal: block features need the masked model's points")
+            self.points, self.first_mask = points
+            self.layer_feature = {k: p.name for k, p in enumerate(self.points)}
+            self.axis = {p.name: p.axis for p in self.points}
+        elif self.feature_kind == "residual-ln":
             self.layer_feature = residual_features(model, structure)
         else:
             mlp = [b for b in structure.blocks if b.kind == "mlp"]
@@ -136,6 +213,9 @@ class Objective:
         self._plain: dict[int, TokenSample] = {}
 
     def features_for(self, block: Block) -> list[str]:
+        if self.feature_kind == "blocks":
+            after = [p.name for p in self.points if p.order >= self.first_mask[block.name]]
+            return after[:1] if self.cfg.features == "local" else after
         layers = sorted(self.layer_feature)
         if self.cfg.features == "local":
             chosen = [z for z in layers if z == block.layer]
@@ -165,7 +245,9 @@ class Objective:
         sequence axis) samples among all its rows per sample."""
         parts = []
         for chunk, values in zip(self.cal.chunks, chunks):
-            feature = rows(values[name])
+            value = values[name]
+            axis = self.axis.get(name, -1)
+            feature = rows(value if axis in (-1, value.ndim - 1) else np.moveaxis(value, axis, -1))
             per_sample = feature.shape[0] // (chunk.stop - chunk.start)
             if self.has_mask and per_sample == chunk.seq_len:
                 sample = self.tokens
@@ -192,10 +274,12 @@ class Objective:
         return list(dict.fromkeys(self.features_for(block) + [self.output]))
 
 
-def _dtypes(proto: onnx.ModelProto, cal: CalibrationSet) -> dict[str, np.dtype]:
-    values = run_all_values(proto, {k: a[:1] for k, a in cal.chunks[0].feeds.items()})
+def _dtypes(proto: onnx.ModelProto, cal: CalibrationSet,
+            extra: Mapping[str, np.ndarray] | None = None) -> dict[str, np.dtype]:
+    feeds = {**{k: a[:1] for k, a in cal.chunks[0].feeds.items()}, **(extra or {})}
+    values = run_all_values(proto, feeds)
     out = {k: v.dtype for k, v in values.items()}
-    out.update({k: a.dtype for k, a in cal.feeds.items()})
+    out.update({k: a.dtype for k, a in feeds.items()})
     return out
 
 
@@ -204,19 +288,10 @@ def candidate_sets(block: Block, group: int, proxy: np.ndarray | None,
     """The unit sets scored for ``block``: singletons, or for MLP blocks with ``group > 1``,
     runs of ``group`` neurons adjacent in proxy order. ``only`` restricts exact scoring to some
     units (benchmarks compare scorers on a subset; the rest score NaN)."""
-    if block.kind != "mlp" or group <= 1:
+    if block.kind == "attention" or group <= 1:
         return [np.array([u]) for u in (range(block.n_units) if only is None else only)]
     order = np.argsort(-proxy, kind="stable")
     return [order[i:i + group] for i in range(0, block.n_units, group)]
-
-
-def unit_proxy(block: Block, x_chunks: list[np.ndarray], weight: np.ndarray) -> np.ndarray:
-    """||a_k|| * ||W[k]|| per unit: the size of unit k's contribution to its consumer output."""
-    act = np.zeros(block.n_units * block.unit_size)
-    for x in x_chunks:
-        act += np.sum(x.reshape(-1, x.shape[-1]).astype(np.float64) ** 2, axis=0)
-    norm = np.sqrt(act) * np.linalg.norm(weight.astype(np.float64), axis=1)
-    return norm.reshape(block.n_units, block.unit_size).sum(1)
 
 
 def _spread(scores: np.ndarray, sets: list[np.ndarray], proxy: np.ndarray | None,
@@ -248,6 +323,8 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
     """Exact trajectory scores with prefix reuse, rank-k updates and candidate batching.
 
     ``only`` (block name -> unit indices) scores only those units (others: NaN)."""
+    if any(b.kind == "channels" for b in structure.blocks):
+        return _score_masked(model, structure, cal, cfg, progress, only)
     t0 = time.perf_counter()
     proto = ir.to_proto(model)
     nodes = nodes_by_name(model.graph)
@@ -273,7 +350,7 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
     scores = Scores()
     per_run = max(1, cfg.candidates_per_run)
     for b, c, x_name, y_name, w, sfx in plans:
-        proxy = unit_proxy(b, [v[x_name] for v in dense], w) if b.kind == "mlp" else None
+        proxy = channel_proxy(b, nodes, dense) if b.kind == "mlp" else None
         sets = candidate_sets(b, cfg.neuron_group, proxy,
                               None if only is None else only.get(b.name, []))
         sess = session(sfx.model, sfx.outputs, cfg.providers, None)
@@ -309,44 +386,126 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
     return scores.finalize(cfg.lam)
 
 
+class _Masked:
+    """The masked model (a mask input per block), its all-ones masks and value dtypes, and the
+    objective on it: the dense teacher is the masked model with every mask at one."""
+
+    def __init__(self, model: ir.Model, structure: Structure, cal: CalibrationSet,
+                 cfg: ScoreConfig):
+        self.proto = ir.to_proto(masked_model(model, structure))
+        self.ones = {mask_input_name(b): channel_mask(b, np.ones(b.n_units), b.consumers[0].role)
+                     for b in structure.blocks}
+        self.dtypes = _dtypes(self.proto, cal, self.ones)
+        points = None
+        if feature_kind(model, structure, cfg.feature_kind) == "blocks":
+            points = block_points(self.proto, structure, self.dtypes)
+        self.obj = Objective(model, structure, cal, cfg, points)
+
+
+def _candidate_mask(block: Block, units: np.ndarray) -> np.ndarray:
+    keep = np.ones(block.n_units)
+    keep[units] = 0
+    return channel_mask(block, keep, block.consumers[0].role)
+
+
+def channel_proxy(block: Block, nodes: dict[str, ir.Node],
+                  dense: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """||a_k|| * ||W[k]|| per unit, summed over the block's consumers: the size of unit k's
+    contribution to their outputs (a conv's weight is [out, in, kh, kw]; a flattened map repeats
+    each channel)."""
+    total = np.zeros(block.n_units)
+    for c in block.consumers:
+        node = nodes[c.node]
+        w = const_array(node.inputs[c.weight_index]).astype(np.float64)
+        w_sq = np.moveaxis(w ** 2, c.weight_axis, 0).reshape(w.shape[c.weight_axis], -1).sum(1)
+        x_sq = np.zeros(w_sq.size)
+        for values in dense:
+            x = values[node.inputs[c.data_index].name].astype(np.float64)
+            x_sq += np.moveaxis(x ** 2, c.data_axis, 0).reshape(x.shape[c.data_axis], -1).sum(1)
+        norm = np.sqrt(x_sq) * np.sqrt(w_sq)
+        total += norm.reshape(block.n_units, -1).sum(1)
+    return total
+
+
+def _score_masked(model: ir.Model, structure: Structure, cal: CalibrationSet, cfg: ScoreConfig,
+                  progress: Progress | None, only: Mapping[str, Sequence[int]] | None) -> Scores:
+    """Exact scores by prefix reuse on the masked model: per block, the suffix downstream of its
+    mask input, fed the dense cache; one candidate per run."""
+    t0 = time.perf_counter()
+    mm = _Masked(model, structure, cal, cfg)
+    obj = mm.obj
+    nodes = nodes_by_name(model.graph)
+    plans = [(b, build_suffix(mm.proto, mask_input_name(b), obj.wanted(b), mm.dtypes))
+             for b in structure.blocks]
+    needed = {obj.output, *obj.all_features()}
+    for b, sfx in plans:
+        needed.update(sfx.cut)
+        needed.update(nodes[c.node].inputs[c.data_index].name for c in b.consumers)
+    needed -= set(cal.feeds) | set(mm.ones)
+    dense = capture(mm.proto, cal, sorted(needed), cfg.providers, mm.ones)
+    obj.set_teacher(model, dense)
+    scores = Scores()
+    for b, sfx in plans:
+        proxy = channel_proxy(b, nodes, dense) if b.kind != "attention" else None
+        sets = candidate_sets(b, cfg.neuron_group, proxy,
+                              None if only is None else only.get(b.name, []))
+        sess = session(sfx.model, sfx.outputs, cfg.providers, None)
+
+        def student(units: np.ndarray) -> list[dict[str, np.ndarray]]:
+            out = []
+            for chunk, values in zip(cal.chunks, dense):
+                feeds = {sfx.start: _candidate_mask(b, units)}
+                feeds.update({k: values[k] for k in sfx.cut})
+                feeds.update({k: chunk.feeds[k] if k in chunk.feeds else mm.ones[k]
+                              for k in sfx.graph_inputs})
+                out.append(dict(zip(sfx.outputs, sess.run(sfx.outputs, feeds))))
+            return out
+
+        _score_one_by_one(b, sets, proxy, student, obj, scores, progress)
+    scores.seconds = time.perf_counter() - t0
+    return scores.finalize(cfg.lam)
+
+
+def _score_one_by_one(block: Block, sets: list[np.ndarray], proxy: np.ndarray | None,
+                      student: Callable[[np.ndarray], list[dict[str, np.ndarray]]],
+                      obj: Objective, scores: Scores, progress: Progress | None) -> None:
+    """Loss of each candidate set, given how to run the model with it masked; per-unit scores."""
+    md, kd = np.zeros(len(sets)), np.zeros(len(sets))
+    for i, units in enumerate(sets):
+        md[i], kd[i] = obj.loss(block, student(units))
+        if progress:
+            progress(len(units))
+    scores.md[block.name] = _spread(md, sets, proxy, block.n_units)
+    scores.kd[block.name] = _spread(kd, sets, proxy, block.n_units)
+
+
 def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
                 cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None,
                 only: Mapping[str, Sequence[int]] | None = None) -> Scores:
     """The reference: one full forward pass of the masked model per unit (slow, obviously right)."""
     t0 = time.perf_counter()
-    obj = Objective(model, structure, cal, cfg)
+    mm = _Masked(model, structure, cal, cfg)
+    obj, ones = mm.obj, mm.ones
     proto = ir.to_proto(model)
     outputs = list(dict.fromkeys(obj.all_features() + [obj.output]))
-    dense = capture(proto, cal, outputs, cfg.providers)
+    dense = capture(mm.proto, cal, outputs, cfg.providers, ones)
     obj.set_teacher(model, dense)
-    masked = ir.to_proto(masked_model(model, structure))
-    sess = session(masked, outputs, cfg.providers)
-    ones = {mask_input_name(b): channel_mask(b, np.ones(b.n_units), b.consumers[0].role)
-            for b in structure.blocks}
+    sess = session(mm.proto, outputs, cfg.providers)
     nodes = nodes_by_name(model.graph)
     scores = Scores()
     for b in structure.blocks:
-        c = b.consumers[0]
         proxy = None
-        if b.kind == "mlp" and cfg.neuron_group > 1:
-            node = nodes[c.node]
-            weight = const_array(node.inputs[c.weight_index])
-            w = oriented(weight, c)
-            x_name = node.inputs[c.data_index].name
-            proxy = unit_proxy(b, [v[x_name] for v in capture(proto, cal, [x_name])], w)
+        if b.kind != "attention" and cfg.neuron_group > 1:
+            xs = [nodes[k.node].inputs[k.data_index].name for k in b.consumers]
+            proxy = channel_proxy(b, nodes, capture(proto, cal, xs))
         sets = candidate_sets(b, cfg.neuron_group, proxy,
                               None if only is None else only.get(b.name, []))
-        md, kd = np.zeros(len(sets)), np.zeros(len(sets))
-        for i, units in enumerate(sets):
-            keep = np.ones(b.n_units)
-            keep[units] = 0
-            masks = dict(ones, **{mask_input_name(b): channel_mask(b, keep, c.role)})
-            student = [dict(zip(outputs, sess.run(outputs, {**chunk.feeds, **masks})))
-                       for chunk in cal.chunks]
-            md[i], kd[i] = obj.loss(b, student)
-            if progress:
-                progress(len(units))
-        scores.md[b.name] = _spread(md, sets, proxy, b.n_units)
-        scores.kd[b.name] = _spread(kd, sets, proxy, b.n_units)
+
+        def student(units: np.ndarray) -> list[dict[str, np.ndarray]]:
+            masks = dict(ones, **{mask_input_name(b): _candidate_mask(b, units)})
+            return [dict(zip(outputs, sess.run(outputs, {**chunk.feeds, **masks})))
+                    for chunk in cal.chunks]
+
+        _score_one_by_one(b, sets, proxy, student, obj, scores, progress)
     scores.seconds = time.perf_counter() - t0
     return scores.finalize(cfg.lam)
