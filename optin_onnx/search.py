@@ -12,7 +12,8 @@ with fewer FLOPs run slower.
 Conv channel groups (CNNs) break the premise of that search: a conv between two groups costs the
 product of their widths, so a unit has no fixed price. There the search is greedy: starting from
 the dense model, repeatedly drop the chunk of a block that loses the least importance per MAC
-saved (at the current widths), until the budget is met. Channel counts stay multiples of
+saved (at the current widths), until the budget is met, then give back the most important
+dropped chunks that still fit (the last steps can overshoot). Channel counts stay multiples of
 ``channel_multiple`` (default 8) where the group has at least that many, and a group is never
 emptied.
 """
@@ -160,6 +161,12 @@ def _greedy(structure: Structure, importance: Mapping[str, np.ndarray], macs: Ma
         fewer = dict(kept, **{name: kept[name] - size})
         return sum(macs.term(t, kept) - macs.term(t, fewer) for t in terms_of[name])
 
+    def saving_back(name: str, size: int) -> float:
+        if not macs.terms:
+            return macs.unit[name] * size
+        more = dict(kept, **{name: kept[name] + size})
+        return sum(macs.term(t, more) - macs.term(t, kept) for t in terms_of[name])
+
     floor = dict(kept)
     for name, st in steps.items():
         floor[name] -= sum(st)
@@ -182,6 +189,24 @@ def _greedy(structure: Structure, importance: Mapping[str, np.ndarray], macs: Ma
         kept[name] -= size
         removed[name] += size
         taken[name] += 1
+    # Chunks are coarse (8 channels of a wide conv can be a tenth of the MACs): the last steps
+    # may overshoot the budget. Give back the most important dropped chunks that still fit.
+    while True:
+        fits = []
+        for name in kept:
+            if not taken[name]:
+                continue
+            size = steps[name][taken[name] - 1]
+            units = order[name][removed[name] - size:removed[name]]
+            extra = saving_back(name, size)
+            if macs.macs(kept) + extra <= budget * (1 + 1e-9):
+                fits.append((float(scores_of[name][units].sum()), name, size))
+        if not fits:
+            break
+        _, name, size = max(fits)
+        kept[name] += size
+        removed[name] -= size
+        taken[name] -= 1
     keep = {name: sorted(int(u) for u in order[name][removed[name]:]) for name in kept}
     total = sum(float(scores_of[n][keep[n]].sum()) for n in keep)
     return SearchResult(keep, macs.fraction(kept), total)
