@@ -125,19 +125,59 @@ def _analyze(args) -> None:
 
     macs = mac_model(model, structure, args.seq_len, like=calib)
     where = f"sequence {args.seq_len}" if sequence_inputs(model) else "its fixed input size"
-    t = Table(title=f"{args.model}: {structure.n_layers} layers, MACs at batch 1, "
-                    f"{where}: {macs.total / 1e6:.1f} M")
-    for col in ("layer", "block", "units", "unit size", "MACs / unit", "block MACs"):
-        t.add_column(col, justify="right" if col not in ("block",) else "left")
-    for b in structure.blocks:
-        size = f"{b.unit_size} (head dim)" if b.kind == "attention" else "1"
-        t.add_row(str(b.layer), b.name, f"{b.n_units} {b.unit_name}", size,
-                  f"{macs.unit[b.name] / 1e3:.1f} k", f"{macs.unit[b.name] * b.n_units / 1e6:.2f} M")
-    console.print(t)
+    title = (f"{args.model}: {structure.n_layers} layers, MACs at batch 1, {where}: "
+             f"{macs.total / 1e6:.1f} M")
+    transformer = [b for b in structure.blocks if b.kind != "channels"]
+    if transformer:
+        t = Table(title=title)
+        for col in ("layer", "block", "units", "unit size", "MACs / unit", "block MACs"):
+            t.add_column(col, justify="right" if col not in ("block",) else "left")
+        for b in transformer:
+            size = f"{b.unit_size} (head dim)" if b.kind == "attention" else "1"
+            t.add_row(str(b.layer), b.name, f"{b.n_units} {b.unit_name}", size,
+                      f"{macs.unit[b.name] / 1e3:.1f} k",
+                      f"{macs.unit[b.name] * b.n_units / 1e6:.2f} M")
+        console.print(t)
+    channels = [b for b in structure.blocks if b.kind == "channels"]
+    if channels:
+        console.print(_channel_table(title if not transformer else "conv channel groups",
+                                     channels, macs, model))
     console.print(f"MACs outside every block (embeddings, classifier heads, declined blocks): "
                   f"{macs.base / macs.total:.1%} of the MACs")
     for d in structure.declined:
         console.print(f"[yellow]declined[/] {d.name}: {'; '.join(d.reasons)}")
+
+
+def _names(names: list[str], most: int = 2) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" +{len(names) - most}" if len(names) > most else "")
+
+
+def _channel_table(title: str, blocks, macs, model):
+    """One row per channel group: who writes it, who reads it, what else it ties, and the MACs
+    that shrink with it (a conv between two groups counts in both rows)."""
+    from rich.table import Table
+
+    ops = {n.name: n.op_type for n in model.graph}
+    t = Table(title=title)
+    for col in ("block", "channels", "written by", "read by", "ties", "MACs scaling with it"):
+        t.add_column(col, justify="right" if col in ("channels", "MACs scaling with it") else "left")
+    for b in blocks:
+        readers = list(dict.fromkeys(c.node for c in b.consumers))
+        ties = []
+        if b.group_edits:
+            ties.append(f"{len(b.group_edits)} depthwise")
+        if any(c.offset or c.span for c in b.consumers):
+            ties.append("concat at " + ",".join(sorted({str(c.offset) for c in b.consumers})))
+        if any(c.repeat > 1 for c in b.consumers):
+            ties.append(f"flattened x{max(c.repeat for c in b.consumers)}")
+        gates = [n for n in b.nodes if ops.get(n) == "Sigmoid"]
+        if gates:
+            ties.append(f"{len(gates)} sigmoid gate(s)")
+        t.add_row(b.name, str(b.n_units), f"{len(b.sources)}: {_names(b.sources)}",
+                  f"{len(readers)}: {_names(readers)}", "; ".join(ties) or "-",
+                  f"{macs.unit[b.name] * b.n_units / 1e6:.2f} M")
+    return t
 
 
 def _prune(args) -> None:

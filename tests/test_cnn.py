@@ -303,3 +303,23 @@ def test_prune_end_to_end(tiny_cnns, tmp_path, method) -> None:
     slim = onnx.load(out)
     assert slim.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # batch stays dynamic
     assert run(slim, {"input": images(5)})[0].shape == (5, 10)
+
+
+def test_cli_analyze_prints_channel_groups_and_barriers(tiny_cnns, tmp_path, capsys,
+                                                        monkeypatch) -> None:
+    from optin_onnx.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["analyze", str(tiny_cnns[("mobilenet", "torchscript", False)])]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "written by" in out and "read by" in out
+    assert all(f"layer{i}.channels" in out for i in range(5))
+    assert "1 depthwise; concat at 0" in out and "concat at 8" in out and "flattened x16" in out
+
+    # A channel-mixing op on a group's axis: the group is declined, and the reason is printed.
+    middle = [helper.make_node("LRN", ["a"], ["b"], name="lrn", size=3)]
+    path = tmp_path / "lrn.onnx"
+    onnx.save(ir.to_proto(_conv_chain(middle, {})), path)
+    assert main(["analyze", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "declined group@c1: no handler for op LRN ('lrn')" in out

@@ -156,6 +156,7 @@ class Propagator:
                 g.consumers += [replace(k, offset=k.offset + o, span=k.span or c.width)
                                 for k in c.consumers]
                 g.slices += [replace(k, offset=k.offset + o) for k in c.slices]
+                g.sources += c.sources
                 g.shape_edits += c.shape_edits
                 g.group_edits += c.group_edits
                 g.nodes += c.nodes
