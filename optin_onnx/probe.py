@@ -32,6 +32,22 @@ def sequence_inputs(model: ir.Model) -> set[str]:
             if v.shape is not None and len(v.shape) == 2 and not isinstance(v.shape[1], int)}
 
 
+def image_inputs(model: ir.Model) -> set[str]:
+    """Inputs [batch, channels, height, width] whose height and width are symbolic (a model
+    exported with a dynamic image size)."""
+    return {v.name for v in graph_inputs(model)
+            if v.shape is not None and len(v.shape) == 4
+            and not isinstance(v.shape[2], int) and not isinstance(v.shape[3], int)}
+
+
+def grow_images(arrays: dict[str, np.ndarray], names: set[str], pixels: int
+                ) -> dict[str, np.ndarray]:
+    """Image inputs ``names`` made ``pixels`` taller and wider (reflected borders), others as is."""
+    lo, hi = pixels // 2, pixels - pixels // 2
+    return {k: np.pad(a, [(0, 0), (0, 0), (lo, hi), (lo, hi)], mode="reflect") if k in names
+            else a for k, a in arrays.items()}
+
+
 def sample_feeds(arrays: dict[str, np.ndarray], batch: int, seq: int | None,
                  seq_names: set[str]) -> dict[str, np.ndarray]:
     """Calibration arrays cycled to ``batch`` samples; token inputs tiled/cut to ``seq``."""

@@ -1,8 +1,8 @@
 """Stage *verify*: the slim graph must reproduce the masked dense graph.
 
 Checked on inputs of two batch sizes and two sequence lengths, one of them longer than any
-calibration sample (so a shape constant frozen at the calibration length would be caught), for
-every output. A failure is an error: a wrong model is never written.
+calibration sample (so a shape constant frozen at the calibration length would be caught), and for
+a model with a dynamic image size on larger images too, for every output. A failure is an error: a wrong model is never written.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import onnx_ir as ir
 from optin_onnx.analysis import Structure
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.instrument import masked_model
-from optin_onnx.probe import sample_feeds, sequence_inputs
+from optin_onnx.errors import OptinError
+from optin_onnx.probe import grow_images, image_inputs, sample_feeds, sequence_inputs
 from optin_onnx.runtime import session
 
 
@@ -35,14 +36,21 @@ class VerifyResult:
                 "cases": self.cases, "passed": self.passed}
 
 
-def verify_cases(cal: CalibrationSet, seq_names: set[str]) -> list[tuple[int, int | None]]:
-    """(batch, sequence) pairs: batch 1 and 3; the mean real length and 8 tokens longer than the
-    longest calibration sample (no sequence axis: batch sizes only)."""
+#: A model with a dynamic image size is also checked on images this much taller and wider.
+GROW_PIXELS = 32
+
+
+def verify_cases(cal: CalibrationSet, seq_names: set[str], image_names: set[str] = frozenset()
+                 ) -> list[tuple[int, int | None, int]]:
+    """(batch, sequence, extra pixels) cases: batch 1 and 3; the mean real length and 8 tokens
+    longer than the longest calibration sample (no sequence axis: batch sizes only); images
+    :data:`GROW_PIXELS` larger too where the image size is dynamic."""
     if not seq_names & set(cal.feeds):
-        return [(1, None), (3, None)]
+        grown = [(3, None, GROW_PIXELS)] if image_names & set(cal.feeds) else []
+        return [(1, None, 0), (3, None, 0)] + grown
     longest = max(cal.feeds[k].shape[1] for k in seq_names & set(cal.feeds))
     short = max(1, int(round(cal.mean_length)))
-    return [(b, s) for b in (1, 3) for s in (short, longest + 8)]
+    return [(b, s, 0) for b in (1, 3) for s in (short, longest + 8)]
 
 
 def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
@@ -56,12 +64,19 @@ def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
     reference = session(ir.to_proto(masked_model(dense, structure, masks)), providers)
     candidate = session(slim, providers)
     result = VerifyResult(0.0, tolerance)
-    for batch, seq in verify_cases(cal, sequence_inputs(dense)):
+    images = image_inputs(dense)
+    for batch, seq, grow in verify_cases(cal, sequence_inputs(dense), images):
         feeds = sample_feeds(cal.feeds, batch, seq, sequence_inputs(dense))
+        if grow:
+            feeds = grow_images(feeds, images, grow)
         want = reference.run(None, feeds)
         got = candidate.run(None, feeds)
+        if any(w.shape != g.shape for w, g in zip(want, got)):
+            raise OptinError(f"verification failed: output shapes differ at case {batch}, "
+                             f"{seq}, +{grow} px")
         err = max(float(np.max(np.abs(w.astype(np.float64) - g))) if w.size else 0.0
                   for w, g in zip(want, got))
         result.max_abs_err = max(result.max_abs_err, err)
-        result.cases.append(f"{batch}x{seq}" if seq else f"{batch}")
+        result.cases.append(f"{batch}x{seq}" if seq else
+                            f"{batch}" + (f" +{grow}px" if grow else ""))
     return result

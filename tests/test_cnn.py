@@ -323,3 +323,18 @@ def test_cli_analyze_prints_channel_groups_and_barriers(tiny_cnns, tmp_path, cap
     assert main(["analyze", str(path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "declined group@c1: no handler for op LRN ('lrn')" in out
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_dynamic_image_size_survives_and_is_verified(tmp_path, exporter) -> None:
+    import torch
+
+    from models.cnn import export, tiny_cnn
+
+    path = export(tiny_cnn("resnet"), tmp_path / "dyn.onnx", torch.zeros(2, 3, 32, 32), exporter,
+                  dynamic_image=True)
+    result = prune(path, {"input": images(16, seed=3)}, flops=0.7, latency_cases=(),
+                   channel_multiple=4)
+    assert result.verification.cases == ["1", "3", "3 +32px"] and result.verification.passed
+    for size in (32, 64):  # the slim model runs at any size, like the dense one
+        assert run(result.model, {"input": images(2, size=size)})[0].shape == (2, 10)
