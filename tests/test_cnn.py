@@ -338,3 +338,24 @@ def test_dynamic_image_size_survives_and_is_verified(tmp_path, exporter) -> None
     assert result.verification.cases == ["1", "3", "3 +32px"] and result.verification.passed
     for size in (32, 64):  # the slim model runs at any size, like the dense one
         assert run(result.model, {"input": images(2, size=size)})[0].shape == (2, 10)
+
+
+def test_channel_first_features_sample_the_same_rows_as_a_transpose(tiny_cnns) -> None:
+    """Token rows of an [N, C, H, W] feature are (sample, position) pairs with the C channels as
+    the vector: picked without transposing the whole map, they equal the transposed rows."""
+    from optin_onnx.scoring.losses import rows
+    from optin_onnx.scoring.trajectory import _Masked
+
+    model, structure = analyze(tiny_cnns[("resnet", "torchscript", False)])
+    cal = make_calibration({"input": images(5)}, chunk_size=2)
+    mm = _Masked(model, structure, cal, ScoreConfig(tokens=50))
+    name = mm.obj.points[0].name
+    chunks = [{name: np.random.default_rng(c.start).standard_normal((c.stop - c.start, 8, 4, 3))
+               .astype(np.float32)} for c in cal.chunks]
+    got = mm.obj.gather(name, chunks)
+    sample = mm.obj._plain[12]
+    want = np.concatenate([rows(np.moveaxis(v[name], 1, -1))[sample.rows_in_chunk(c.start, c.stop,
+                                                                                  12)[1]]
+                           for c, v in zip(cal.chunks, chunks)])
+    assert got.shape == (50, 8)
+    np.testing.assert_array_equal(got, want)

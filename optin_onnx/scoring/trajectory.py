@@ -247,8 +247,12 @@ class Objective:
         for chunk, values in zip(self.cal.chunks, chunks):
             value = values[name]
             axis = self.axis.get(name, -1)
-            feature = rows(value if axis in (-1, value.ndim - 1) else np.moveaxis(value, axis, -1))
-            per_sample = feature.shape[0] // (chunk.stop - chunk.start)
+            if axis in (-1, value.ndim - 1):
+                feature = rows(value)
+                per_sample = feature.shape[0] // (chunk.stop - chunk.start)
+            else:  # channels first ([N, C, H, W]): pick the sampled positions, never transpose all
+                feature = np.moveaxis(value, axis, 1).reshape(value.shape[0], value.shape[axis], -1)
+                per_sample = feature.shape[2]
             if self.has_mask and per_sample == chunk.seq_len:
                 sample = self.tokens
             else:
@@ -257,7 +261,8 @@ class Objective:
                         np.ones((self.cal.n, per_sample), bool), self.cfg.tokens, self.cfg.seed)
                 sample = self._plain[per_sample]
             _, idx = sample.rows_in_chunk(chunk.start, chunk.stop, per_sample)
-            parts.append(feature[idx])
+            parts.append(feature[idx] if feature.ndim == 2 else
+                         feature[idx // per_sample, :, idx % per_sample])
         return np.concatenate(parts)
 
     def loss(self, block: Block, student: list[dict[str, np.ndarray]]) -> tuple[float, float]:
