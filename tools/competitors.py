@@ -21,7 +21,12 @@ TorchScript export, ``--head pool``):
 - the result uses com.microsoft contrib ops: it runs in onnxruntime only.
 
 This wrapper tries the graph as given and, if nothing was pruned, the fused graph (``fused`` in
-the result); if neither prunes, :class:`CannotPrune` says why.
+the result); if neither prunes, :class:`CannotPrune` says why. Variants: ``magnitude`` and
+``wanda`` prune heads and FFN neurons, ``heads`` only heads (``apply_attention_head_pruning``).
+
+:func:`prune_to_flops` gives onnxsim the FLOPs budget it lacks: it sweeps the sparsity until the
+fused graph's MACs (:func:`fused_macs`, optin-onnx's own counter plus the fused ``Attention`` ops
+counted from their weights) reach a fraction of the dense model's.
 
     python -m tools.competitors MODEL.onnx OUT.onnx --sparsity 0.4 [--variant wanda --calib c.npz]
 """
@@ -31,12 +36,12 @@ import argparse
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
 
-VARIANTS = ("magnitude", "wanda")
+VARIANTS = ("magnitude", "wanda", "heads")
 _WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Attention": 1}  # op -> slot of its constant weight
 
 
@@ -56,7 +61,8 @@ def _linear_macs_per_token(model: onnx.ModelProto) -> int:
     return total
 
 
-def _params(model: onnx.ModelProto) -> int:
+def param_count(model: onnx.ModelProto) -> int:
+    """Elements of every initializer."""
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
 
 
@@ -84,7 +90,9 @@ def _heads_and_hidden(model_path: str) -> tuple[int, int]:
     return att[0].n_units, att[0].n_units * att[0].unit_size
 
 
-def _ort_fuse(model_path: str) -> onnx.ModelProto:
+def ort_fuse(model_path: str) -> onnx.ModelProto:
+    """onnxruntime's BERT fusion (Attention, SkipLayerNormalization, BiasGelu, ...) of an export,
+    with the head count and hidden size from optin-onnx's analysis."""
     from onnxruntime.transformers import optimizer
 
     heads, hidden = _heads_and_hidden(model_path)
@@ -95,15 +103,23 @@ def _ort_fuse(model_path: str) -> onnx.ModelProto:
     return opt.model
 
 
-def _feeds_for(model: onnx.ModelProto, calib: Mapping[str, np.ndarray], n: int) -> list[dict]:
-    """Per-sample feed dicts (batch 1) for onnxsim's Wanda calibration, cast to the graph's dtypes."""
+def feeds_for(model: onnx.ModelProto, calib: Mapping[str, np.ndarray], n: int) -> list[dict]:
+    """Per-sample feed dicts (batch 1) for onnxsim's Wanda calibration, cast to the graph's dtypes
+    and cut to each sample's real length when there is an ``attention_mask`` (Wanda's activation
+    norms would otherwise count the padding tokens)."""
     from onnx.helper import tensor_dtype_to_np_dtype
 
     names = {i.name: tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
              for i in model.graph.input}
     count = min(n, len(next(iter(calib.values()))))
-    return [{k: np.asarray(calib[k][i:i + 1]).astype(dt) for k, dt in names.items()}
-            for i in range(count)]
+    out = []
+    for i in range(count):
+        length = None
+        if "attention_mask" in calib:
+            length = max(1, int(np.asarray(calib["attention_mask"][i]).sum()))
+        out.append({k: np.asarray(calib[k][i:i + 1])[:, :length].astype(dt)
+                    for k, dt in names.items()})
+    return out
 
 
 def _runs(model: onnx.ModelProto, feeds: dict) -> tuple[bool, str]:
@@ -121,16 +137,32 @@ def _runs(model: onnx.ModelProto, feeds: dict) -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def _apply(model: onnx.ModelProto, sparsity: float, variant: str, calib_feeds) -> onnx.ModelProto:
+def apply(model: onnx.ModelProto, head_sparsity: float, neuron_sparsity: float, variant: str,
+          calib_feeds: list[dict] | None = None) -> onnx.ModelProto:
+    """onnxsim's head pruning at ``head_sparsity``, then (unless ``variant`` is ``heads``) its FFN
+    channel pruning at ``neuron_sparsity``; a sparsity of 0 skips that pass (onnxsim would still
+    keep every unit, at the cost of a pass). ``model`` is not modified."""
     from onnxsim import pruning as P
 
-    if variant == "magnitude":
-        m = P.apply_attention_head_pruning(model, sparsity=sparsity)
-        return P.apply_structured_pruning(m, sparsity=sparsity)
-    m = P.apply_attention_head_wanda_pruning(model, calibration_data=calib_feeds,
-                                             num_samples=len(calib_feeds), sparsity=sparsity)
-    return P.apply_structured_wanda_pruning(m, calibration_data=calib_feeds,
-                                            num_samples=len(calib_feeds), sparsity=sparsity)
+    m = model
+    if variant == "wanda":
+        if head_sparsity > 0:
+            m = P.apply_attention_head_wanda_pruning(m, calibration_data=calib_feeds,
+                                                     num_samples=len(calib_feeds),
+                                                     sparsity=head_sparsity)
+        if neuron_sparsity > 0:
+            m = P.apply_structured_wanda_pruning(m, calibration_data=calib_feeds,
+                                                 num_samples=len(calib_feeds),
+                                                 sparsity=neuron_sparsity)
+    else:
+        if head_sparsity > 0:
+            m = P.apply_attention_head_pruning(m, sparsity=head_sparsity)
+        if neuron_sparsity > 0 and variant == "magnitude":
+            m = P.apply_structured_pruning(m, sparsity=neuron_sparsity)
+    if m is model:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    return m
 
 
 def onnxsim_prune(model_path, out_path, flops_or_sparsity: float, variant: str = "magnitude",
@@ -157,7 +189,7 @@ def onnxsim_prune(model_path, out_path, flops_or_sparsity: float, variant: str =
         raise ValueError(f"fuse must be auto, never or always, got {fuse!r}")
     t0 = time.perf_counter()
     original = onnx.load(str(model_path))
-    feeds = _feeds_for(original, calib, samples) if calib is not None else None
+    feeds = feeds_for(original, calib, samples) if calib is not None else None
     tries: list[tuple[bool, onnx.ModelProto]] = []
     if fuse != "always":
         tries.append((False, original))
@@ -167,23 +199,23 @@ def onnxsim_prune(model_path, out_path, flops_or_sparsity: float, variant: str =
     for fused, base in tries:
         if base is None:
             try:
-                base = _ort_fuse(str(model_path))
+                base = ort_fuse(str(model_path))
             except Exception as e:  # noqa: BLE001
                 attempts.append(f"onnxruntime BERT fusion failed ({type(e).__name__}: {e})")
                 continue
         ops = sorted({n.op_type for n in base.graph.node if n.domain == "com.microsoft"})
-        calib_feeds = _feeds_for(base, calib, samples) if calib is not None else None
+        calib_feeds = feeds_for(base, calib, samples) if calib is not None else None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                slim = _apply(base, flops_or_sparsity, variant, calib_feeds)
+                slim = apply(base, flops_or_sparsity, flops_or_sparsity, variant, calib_feeds)
         except Exception as e:  # noqa: BLE001
             attempts.append(f"{'fused' if fused else 'as given'}: onnxsim raised "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             continue
-        if _params(slim) == _params(base):
-            attempts.append(f"{'fused graph (' + ', '.join(ops) + ')' if fused else 'graph as given'}"
-                            f": no head or channel matched")
+        if param_count(slim) == param_count(base):
+            where = f"fused graph ({', '.join(ops)})" if fused else "graph as given"
+            attempts.append(f"{where}: no head or channel matched")
             continue
         onnx.save(slim, str(out_path))
         probe = feeds[0] if feeds else _dummy_feeds(base)
@@ -192,7 +224,7 @@ def onnxsim_prune(model_path, out_path, flops_or_sparsity: float, variant: str =
         return {
             "tool": "onnxsim.pruning", "variant": variant, "sparsity": flops_or_sparsity,
             "fused": fused, "fused_ops": ops, "tried": attempts,
-            "params_before": _params(original), "params_after": _params(slim),
+            "params_before": param_count(original), "params_after": param_count(slim),
             "linear_macs_per_token_before": _linear_macs_per_token(base),
             "linear_macs_per_token_after": _linear_macs_per_token(slim),
             "linear_macs_ratio": _linear_macs_per_token(slim) / _linear_macs_per_token(base),
@@ -201,6 +233,80 @@ def onnxsim_prune(model_path, out_path, flops_or_sparsity: float, variant: str =
             "runs_in_onnxruntime": ok, "error": err, "seconds": time.perf_counter() - t0,
         }
     raise CannotPrune("onnxsim cannot prune this graph: " + "; ".join(attempts))
+
+
+def fused_macs(model: onnx.ModelProto, seq_len: int, like: Mapping[str, np.ndarray] | None = None
+               ) -> int:
+    """MACs at batch 1 and ``seq_len`` tokens of a graph onnxruntime's BERT fusion produced.
+
+    Standard MatMul/Gemm nodes are counted by optin-onnx's own counter (:func:`node_macs`: shapes
+    from one onnxruntime run). Each ``com.microsoft`` ``Attention`` holds what the counter sees as
+    three projections and two attention products, counted here the same way from its packed QKV
+    weight ``[D, Wq + Wk + Wv]``: ``s * D * (Wq + Wk + Wv)`` for the projections plus
+    ``s^2 * (Wq + Wv)`` for ``Q K^T`` and ``P V``, so that a dense fused graph counts exactly as
+    many MACs as the unfused export. Other fused attention ops raise ValueError.
+    """
+    import onnx_ir as ir
+
+    from optin_onnx.flops import node_macs
+
+    inits = {t.name: t for t in model.graph.initializer}
+    like = dict(like) if like else None
+    total = sum(node_macs(ir.from_proto(model), seq_len, like=like).values())
+    for n in model.graph.node:
+        if n.domain != "com.microsoft" or "Attention" not in n.op_type:
+            continue
+        if n.op_type != "Attention":
+            raise ValueError(f"fused_macs counts com.microsoft Attention only, not {n.op_type}")
+        d, width = (int(x) for x in inits[n.input[1]].dims)
+        sizes = next((list(a.ints) for a in n.attribute if a.name == "qkv_hidden_sizes"),
+                     [width // 3] * 3)
+        total += seq_len * d * width + seq_len * seq_len * (sizes[0] + sizes[2])
+    return total
+
+
+def _closest(f: Callable[[float], float], target: float, lo: float, hi: float, steps: int
+             ) -> tuple[float, float]:
+    """Bisection on a non-increasing ``f`` over [lo, hi]; the visited ``(x, f(x))`` closest to
+    ``target`` (f is a step function: the target itself may not be reachable)."""
+    best = min(((lo, f(lo)), (hi, f(hi))), key=lambda p: abs(p[1] - target))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        fm = f(mid)
+        if abs(fm - target) < abs(best[1] - target):
+            best = (mid, fm)
+        if fm > target:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def prune_to_flops(base: onnx.ModelProto, level: float, variant: str,
+                   ratio: Callable[[onnx.ModelProto], float], calib_feeds: list[dict] | None = None,
+                   steps: int = 12) -> dict:
+    """Sweep onnxsim's sparsity until ``ratio(pruned)`` (MACs kept, measured) is closest to
+    ``level``; returns ``{"model", "head_sparsity", "neuron_sparsity", "flops_kept"}``.
+
+    The sweep prunes by magnitude (no calibration runs): Wanda drops the same number of units per
+    layer at the same sparsity, only other ones, so its ratio is the same (the returned
+    ``flops_kept`` is measured on the final model of ``variant`` itself). ``magnitude`` / ``wanda``:
+    first one sparsity for heads and neurons (onnxsim's usual call), then, heads fixed, the neuron
+    sparsity alone, since a head is a large step of a layer's MACs. ``heads``: only heads exist to
+    drop, so levels below what one kept head per layer costs are out of reach and the closest
+    achievable ratio is returned.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "wanda" and not calib_feeds:
+        raise ValueError("the wanda variant needs calibration feeds")
+    probe = "heads" if variant == "heads" else "magnitude"
+    hs, _ = _closest(lambda s: ratio(apply(base, s, s, probe)), level, 0.0, 0.99, steps)
+    ns = 0.0
+    if variant != "heads":
+        ns, _ = _closest(lambda s: ratio(apply(base, hs, s, probe)), level, 0.0, 0.999, steps)
+    slim = apply(base, hs, ns, variant, calib_feeds)
+    return {"model": slim, "head_sparsity": hs, "neuron_sparsity": ns, "flops_kept": ratio(slim)}
 
 
 def _dummy_feeds(model: onnx.ModelProto, batch: int = 2, seq: int = 16) -> dict:
