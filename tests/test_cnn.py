@@ -135,9 +135,10 @@ def _model(nodes, inits, x_shape=(None, 3, 8, 8), out="y", opset=17) -> ir.Model
                     if not isinstance(shape, np.ndarray) else onnx.numpy_helper.from_array(shape, name)
                     for name, shape in inits.items()]
     dims = ["N" if d is None else d for d in x_shape]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
-                              initializer=initializers)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", "k"])],
+        initializer=initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return ir.from_proto(proto)
 
@@ -359,3 +360,39 @@ def test_channel_first_features_sample_the_same_rows_as_a_transpose(tiny_cnns) -
                            for c, v in zip(cal.chunks, chunks)])
     assert got.shape == (50, 8)
     np.testing.assert_array_equal(got, want)
+
+
+def test_split_of_a_channel_axis_makes_one_group_per_window() -> None:
+    """conv(16) -> Split [6, 10] -> (conv(8) | depthwise) -> Concat -> conv: the windows are
+    groups of their own (the first conv's filters are sliced per window at its offset), the
+    Split's sizes follow what each window keeps, and masked == sliced."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Split", ["r", "sizes"], ["s1", "s2"], name="split", axis=1),
+             helper.make_node("Conv", ["s1", "w2"], ["u"], name="c2", kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["s2", "wd"], ["v"], name="dw", kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1], group=10),
+             helper.make_node("Concat", ["u", "v"], ["w"], name="cat", axis=1),
+             helper.make_node("Conv", ["w", "w3"], ["c"], name="c3", kernel_shape=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["d"], name="gap"),
+             helper.make_node("Flatten", ["d"], ["e"], name="flat"),
+             helper.make_node("Gemm", ["e", "fc"], ["y"], name="fc", transB=1)]
+    model = _model(nodes, {"w1": (16, 3, 1, 1), "sizes": np.array([6, 10], np.int64),
+                           "w2": (8, 6, 1, 1), "wd": (10, 1, 3, 3), "w3": (4, 18, 1, 1),
+                           "fc": (5, 4)})
+    m, structure = _analyze(model)
+    assert not structure.declined
+    widths = sorted(b.n_units for b in structure.blocks)
+    assert widths == [4, 6, 8, 10]
+    ten = next(b for b in structure.blocks if b.n_units == 10)
+    assert ten.group_edits == ["dw"]
+    assert {(s.node, s.offset) for s in ten.slices} >= {("c1", 6), ("c3", 8)}
+    x = images(3, size=8)
+    for seed in range(4):
+        keep = random_keep(structure, seed)
+        slim = rewrite(m, structure, keep)
+        onnx.checker.check_model(ir.to_proto(slim), full_check=True)
+        want = run(masked_model(m, structure, unit_masks(structure, keep)), {"x": x})[0]
+        np.testing.assert_allclose(run(slim, {"x": x})[0], want, atol=1e-5)
+    macs = mac_model(m, structure, 0)
+    assert macs.macs({k: len(v) for k, v in keep.items()}) == pytest.approx(total_macs(slim, 0))

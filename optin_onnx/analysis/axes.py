@@ -138,31 +138,41 @@ class Propagator:
         return a
 
     def composite(self, parts: list[tuple[int, int]], width: int) -> int:
+        """A new group made of ``parts`` (none: a plain group without a source)."""
         gid = len(self.groups)
         self.groups[gid] = Group(gid, width, unit_size=1, parts=parts)
         self.parent[gid] = gid
         return gid
 
     def resolve(self) -> None:
-        """Hand what each composite recorded to its parts, offsetting channel positions (later
-        composites first: a Concat of a Concat's output resolves through both)."""
-        for gid in sorted(self.groups, reverse=True):
-            c = self.groups[gid]
-            if not c.parts or self.find(gid) != gid:
-                continue
-            parts = self.layout(c)
-            for p, o in parts:
-                g = self.groups[p]
-                g.consumers += [replace(k, offset=k.offset + o, span=k.span or c.width)
-                                for k in c.consumers]
-                g.slices += [replace(k, offset=k.offset + o) for k in c.slices]
-                g.sources += c.sources
-                g.shape_edits += c.shape_edits
-                g.group_edits += c.group_edits
-                g.nodes += c.nodes
-                g.barriers += c.barriers
-                g.hard |= c.hard
-                g.natural |= c.natural
+        """Hand what each composite recorded to its parts, offsetting channel positions, until
+        none holds anything: a part may be a composite itself (a Concat of a Concat's output, a
+        Split window split again), so this runs to a fixed point."""
+        moved = True
+        while moved:
+            moved = False
+            for gid in sorted(self.groups, reverse=True):
+                c = self.groups[gid]
+                if not c.parts or self.find(gid) != gid or not (
+                        c.consumers or c.slices or c.sources or c.shape_edits or c.group_edits
+                        or c.nodes or c.barriers):
+                    continue
+                moved = True
+                for p, o in self.layout(c):
+                    g = self.groups[p]
+                    g.consumers += [replace(k, offset=k.offset + o, span=k.span or c.width)
+                                    for k in c.consumers]
+                    g.slices += [replace(k, offset=k.offset + o) for k in c.slices]
+                    g.sources += c.sources
+                    g.shape_edits += c.shape_edits
+                    g.group_edits += c.group_edits
+                    g.nodes += c.nodes
+                    g.barriers += c.barriers
+                    g.hard |= c.hard
+                    g.natural |= c.natural
+                for name in ("consumers", "slices", "sources", "shape_edits", "group_edits",
+                             "nodes", "barriers"):
+                    setattr(c, name, [])
 
     def parts_of(self, gid: int) -> list[tuple[int, int]]:
         """(group, width) of the plain groups that make up ``gid``'s axis (itself if plain)."""
@@ -745,18 +755,45 @@ def _concat(p: Propagator, node: ir.Node) -> None:
 
 
 def _split(p: Propagator, node: ir.Node) -> None:
-    """Split along another axis keeps the channel axis in every piece; splitting the channel
-    axis itself would cut a group into windows: declined."""
+    """Split along another axis keeps the channel axis in every piece. Split *of* a channel axis
+    cuts the group into windows: each output gets a group of its own, and the split group becomes
+    a composite of those windows (what its producers and earlier readers recorded is handed to
+    the windows at their offsets, as for a Concat); the window sizes are edited with the kept
+    channels."""
     t = p.track(node.inputs[0])
     for v in node.inputs[1:]:
         p.block_all(p.track(v), f"Split '{node.name}' takes the axis as a parameter")
     axis = attr(node, "axis", 0) % len(p.shape(node.inputs[0]))
-    if axis in t:
-        return p.block(t[axis][0], f"Split '{node.name}' divides a channel group along its axis "
-                                   f"(not supported)")
-    for out in node.outputs:
+    if axis not in t:
+        for out in node.outputs:
+            if out is not None:
+                p.tracks[out.name] = dict(t)
+        return
+    gid, role = t[axis]
+    g = p.group(gid)
+    sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
+        else None
+    why = None
+    if sizes is None:
+        why = "without a constant sizes input"
+    elif role is not Role.FLAT or g.unit_size not in (None, 1) or \
+            (node.inputs[0].name, axis) in p.repeat:
+        why = "of multi-channel units"
+    elif g.parts:
+        why = "of a Concat's output"
+    elif len(t) > 1:
+        why = "of a tensor with other pruned axes"
+    if why:
+        return p.block(gid, f"Split '{node.name}' of a channel axis {why}")
+    parts, offset = [], 0
+    for i, (out, size) in enumerate(zip(node.outputs, np.reshape(sizes, -1))):
+        w = p.composite([], int(size))  # a plain group with no source: the window
+        p.groups[w].shape_edits.append(ShapeEdit(node.name, (1,), i, Role.FLAT))
+        parts.append((w, offset))
+        offset += int(size)
         if out is not None:
-            p.tracks[out.name] = dict(t)
+            p.tracks[out.name] = {axis: (w, Role.FLAT)}
+    g.parts, g.unit_size = parts, 1
 
 
 def _flatten(p: Propagator, node: ir.Node) -> None:
