@@ -55,8 +55,11 @@ def target(name: str, net: str, samples: int | None) -> Target:
     images, sources = natural_images()
     split = natural_splits(sources)
     x = efficientnet_input(images)
+    # A seeded draw over every calibration photo's views (they are stored photo by photo: the
+    # first 32 would all be views of one photo).
+    calib = np.random.default_rng(0).permutation(split["calib"])[:samples or 32]
     return Target(efficientnet_lite0_onnx(), "EfficientNet-Lite0 (ImageNet) on packaged natural "
-                  "images", x[split["calib"]][:samples or 32], x[split["eval"]], None)
+                  "images", x[np.sort(calib)], x[split["eval"]], None)
 
 
 def outputs(proto, x: np.ndarray, batch: int = 64) -> np.ndarray:
