@@ -11,6 +11,10 @@ and already corrected* model feeds it:
 X_u are unit u's channels of the consumer input (captured from the masked model), W_u its rows of
 the consumer weight. The normal equations need only n x n matrices: for neurons
 G = (X^T X) * (W W^T) elementwise; for heads the per-head contributions are formed explicitly.
+Conv channel groups are corrected where their one consumer is a matrix product per position (a
+1x1 conv with stride 1 and no padding, a Gemm/MatMul): each position is then a row, the filter
+matrix W[:, :, 0, 0]^T the weight. Groups with several consumers (a residual stream) are left as
+they are, with the reason.
 A fit is rejected (scales stay 1) when it does not lower the loss it fits or a scale leaves
 [-10, 10]. Scales are folded into the consumer's weight rows, so the result is still a plain graph.
 """
@@ -64,6 +68,26 @@ def _normal_equations(block: Block, x: np.ndarray, w: np.ndarray, y: np.ndarray,
     return g, b, float(np.sum(y * y))
 
 
+def _matrix(node: ir.Node, c) -> tuple[np.ndarray, int] | None:
+    """The consumer's weight as [K, N] and the output's channel axis, or None when the consumer
+    is not a matrix product per position."""
+    weight = const_array(node.inputs[c.weight_index])
+    if node.op_type in ("MatMul", "Gemm"):
+        return oriented(weight, c), -1
+    if node.op_type != "Conv" or weight.ndim < 3 or any(k != 1 for k in weight.shape[2:]):
+        return None
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    if attrs.get("group", 1) != 1 or any(v != 1 for v in attrs.get("strides", [1])) or \
+            any(v != 0 for v in attrs.get("pads", [0])) or \
+            attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    return weight.reshape(weight.shape[0], weight.shape[1]).T, 1
+
+
+def _channels_last(arr: np.ndarray, axis: int) -> np.ndarray:
+    return arr if axis in (-1, arr.ndim - 1) else np.moveaxis(arr, axis, -1)
+
+
 def _loss(g: np.ndarray, b: np.ndarray, yy: float, s: np.ndarray) -> float:
     return float(s @ g @ s - 2 * b @ s + yy)
 
@@ -92,28 +116,43 @@ def reconstruct(model: ir.Model, structure: Structure, keep: Mapping[str, Sequen
     teacher = capture(dense_proto, cal, sorted(set(targets.values())), providers)
     for b in structure.blocks:
         units = sorted(int(u) for u in keep.get(b.name, range(b.n_units)))
-        if len(b.consumers) != 1 or not units or len(units) == b.n_units:
+        if not units or len(units) == b.n_units:
+            continue
+        why = (f"{len(b.consumers)} consumers" if len(b.consumers) != 1 else
+               "its consumer reads a flattened feature map" if b.consumers[0].repeat != 1 else
+               "its consumer reads it with other groups (Concat)"
+               if b.consumers[0].offset or b.consumers[0].span else "")
+        if why:
+            result.corrections.append(Correction(b.name, 0.0, 0.0, False, why))
             continue
         c = b.consumers[0]
+        out_nodes = nodes_by_name(out.graph)
+        matrix = _matrix(out_nodes[c.node], c)
+        if matrix is None:
+            result.corrections.append(Correction(b.name, 0.0, 0.0, False,
+                                                 "the consumer is not a 1x1 conv or a matrix "
+                                                 "product"))
+            continue
+        w, y_axis = matrix
         student_proto = ir.to_proto(masked_model(out, structure, masks))
         student_nodes = {n.name: n for n in student_proto.graph.node}
         x_name = student_nodes[c.node].input[c.data_index]
         xs = capture(student_proto, cal, [x_name], providers)
-        out_nodes = nodes_by_name(out.graph)
         weight_value = out_nodes[c.node].inputs[c.weight_index]
         weight = const_array(weight_value)
-        w = oriented(weight, c)
         bias = None
-        if out_nodes[c.node].op_type == "Gemm" and len(out_nodes[c.node].inputs) > 2:
+        if out_nodes[c.node].op_type in ("Gemm", "Conv") and len(out_nodes[c.node].inputs) > 2 \
+                and out_nodes[c.node].inputs[2] is not None:
             bias = const_array(out_nodes[c.node].inputs[2])
         g = np.zeros((len(units), len(units)))
         bvec = np.zeros(len(units))
         yy = 0.0
         for xv, tv in zip(xs, teacher):
-            y = tv[targets[b.name]]
+            y = _channels_last(tv[targets[b.name]], y_axis)
             if bias is not None:
                 y = y - bias
-            gi, bi, yi = _normal_equations(b, xv[x_name], w, y, units, c.role)
+            x = _channels_last(xv[x_name], c.data_axis)
+            gi, bi, yi = _normal_equations(b, x, w, y, units, c.role)
             g, bvec, yy = g + gi, bvec + bi, yy + yi
         ones = np.ones(len(units))
         lam = damping * float(np.mean(np.diag(g))) if len(units) else 0.0
@@ -131,12 +170,14 @@ def reconstruct(model: ir.Model, structure: Structure, keep: Mapping[str, Sequen
             result.corrections.append(Correction(b.name, before, after, False,
                                                  "the fit did not lower the loss"))
             continue
-        scaled = np.array(w, dtype=np.float64, copy=True)
         size = b.unit_size if c.role is Role.FLAT else 1
+        factor = np.ones(w.shape[0])
         for su, u in zip(s, units):
-            scaled[u * size:(u + 1) * size] *= su
-        scaled = scaled.astype(weight.dtype)
-        new = oriented(scaled, c)
+            factor[u * size:(u + 1) * size] = su
+        # Multiply the contracted axis of the weight as stored (rows of [K, N], axis 1 of a conv).
+        shape = [1] * weight.ndim
+        shape[c.weight_axis] = -1
+        new = (weight.astype(np.float64) * factor.reshape(shape)).astype(weight.dtype)
         name = f"{weight_value.name}__reconstructed"
         value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(new), name=name))
         out.graph.register_initializer(value)

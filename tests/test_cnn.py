@@ -396,3 +396,31 @@ def test_split_of_a_channel_axis_makes_one_group_per_window() -> None:
         np.testing.assert_allclose(run(slim, {"x": x})[0], want, atol=1e-5)
     macs = mac_model(m, structure, 0)
     assert macs.macs({k: len(v) for k, v in keep.items()}) == pytest.approx(total_macs(slim, 0))
+
+
+@pytest.mark.parametrize("kind", ["resnet", "mobilenet"])
+def test_reconstruct_corrects_channel_groups_read_by_one_matrix_product(tiny_cnns, kind) -> None:
+    """Least-squares scales where a group's one consumer is a 1x1 conv or a Gemm; groups with
+    several consumers or a 3x3 consumer are left whole and say why; the fits lower their loss."""
+    from optin_onnx.reconstruct import reconstruct
+
+    model, structure = analyze(tiny_cnns[(kind, "torchscript", False)])
+    keep = random_keep(structure, 5)
+    cal = make_calibration({"input": images(8, seed=4)}, chunk_size=4)
+    fixed = reconstruct(model, structure, keep, cal)
+    applied = [c for c in fixed.corrections if c.applied]
+    assert all(c.loss_after < c.loss_before for c in applied)
+    assert [c.block for c in applied] == (["layer5.channels"] if kind == "resnet" else [])
+    reasons = {c.block: c.reason for c in fixed.corrections if not c.applied}
+    if kind == "resnet":  # the stem stream (3 readers), 3x3 readers, the last stage's stream
+        assert reasons["layer0.channels"] == "3 consumers"
+        assert reasons["layer1.channels"] == "the consumer is not a 1x1 conv or a matrix product"
+    else:  # the Concat'ed branches, the squeeze-excite hidden layer (4 values per image), Flatten
+        assert reasons["layer1.channels"] == "3 consumers"
+        assert reasons["layer3.channels"] == "singular system"
+        assert reasons["layer4.channels"] == "its consumer reads a flattened feature map"
+    # Still a plain graph of the same structure: slicing the corrected model stays exact.
+    slim = rewrite(fixed.model, structure, keep)
+    x = images(2)
+    want = run(masked_model(fixed.model, structure, unit_masks(structure, keep)), {"input": x})[0]
+    np.testing.assert_allclose(run(slim, {"input": x})[0], want, atol=1e-5)

@@ -13,7 +13,8 @@ calibrating on the views of some photos and evaluating on the views of the other
 Every method shares the analysis, the MAC model, the channel search (multiples of 8) and the
 rewrite; only the importance differs: ``optin`` (trajectory over the block outputs), ``local``
 (the ablation: the first block output after the group only), ``magnitude`` (weights sliced away
-with the channel), ``random`` (mean of 3 seeds). Scores are computed once per method; each FLOPs
+with the channel), ``random`` (mean of 3 seeds); ``optin+ls`` is OPTIN's mask followed by the
+least-squares correction (``--reconstruct``: groups read by one 1x1 conv or Gemm). Scores are computed once per method; each FLOPs
 level is then a search + rewrite, and the FLOPs reported are counted on the rewritten graph.
 With ``--latency-seconds`` the OPTIN model of each level is timed against the dense one in
 onnxruntime (batch 1 and 32, interleaved; only meaningful on an otherwise idle machine).
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("optin", "local", "magnitude", "random")
+METHODS = ("optin", "optin+ls", "local", "magnitude", "random")
 
 
 @dataclass
@@ -92,6 +93,7 @@ def bench(args) -> dict:
     from optin_onnx.flops import mac_model, total_macs
     from optin_onnx.pipeline import as_model
     from optin_onnx.probe import dummy_feeds, probe
+    from optin_onnx.reconstruct import reconstruct
     from optin_onnx.report import compare_latency, latency_entry
     from optin_onnx.rewrite import rewrite
     from optin_onnx.scoring.baselines import score_magnitude, score_random
@@ -112,9 +114,12 @@ def bench(args) -> dict:
               "dense": metrics(dense, dense, t.labels), "dense_macs": macs.total,
               "neuron_group": args.neuron_group, "channel_multiple": args.channel_multiple,
               "methods": {}, "score_seconds": {}, "latency": {}}
+    scored: dict[str, list] = {}
     for method in args.methods:
         t0 = time.perf_counter()
-        if method in ("optin", "local"):
+        if method == "optin+ls" and "optin" in scored:
+            runs = scored["optin"]
+        elif method in ("optin", "local", "optin+ls"):
             cfg = ScoreConfig(neuron_group=args.neuron_group,
                               features="local" if method == "local" else "trajectory")
             runs = [score_fast(m, structure, cal, cfg).importance]
@@ -122,6 +127,7 @@ def bench(args) -> dict:
             runs = [score_magnitude(m, structure).importance]
         else:
             runs = [score_random(structure, seed).importance for seed in (0, 1, 2)]
+        scored[method] = runs
         record["score_seconds"][method] = time.perf_counter() - t0
         print(f"{method}: scored in {record['score_seconds'][method]:.0f} s", flush=True)
         rows = []
@@ -130,7 +136,9 @@ def bench(args) -> dict:
             for importance in runs:
                 sel = search(structure, importance, macs, level,
                              channel_multiple=args.channel_multiple)
-                slim = ir.to_proto(rewrite(m, structure, sel.keep))
+                base = reconstruct(m, structure, sel.keep, cal).model if method == "optin+ls" \
+                    else m
+                slim = ir.to_proto(rewrite(base, structure, sel.keep))
                 got = metrics(outputs(slim, t.evaluate), dense, t.labels)
                 got["flops_kept"] = total_macs(ir.from_proto(slim), 0,
                                                like={name: t.calib}) / macs.total
