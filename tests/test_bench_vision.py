@@ -30,7 +30,8 @@ def _record(labels: bool) -> dict:
     return {"model": "m", "dense": dense, "eval_images": 10, "calibration_images": 4, "blocks": 2,
             "channels": 24, "dense_macs": 2e6, "channel_multiple": 8, "command": "cmd",
             "methods": {"optin": [row]}, "score_seconds": {"optin": 3.2},
-            "latency": {"0.6": {"b1": {"before_ms": 2.0, "after_ms": 1.0, "speedup": 2.0}}}}
+            "latency": {"0.6": {"flops_kept": 0.61,
+                                "b1": {"before_ms": 2.0, "after_ms": 1.0, "speedup": 2.0}}}}
 
 
 def test_table_headline_is_accuracy_with_labels_else_agreement() -> None:
@@ -48,3 +49,24 @@ def test_update_results_replaces_only_its_block(tmp_path) -> None:
     assert text.startswith("# Results\n\nkept text\n")
     assert text.count("<!-- vision:digits_mnist -->") == 1
     assert "top-1 agreement with the dense model" in text
+
+
+def test_merge_keeps_earlier_rows(tmp_path, monkeypatch) -> None:
+    import json
+
+    import tools.bench_vision as bv
+
+    first, second = _record(True), _record(True)
+    second["methods"] = {"magnitude": first["methods"]["optin"]}
+    second["score_seconds"] = {"magnitude": 0.0}
+    second["latency"] = {"0.5": {"flops_kept": 0.5,
+                                 "b1": {"before_ms": 3.0, "after_ms": 2.0, "speedup": 1.5}}}
+    records = iter([first, second])
+    monkeypatch.setattr(bv, "bench", lambda args: dict(next(records)))
+    monkeypatch.setattr(bv, "plot", lambda record, path: None)
+    bv.main(["digits", "--out", str(tmp_path / "bench")])
+    bv.main(["digits", "--methods", "magnitude", "--merge", "--out", str(tmp_path / "bench")])
+    merged = json.loads((tmp_path / "bench" / "vision_digits_mnist.json").read_text())
+    assert set(merged["methods"]) == {"optin", "magnitude"}
+    assert set(merged["latency"]) == {"0.6", "0.5"}
+    assert "&&" in merged["command"]

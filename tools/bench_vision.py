@@ -144,7 +144,7 @@ def bench(args) -> dict:
                                                like={name: t.calib}) / macs.total
                 per_seed.append(got)
                 if method == "optin" and args.latency_seconds:
-                    cases = {}
+                    cases = {"flops_kept": got["flops_kept"]}
                     for batch in (1, 32):
                         feeds = {name: t.evaluate[:batch]}
                         before, after = compare_latency(dense_proto, slim, feeds,
@@ -208,11 +208,10 @@ def latency_table(record: dict) -> str:
     if not record["latency"]:
         return ""
     lines = ["| FLOPs kept | ideal speed-up | batch 1 | batch 32 |", "|---|---|---|---|"]
-    optin = {r["level"]: r for r in record["methods"].get("optin", [])}
-    for level, cases in record["latency"].items():
-        kept = optin[float(level)]["flops_kept"]
+    for cases in record["latency"].values():
+        kept = cases["flops_kept"]
         cells = [f"{c['before_ms']:.1f} -> {c['after_ms']:.1f} ms ({c['speedup']:.2f}x)"
-                 for c in cases.values()]
+                 for key, c in cases.items() if key != "flops_kept"]
         lines.append(f"| {kept:.2f} | {1 / kept:.2f}x | " + " | ".join(cells) + " |")
     return "\n" + "\n".join(lines) + "\n"
 
@@ -256,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="channel counts stay multiples of N (default 8, the tool's default)")
     p.add_argument("--latency-seconds", type=float, default=0.0)
     p.add_argument("--out", default="docs/bench")
+    p.add_argument("--merge", action="store_true",
+                   help="add these rows (and latencies) to the existing record instead of "
+                        "replacing it (e.g. a later latency run on an idle machine)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -265,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.target if args.target == "efficientnet" else f"digits_{args.net}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"vision_{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    previous = out / f"vision_{tag}.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        for key in ("methods", "score_seconds", "latency"):
+            old[key].update(record[key])
+        old["command"] += " && " + record["command"]
+        record = old
+    previous.write_text(json.dumps(record, indent=2) + "\n")
     plot(record, out / f"vision_{tag}.png")
     update_results(record, tag, out.parent / "RESULTS.md")
     return 0
