@@ -81,4 +81,9 @@ def test_update_results_replaces_only_its_own_block(tmp_path):
     text = results.read_text()
     assert text.startswith("intro\n<!-- accuracy:embedding -->\n10 held-out texts")
     assert "old" not in text and text.endswith("<!-- /accuracy:embedding -->\ntail\n")
-    assert "bench/accuracy_embedding.png" in text and "Command: `cmd`" in text
+    assert "Command: `cmd`" in text and ".png" not in text  # one level: a table, no plot
+    record = _record("embedding")
+    row = record["methods"]["optin"][0]
+    record["methods"] = {"optin": [row, {**row, "level": 0.5}]}
+    ba.update_results(record, "embedding", results)
+    assert "](bench/accuracy_embedding.png)\n<!-- /accuracy:embedding -->" in results.read_text()

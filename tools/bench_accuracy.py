@@ -46,6 +46,8 @@ SEEDS = (0, 1, 2)
 OURS = ("optin", "optin+ls", "local", "magnitude", "random")
 ONNXSIM = {"onnxsim-magnitude": "magnitude", "onnxsim-wanda": "wanda", "onnxsim-heads": "heads"}
 DEFAULTS = {"samples": 32, "neuron_group": 8, "lam": 1.0}
+#: One colour per method across every plot; rows with other settings share C9.
+COLOURS = {m: f"C{i}" for i, m in enumerate((*OURS, *ONNXSIM))}
 
 
 @dataclass
@@ -331,8 +333,9 @@ def plot(record: dict, path: Path) -> None:
     for method, rows in record["methods"].items():
         rows = [r for r in rows if key in r]
         if rows:
-            ax.plot([r["flops_kept"] for r in rows], [scale * r[key] for r in rows],
-                    "s--" if method.startswith("onnxsim") else "o-", label=method)
+            style = "s--" if method.startswith("onnxsim") else "o-" if method in COLOURS else "^-"
+            ax.plot([r["flops_kept"] for r in rows], [scale * r[key] for r in rows], style,
+                    color=COLOURS.get(method, "C9"), label=method)
     ax.axhline(scale * record["dense"][key], color="gray", ls=":", label="dense")
     ax.set_xlabel("fraction of FLOPs kept")
     ax.set_ylabel(label)
@@ -351,8 +354,9 @@ def _cell(record: dict, r: dict) -> str:
     if record.get("kind") == "embedding":
         return f"{r['cosine']:.3f} (NN {100 * r['neighbour_overlap']:.0f}{off})"
     dense = record["dense"]["accuracy"]
+    digits = 1 if record.get("split") == "val" else 0  # validation picks by agreement
     return (f"{100 * r['accuracy']:.1f} ({100 * (r['accuracy'] - dense):+.1f}; "
-            f"agr {100 * r['agreement']:.0f}, KL {r['kl_to_dense']:.3f}{off})")
+            f"agr {100 * r['agreement']:.{digits}f}, KL {r['kl_to_dense']:.3f}{off})")
 
 
 def _time(record: dict, method: str, rows: list[dict]) -> str:
@@ -415,9 +419,15 @@ def replace_block(results: Path, tag: str, body: str) -> None:
 
 def update_results(record: dict, key: str, results: Path) -> None:
     """Replace the block between this target's markers in docs/RESULTS.md with a fresh table."""
-    replace_block(results, f"accuracy:{key}",
-                  f"{_intro(record)} Command: `{record['command']}`.\n\n{table(record)}\n\n"
-                  f"![{_headline(record)[1]} vs FLOPs](bench/accuracy_{key}.png)")
+    body = f"{_intro(record)} Command: `{record['command']}`.\n\n{table(record)}"
+    if _plotted(record):
+        body += f"\n\n![{_headline(record)[1]} vs FLOPs](bench/accuracy_{key}.png)"
+    replace_block(results, f"accuracy:{key}", body)
+
+
+def _plotted(record: dict) -> bool:
+    """A plot only where there is a curve: one FLOPs level is all table."""
+    return len(next(iter(record["methods"].values()))) > 1
 
 
 def _floats(s: str) -> list[float]:
@@ -461,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         old["command"] += " && " + record["command"]
         record = old
     previous.write_text(json.dumps(record, indent=2) + "\n")
-    plot(record, out / f"accuracy_{key}.png")
+    if _plotted(record):
+        plot(record, out / f"accuracy_{key}.png")
     update_results(record, key, out.parent / "RESULTS.md")
     print(json.dumps(record["dense"]), flush=True)
     return 0
