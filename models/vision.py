@@ -37,6 +37,27 @@ class VisionWrapper(nn.Module):
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+class DenseDecoderWrapper(VisionWrapper):
+    """A backbone with a dense decoder after it, as in segmentation or depth heads: the patch
+    tokens (class token dropped) as an [B, hidden, h, w] map, then 1x1 conv -> ReLU -> 1x1 conv
+    to ``classes`` maps. The decoder's hidden channels are a conv channel group after the
+    transformer's heads and neurons."""
+
+    def __init__(self, model: nn.Module, hidden: int = 16, classes: int = 3, seed: int = 0):
+        super().__init__(model)
+        torch.manual_seed(seed)
+        width = model.config.hidden_size
+        self.decoder = nn.Sequential(nn.Conv2d(width, hidden, 1), nn.ReLU(),
+                                     nn.Conv2d(hidden, classes, 1))
+        self.eval()
+
+    def forward(self, pixel_values):
+        tokens = super().forward(pixel_values)[:, 1:]
+        side = self.model.config.image_size // self.model.config.patch_size
+        grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+        return self.decoder(grid)
+
+
 def _widen(model: nn.Module) -> nn.Module:
     """Randomise biases, LayerNorm parameters and layer scales too (as ``tiny_bert`` does), so
     that masking one unit visibly moves the outputs and the exporters do not share tensors."""

@@ -221,3 +221,27 @@ def test_onnxsim_fused_qkv_is_split_back_and_pruned(vision_exports, family, tmp_
     assert result.report.verify["passed"]
     assert any("fused projections" in n for n in result.report.notes)
     assert min(x["units_after"] for x in result.report.layers if x["kind"] == "attention") >= 1
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_dense_decoder_after_the_backbone(tmp_path, exporter):
+    """Dinov2 + a 1x1-conv decoder on the patch-token map: heads and MLP neurons are found as
+    without the decoder, the decoder's hidden channels are a channel group, the transformer keeps
+    its residual-ln trajectory, and the whole model prunes and verifies."""
+    from models import vision
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = vision.DenseDecoderWrapper(vision.tiny_vision("dinov2", seed=0))
+        path = vision.export(module, tmp_path / "dec.onnx", exporter=exporter)
+    m, structure = load_analyze(path)
+    kinds = [(b.kind, b.n_units) for b in structure.blocks]
+    assert kinds == [("attention", 4), ("mlp", 64), ("attention", 4), ("mlp", 64),
+                     ("channels", 16)]
+    cal = make_calibration({"pixel_values": images(6)})
+    assert Objective(m, structure, cal, ScoreConfig()).feature_kind == "residual-ln"
+    result = prune(path, {"pixel_values": images(12)}, flops=0.7, latency_cases=(),
+                   channel_multiple=4)
+    assert result.verification.passed
+    assert result.report.flops_achieved <= 0.7 + 1e-9
+    assert run(result.model, {"pixel_values": images(2)})[0].shape == (2, 3, 4, 4)

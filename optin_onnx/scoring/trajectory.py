@@ -124,16 +124,19 @@ def feature_kind(model: ir.Model, structure: Structure, requested: str) -> str:
     if requested not in FEATURE_KINDS:
         raise OptinError(f"feature kind must be one of {', '.join(FEATURE_KINDS)}, got '{requested}'")
     channels = any(b.kind == "channels" for b in structure.blocks)
+    transformer = any(b.kind != "channels" for b in structure.blocks)
     if requested == "blocks" and not channels:
         raise OptinError("feature kind 'blocks' needs conv channel groups; use 'ffn' or "
                          "'residual-ln' for this model")
-    if requested in ("ffn", "residual-ln") and channels:
-        raise OptinError(f"feature kind '{requested}' does not apply to conv channel groups; use "
-                         f"'blocks'")
+    if requested in ("ffn", "residual-ln") and not transformer:
+        raise OptinError(f"feature kind '{requested}' needs attention or MLP blocks; use "
+                         f"'blocks' for conv channel groups")
     if requested != "auto":
         return requested
-    if channels:
+    if not transformer:
         return "blocks"
+    # A transformer with a conv head (a dense decoder): the transformer's own features; the
+    # head's channel groups come after every layer and are scored by the output term.
     return "residual-ln" if pre_layer_norm(model, structure) else "ffn"
 
 
@@ -230,6 +233,8 @@ class Objective:
 
     def set_teacher(self, model: ir.Model, dense: list[dict[str, np.ndarray]]) -> None:
         rank = dense[0][self.output].ndim
+        if rank == 4:  # a dense NCHW output (a segmentation decoder): channels are the vector
+            self.axis[self.output] = 1
         self.kind = output_kind(model, self.output, rank, self.cfg.output_kind)
         self.gram = {f: normalised_gram(self.gather(f, dense)) for f in self.all_features()}
         if self.kind == "tokens":
