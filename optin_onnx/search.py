@@ -140,32 +140,26 @@ def _greedy(structure: Structure, importance: Mapping[str, np.ndarray], macs: Ma
             allow_block_removal: bool) -> SearchResult:
     budget = flops * macs.total
     kept = {b.name: b.n_units for b in structure.blocks}
+    scores_of = {b.name: np.asarray(importance[b.name], dtype=np.float64)
+                 for b in structure.blocks}
     order, steps = {}, {}
     for b in structure.blocks:
-        scores = np.asarray(importance[b.name], dtype=np.float64)
-        order[b.name] = list(np.argsort(scores, kind="stable"))  # least important first
+        order[b.name] = list(np.argsort(scores_of[b.name], kind="stable"))  # least important first
         pruned = b.kind == "channels" or prune == "both" or \
             (prune == "heads") == (b.kind == "attention")
         steps[b.name] = _removal_steps(b.kind, b.n_units, width_multiple, channel_multiple,
                                        allow_block_removal) if pruned else []
     terms_of = {b.name: [t for t in macs.terms if any(b.name in f[0] for f in t[1])]
                 for b in structure.blocks}
-    scores_of = {b.name: np.asarray(importance[b.name], dtype=np.float64)
-                 for b in structure.blocks}
     removed = {b.name: 0 for b in structure.blocks}  # units dropped so far
     taken = {b.name: 0 for b in structure.blocks}  # chunks dropped so far
 
-    def saving(name: str, size: int) -> float:
+    def change(name: str, by: int) -> float:
+        """MACs added by keeping ``by`` more units of ``name`` (negative: fewer)."""
         if not macs.terms:
-            return macs.unit[name] * size
-        fewer = dict(kept, **{name: kept[name] - size})
-        return sum(macs.term(t, kept) - macs.term(t, fewer) for t in terms_of[name])
-
-    def saving_back(name: str, size: int) -> float:
-        if not macs.terms:
-            return macs.unit[name] * size
-        more = dict(kept, **{name: kept[name] + size})
-        return sum(macs.term(t, more) - macs.term(t, kept) for t in terms_of[name])
+            return macs.unit[name] * by
+        other = dict(kept, **{name: kept[name] + by})
+        return sum(macs.term(t, other) - macs.term(t, kept) for t in terms_of[name])
 
     floor = dict(kept)
     for name, st in steps.items():
@@ -181,7 +175,7 @@ def _greedy(structure: Structure, importance: Mapping[str, np.ndarray], macs: Ma
             size = steps[name][taken[name]]
             units = order[name][removed[name]:removed[name] + size]
             cost = float(scores_of[name][units].sum())
-            gain = saving(name, size)
+            gain = -change(name, -size)
             ratio = cost / gain if gain > 0 else np.inf
             if best is None or ratio < best[0]:
                 best = (ratio, name, size)
@@ -198,8 +192,7 @@ def _greedy(structure: Structure, importance: Mapping[str, np.ndarray], macs: Ma
                 continue
             size = steps[name][taken[name] - 1]
             units = order[name][removed[name] - size:removed[name]]
-            extra = saving_back(name, size)
-            if macs.macs(kept) + extra <= budget * (1 + 1e-9):
+            if macs.macs(kept) + change(name, size) <= budget * (1 + 1e-9):
                 fits.append((float(scores_of[name][units].sum()), name, size))
         if not fits:
             break
