@@ -67,7 +67,7 @@ def _record(kind: str = "logits") -> dict:
 
 def test_table_cells_times_and_notes():
     t = ba.table(_record())
-    assert "| optin | 90 + 2.0 | 90.0 (-2.0; agr 95, KL 0.100) |" in t
+    assert "| optin | 90 + 2.0 | 90.0 (-2.00; agr 95, KL 0.100) |" in t
     assert "| onnxsim-heads | 3 + 4.0 | cannot reach (closest 0.69) |" in t
     e = ba.table(_record("embedding"))
     assert "| optin | 90 + 2.0 | 0.800 (NN 50) |" in e

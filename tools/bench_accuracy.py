@@ -355,7 +355,7 @@ def _cell(record: dict, r: dict) -> str:
         return f"{r['cosine']:.3f} (NN {100 * r['neighbour_overlap']:.0f}{off})"
     dense = record["dense"]["accuracy"]
     digits = 1 if record.get("split") == "val" else 0  # validation picks by agreement
-    return (f"{100 * r['accuracy']:.1f} ({100 * (r['accuracy'] - dense):+.1f}; "
+    return (f"{100 * r['accuracy']:.1f} ({100 * (r['accuracy'] - dense):+.2f}; "
             f"agr {100 * r['agreement']:.{digits}f}, KL {r['kl_to_dense']:.3f}{off})")
 
 
