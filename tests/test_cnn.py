@@ -424,3 +424,21 @@ def test_reconstruct_corrects_channel_groups_read_by_one_matrix_product(tiny_cnn
     x = images(2)
     want = run(masked_model(fixed.model, structure, unit_masks(structure, keep)), {"input": x})[0]
     np.testing.assert_allclose(run(slim, {"input": x})[0], want, atol=1e-5)
+
+
+def test_a_cnn_with_a_hidden_classifier_layer_is_scored_by_block_outputs(tmp_path) -> None:
+    """The digit CNNs end in Linear -> ReLU -> Linear: an MLP block, yet no transformer."""
+    from optin_onnx.scoring.trajectory import feature_kind
+
+    middle = [helper.make_node("Relu", ["a"], ["b"], name="relu")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", kernel_shape=[3, 3]),
+             *middle,
+             helper.make_node("Flatten", ["b"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu2"),
+             helper.make_node("Gemm", ["hr", "fc2"], ["y"], name="fc2", transB=1)]
+    m, structure = _analyze(_model(nodes, {"w1": (8, 3, 3, 3), "fc1": (16, 8 * 6 * 6),
+                                           "fc2": (5, 16)}))
+    assert sorted(b.kind for b in structure.blocks) == ["channels", "mlp"]
+    assert feature_kind(m, structure, "auto") == "blocks"
+    assert feature_kind(m, structure, "ffn") == "ffn"  # asked for explicitly: allowed

@@ -120,7 +120,7 @@ def bench(args) -> dict:
         if method == "optin+ls" and "optin" in scored:
             runs = scored["optin"]
         elif method in ("optin", "local", "optin+ls"):
-            cfg = ScoreConfig(neuron_group=args.neuron_group,
+            cfg = ScoreConfig(neuron_group=args.neuron_group, feature_kind=args.feature,
                               features="local" if method == "local" else "trajectory")
             runs = [score_fast(m, structure, cal, cfg).importance]
         elif method == "magnitude":
@@ -155,7 +155,10 @@ def bench(args) -> dict:
             row["level"] = level
             rows.append(row)
             print(f"{method} @ {level}: {row}", flush=True)
-        record["methods"][method] = rows
+        name = method if args.feature == "auto" or method not in ("optin", "local", "optin+ls") \
+            else f"{method} (feature {args.feature})"
+        record["methods"][name] = rows
+        record["score_seconds"][name] = record["score_seconds"].pop(method)
     return record
 
 
@@ -199,7 +202,8 @@ def table(record: dict) -> str:
                                               if key == "accuracy" else
                                               f" (top-5 {100 * r['top5_agreement']:.0f}")
             cells.append(f"{first}, KL {r['kl_to_dense']:.3f}; FLOPs {r['flops_kept']:.2f})")
-        when = "optin's" if method == "optin+ls" else f"{record['score_seconds'][method]:.0f} s"
+        when = ("optin's" if method.startswith("optin+ls")
+                else f"{record['score_seconds'][method]:.0f} s")
         lines.append(f"| {method} | {when} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -251,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibration images (default: digits 64, efficientnet 32)")
     p.add_argument("--neuron-group", type=int, default=8,
                    help="channels scored in proxy-ordered groups of N (1 = exact)")
+    p.add_argument("--feature", default="auto", choices=["auto", "blocks", "ffn"],
+                   help="trajectory feature kind (rows named after it unless auto); ffn on a "
+                        "CNN with a hidden classifier layer: that layer's output only")
     p.add_argument("--channel-multiple", type=int, default=8,
                    help="channel counts stay multiples of N (default 8, the tool's default)")
     p.add_argument("--latency-seconds", type=float, default=0.0)

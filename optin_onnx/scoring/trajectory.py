@@ -124,16 +124,18 @@ def feature_kind(model: ir.Model, structure: Structure, requested: str) -> str:
     if requested not in FEATURE_KINDS:
         raise OptinError(f"feature kind must be one of {', '.join(FEATURE_KINDS)}, got '{requested}'")
     channels = any(b.kind == "channels" for b in structure.blocks)
-    transformer = any(b.kind != "channels" for b in structure.blocks)
+    # A transformer has attention; a CNN's fully connected classifier layers are MLP blocks too.
+    transformer = any(b.kind == "attention" for b in structure.blocks)
     if requested == "blocks" and not channels:
         raise OptinError("feature kind 'blocks' needs conv channel groups; use 'ffn' or "
                          "'residual-ln' for this model")
-    if requested in ("ffn", "residual-ln") and not transformer:
+    if requested in ("ffn", "residual-ln") and not any(b.kind != "channels"
+                                                       for b in structure.blocks):
         raise OptinError(f"feature kind '{requested}' needs attention or MLP blocks; use "
                          f"'blocks' for conv channel groups")
     if requested != "auto":
         return requested
-    if not transformer:
+    if channels and not transformer:
         return "blocks"
     # A transformer with a conv head (a dense decoder): the transformer's own features; the
     # head's channel groups come after every layer and are scored by the output term.
