@@ -32,12 +32,26 @@ def pruned(tiny_exports) -> onnx.ModelProto:
     return ir.to_proto(slim)
 
 
-def test_explicit_head_counts_let_every_layer_fuse_with_its_own_heads(pruned):
+def _implicit(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with -1 for the head count in every head split (as exporters write it)."""
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    targets = {n.input[1] for n in out.graph.node if n.op_type == "Reshape"}
+    for t in out.graph.initializer:
+        arr = numpy_helper.to_array(t)
+        if t.name in targets and arr.shape == (4,) and arr[3] == 8:
+            t.CopyFrom(numpy_helper.from_array(np.array([arr[0], arr[1], -1, 8]), t.name))
+    return out
+
+
+def test_prune_output_fuses_every_layer_with_its_own_heads(pruned):
+    """canonicalize already wrote each layer's head count: nothing left for the tool to do."""
     explicit = onnx.ModelProto()
     explicit.CopyFrom(pruned)
-    assert bf.explicit_head_counts(explicit) == 6  # Q, K, V reshapes of 2 layers
+    assert bf.explicit_head_counts(explicit) == 0
     feeds = tiny_feeds(3, 12)
-    np.testing.assert_allclose(run(explicit, feeds)[0], run(pruned, feeds)[0], atol=1e-6)
     fused = bf.fuse(explicit, 0, 0)
     counts = bf.fused_counts(fused)
     assert counts["Attention"] == 2 and bf._heads(fused) == [3, 2]
@@ -45,8 +59,13 @@ def test_explicit_head_counts_let_every_layer_fuse_with_its_own_heads(pruned):
     np.testing.assert_allclose(run(fused, feeds)[0], run(pruned, feeds)[0], atol=1e-5)
 
 
-def test_without_explicit_counts_no_attention_fuses(pruned):
-    assert bf.fused_counts(bf.fuse(pruned, 0, 0))["Attention"] == 0
+def test_explicit_head_counts_repair_a_model_with_implicit_heads(pruned):
+    implicit = _implicit(pruned)
+    assert bf.fused_counts(bf.fuse(implicit, 0, 0))["Attention"] == 0
+    assert bf.explicit_head_counts(implicit) == 6  # Q, K, V reshapes of 2 layers
+    feeds = tiny_feeds(3, 12)
+    np.testing.assert_allclose(run(implicit, feeds)[0], run(pruned, feeds)[0], atol=1e-6)
+    assert bf.fused_counts(bf.fuse(implicit, 0, 0))["Attention"] == 2
 
 
 def test_fusion_table_lists_heads_and_fused_types():

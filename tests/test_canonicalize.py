@@ -52,4 +52,47 @@ def test_a_target_not_tied_to_the_input_dims_is_left_alone(tiny_exports):
     assert mask_reshape.inputs[1].const_value is None
     assert mask_reshape.inputs[1].producer().op_type == "Concat"  # Concat(Shape(...))
     split = nodes["/bert/encoder/layer.0/attention/self/Reshape"]
-    assert split.inputs[1].const_value.numpy().tolist() == [0, 0, -1, 8]
+    assert split.inputs[1].const_value.numpy().tolist() == [0, 0, 4, 8]  # the head count written
+
+
+@pytest.mark.parametrize("form", [f for f in FORMS if not f[2]], ids=form_id)
+def test_pruned_head_counts_are_written_into_the_head_splits(tiny_exports, form):
+    """After pruning, each head split's target holds its layer's head count as a constant
+    element (never -1: onnxruntime's attention fusion reads the count there), in both exporters'
+    forms (the dynamo exporter's allowzero=1 targets included). Not in onnxsim's Gemm form,
+    where the target does not copy its input's dims (and onnxruntime's fusion does not apply)."""
+    from optin_onnx.analysis.shapes import ConstElement, trace_element
+
+    m = normalize(ir.load(tiny_exports[form]))
+    s = analyze_graph(m, probe(m))
+    keep = {b.name: list(range(b.n_units - 1 - i)) for i, b in enumerate(s.blocks)}
+    slim = rewrite(m, s, keep)
+    canonicalize_reshapes(slim, _probes(slim))
+    values = probe(slim)
+    counts = set()
+    for node in slim.graph:
+        out = values.get(node.outputs[0].name)
+        if node.op_type != "Reshape" or out is None or out.ndim != 4 or out.shape[-1] != 8:
+            continue
+        axis = 2 if out.shape[2] <= 4 else 1  # [B, S, H, 8] or [B, H, S, 8]
+        element = trace_element(node.inputs[1], axis, values)
+        assert isinstance(element, ConstElement) and element.value == out.shape[axis], node.name
+        counts.add(element.value)
+    assert counts == {len(v) for b, v in zip(s.blocks, keep.values()) if b.kind == "attention"}
+
+
+def test_pruned_model_fuses_attention_in_onnxruntime_with_per_layer_heads(tiny_exports):
+    """What the explicit head counts are for: ``prune``'s output, layers left with different head
+    counts, goes through onnxruntime's BERT fusion with every layer fused into Attention."""
+    from optin_onnx.pipeline import prune
+    from tools.bench_fusion import fuse
+
+    result = prune(tiny_exports[("torchscript", "none", False)], tiny_feeds(24, 16), flops=0.6,
+                   latency_cases=(), simplify="off")
+    heads = [len(v) for k, v in result.selection.keep.items() if k.endswith("attention")]
+    assert len(set(heads)) > 1  # the point: per-layer head counts differ
+    fused = fuse(result.model, 0, 0)
+    assert [n.op_type for n in fused.graph.node].count("Attention") == len(heads)
+    feeds = tiny_feeds(2, 9, seed=1)
+    for a, b in zip(run(result.model, feeds), run(fused, feeds)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
