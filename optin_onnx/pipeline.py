@@ -147,20 +147,25 @@ def _timed(stages: dict[str, float], name: str):
 def _fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, kind: str, cal: CalibrationSet,
               providers: list[str]) -> dict[str, float]:
     name = dense.graph.output[0].name
-    t = np.concatenate([c[name] for c in capture(dense, cal, [name], providers)])
-    s = np.concatenate([c[name] for c in capture(slim, cal, [name], providers)])
-    if kind == "logits":
-        return {"kl_to_dense": kl_divergence(t, s), "top1_agreement": top1_agreement(t, s)}
-    if kind == "embedding":
+    want = [c[name] for c in capture(dense, cal, [name], providers)]
+    got = [c[name] for c in capture(slim, cal, [name], providers)]
+    if kind in ("logits", "embedding"):
+        t, s = np.concatenate(want), np.concatenate(got)
+        if kind == "logits":
+            return {"kl_to_dense": kl_divergence(t, s), "top1_agreement": top1_agreement(t, s)}
         return {"cosine_to_dense": cosine_similarity(t, s)}
-    rows_t = t.reshape(-1, t.shape[-1])
-    rows_s = s.reshape(-1, s.shape[-1])
-    real = np.concatenate([ch.feeds.get("attention_mask", np.ones(ch.feeds[next(iter(ch.feeds))]
-                                                                  .shape[:2])).reshape(-1)
-                           for ch in cal.chunks]).astype(bool)
-    if real.size == rows_t.shape[0]:
-        rows_t, rows_s = rows_t[real], rows_s[real]
-    return {"token_cosine_to_dense": cosine_similarity(rows_t, rows_s)}
+    # Token outputs: real tokens only, chunk by chunk (each chunk is cut to its own longest text).
+    rows_t, rows_s = [], []
+    for a, b, chunk in zip(want, got, cal.chunks):
+        ra, rb = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        mask = chunk.feeds.get("attention_mask")
+        if mask is not None and mask.size == ra.shape[0]:
+            real = mask.reshape(-1).astype(bool)
+            ra, rb = ra[real], rb[real]
+        rows_t.append(ra)
+        rows_s.append(rb)
+    return {"token_cosine_to_dense": cosine_similarity(np.concatenate(rows_t),
+                                                       np.concatenate(rows_s))}
 
 
 def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
