@@ -62,19 +62,18 @@ def masked_model(model: ir.Model, structure: Structure,
         node = nodes[node_name]
         parts.sort(key=lambda part: part[1].offset)
         block, c, i = parts[0]
+        segments = _segments([(b, k) for b, k, _ in parts])
         if masks is None:
-            mask = _joined(graph, node, [(p[0], p[1], inputs[p[0].name]) for p in parts])
+            mask = _joined(graph, node, [(b, inputs[b.name] if b else None, width)
+                                         for b, width in segments])
             if c.repeat > 1:
                 mask = _repeated(graph, node, mask, c.repeat)
             if c.trailing:
                 mask = _channel_first(graph, node, mask, c.trailing)
         else:
-            pieces, at = [], 0
-            for b, k, _ in parts:
-                pieces += [np.ones(k.offset - at, np.float32), channel_mask(b, masks[b.name], k.role)]
-                at = k.offset + b.width(k.role)
-            pieces.append(np.ones(max(0, c.span - at), np.float32))
-            arr = np.repeat(np.concatenate(pieces), c.repeat).reshape((-1,) + (1,) * c.trailing)
+            arr = np.concatenate([np.ones(width, np.float32) if b is None else
+                                  channel_mask(b, masks[b.name], c.role) for b, width in segments])
+            arr = np.repeat(arr, c.repeat).reshape((-1,) + (1,) * c.trailing)
             mask = ir.Value(name=f"{mask_input_name(block)}_{i}", const_value=ir.tensor(arr))
             graph.register_initializer(mask)
         data = node.inputs[index]
@@ -85,21 +84,32 @@ def masked_model(model: ir.Model, structure: Structure,
     return out
 
 
-def _joined(graph: ir.Graph, before: ir.Node,
-            parts: list[tuple[Block, Consumer, ir.Value]]) -> ir.Value:
-    """The channel mask of one consumer input: the blocks' mask inputs at their offsets on the
-    axis (after a channel Concat), ones for channels that belong to no block."""
-    block, c, value = parts[0]
-    if len(parts) == 1 and c.offset == 0 and c.span in (0, block.width(c.role)):
-        return value
-    pieces, at = [], 0
-    for b, k, v in parts:
+def _segments(parts: list[tuple[Block, Consumer]]) -> list[tuple[Block | None, int]]:
+    """The channel axis of one consumer input as (block, width) runs in order: one block, or
+    after a channel Concat several at their offsets, with None for channels of no block."""
+    out: list[tuple[Block | None, int]] = []
+    at = 0
+    for b, k in parts:
         if k.offset > at:
-            pieces.append(_ones(graph, f"{before.name}__optin_ones{at}", k.offset - at))
-        pieces.append(v)
+            out.append((None, k.offset - at))
+        out.append((b, b.width(k.role)))
         at = k.offset + b.width(k.role)
-    if c.span > at:
-        pieces.append(_ones(graph, f"{before.name}__optin_ones{at}", c.span - at))
+    if parts[0][1].span > at:
+        out.append((None, parts[0][1].span - at))
+    return out
+
+
+def _joined(graph: ir.Graph, before: ir.Node,
+            segments: list[tuple[Block | None, ir.Value | None, int]]) -> ir.Value:
+    """One mask for a consumer input: a block's mask input as it is, or the runs' masks
+    concatenated (ones where no block owns the channels)."""
+    if len(segments) == 1 and segments[0][0] is not None:
+        return segments[0][1]
+    pieces, at = [], 0
+    for b, value, width in segments:
+        pieces.append(value if b is not None else
+                      _ones(graph, f"{before.name}__optin_ones{at}", width))
+        at += width
     node = ir.Node("", "Concat", pieces, attributes=[ir.AttrInt64("axis", 0)],
                    name=f"{before.name}__optin_mask_concat")
     graph.insert_before(before, node)
