@@ -286,6 +286,10 @@ def test_block_outputs_are_the_values_everything_passes_through(tiny_cnns) -> No
     inputs = [producers[producers[p.name].input[0]].op_type for p in points]
     assert inputs == ["Relu", "Relu", "Relu", "Flatten"]  # stem, blocks 1-2, pooled feature
     assert set(first) == {b.name for b in structure.blocks}
+    # A group's own output, as the next layer sees it, is the first point of its trajectory.
+    stem = structure.blocks[0]
+    assert mm.obj.features_for(stem) == [p.name for p in points]
+    assert mm.obj.features_for(structure.blocks[-1]) == [points[-1].name]
 
 
 # -- the pipeline ---------------------------------------------------------------------------------

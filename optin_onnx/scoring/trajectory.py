@@ -76,7 +76,7 @@ class ScoreConfig:
     neuron_group: int = 1  # 1 = exact per-neuron scores
     output_kind: str = "auto"  # auto | logits | embedding | tokens
     features: str = "trajectory"  # trajectory | local (ablation: the unit's own layer only)
-    feature_kind: str = "auto"  # what F_z is: auto | ffn | residual-ln (see the module doc)
+    feature_kind: str = "auto"  # what F_z is: auto | ffn | residual-ln | blocks (module doc)
     providers: list[str] | None = None
 
 
@@ -145,7 +145,7 @@ def feature_kind(model: ir.Model, structure: Structure, requested: str) -> str:
 @dataclass(frozen=True)
 class Point:
     """A block output in the masked model: value ``name`` (its channels on ``axis``), produced by
-    the node at position ``order``."""
+    the mask Mul at position ``order``."""
 
     order: int
     name: str
@@ -167,11 +167,12 @@ def block_points(masked: onnx.ModelProto, structure: Structure,
         for c in b.consumers:
             consumers.setdefault(f"{c.node}__optin_mask", []).append((b, c))
     first_mask: dict[str, int] = {}
-    masked_by: dict[str, tuple[str, int]] = {}  # value -> (its masked name, channel axis)
+    # value -> (its masked name, channel axis, position of the Mul that masks it first)
+    masked_by: dict[str, tuple[str, int, int]] = {}
     for i, n in enumerate(g.node):
         for b, c in consumers.get(n.name, []):
             first_mask.setdefault(b.name, i)
-            masked_by.setdefault(n.input[0], (n.output[0], c.data_axis))
+            masked_by.setdefault(n.input[0], (n.output[0], c.data_axis, i))
     live = {v.name for v in g.input if v.name not in masks and
             np.issubdtype(dtypes[v.name], np.floating)}
     points = []
@@ -185,8 +186,9 @@ def block_points(masked: onnx.ModelProto, structure: Structure,
                     np.issubdtype(dtypes[o], np.floating):
                 live.add(o)
         if len(live) == 1 and next(iter(live)) in n.output and next(iter(live)) in masked_by:
-            name, axis = masked_by[next(iter(live))]
-            points.append(Point(i, name, axis))
+            # ordered where it is masked: a block's own masked output is on its trajectory
+            name, axis, at = masked_by[next(iter(live))]
+            points.append(Point(at, name, axis))
     return points, first_mask
 
 
