@@ -222,24 +222,20 @@ def latency_table(record: dict) -> str:
 
 def update_results(record: dict, tag: str, results: Path) -> None:
     """Replace the block between this target's markers in docs/RESULTS.md."""
-    start, end = f"<!-- vision:{tag} -->", f"<!-- /vision:{tag} -->"
+    from tools.bench_accuracy import replace_block
+
     key, _ = _headline(record)
     what = ("test accuracy % (agreement with dense predictions %" if key == "accuracy" else
             "top-1 agreement with the dense model % (top-5 agreement %")
-    body = (f"{start}\nDense: {json.dumps({k: round(v, 4) for k, v in record['dense'].items()})} "
+    body = (f"Dense: {json.dumps({k: round(v, 4) for k, v in record['dense'].items()})} "
             f"on {record['eval_images']} held-out images; {record['calibration_images']} "
             f"calibration images; {record['blocks']} channel groups, {record['channels']} "
             f"channels, {record['dense_macs'] / 1e6:.1f} M MACs; channel counts kept multiples of "
             f"{record['channel_multiple']}. Cells: {what}, KL to the dense "
             f"logits; FLOPs measured on the rewritten graph). Command: `{record['command']}`.\n\n"
             f"{table(record)}\n{latency_table(record)}\n"
-            f"![{key} vs FLOPs](bench/vision_{tag}.png)\n{end}")
-    text = results.read_text() if results.exists() else ""
-    if start in text and end in text:
-        text = text[:text.index(start)] + body + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
-    results.write_text(text)
+            f"![{key} vs FLOPs](bench/vision_{tag}.png)")
+    replace_block(results, f"vision:{tag}", body)
 
 
 def main(argv: list[str] | None = None) -> int:
