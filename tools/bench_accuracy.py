@@ -403,6 +403,22 @@ def _intro(record: dict) -> str:
             f"logits). " + common)
 
 
+def merge_record(previous: Path, record: dict, tables: tuple[str, ...],
+                 defaults: tuple[str, ...] = ()) -> dict:
+    """``record`` merged into the JSON record at ``previous`` (if there is one): each of its
+    ``tables`` (dicts keyed by method or level) updated with the new rows, keys in ``defaults``
+    filled where the old record lacks them, the commands joined with ``&&``."""
+    if not previous.exists():
+        return record
+    old = json.loads(previous.read_text())
+    for key in defaults:
+        old.setdefault(key, record[key])
+    for key in tables:
+        old.setdefault(key, {}).update(record[key])
+    old["command"] += " && " + record["command"]
+    return old
+
+
 def replace_block(results: Path, tag: str, body: str) -> None:
     """Put ``body`` between the ``<!-- tag -->`` and ``<!-- /tag -->`` markers of ``results``
     (appended with its markers when they are not there): generated tables live in hand-written
@@ -462,14 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / f"accuracy_{key}.json"
-    if args.merge and previous.exists():
-        old = json.loads(previous.read_text())
-        for k in ("kind", "split", "eval_texts"):  # records written before these keys existed
-            old.setdefault(k, record[k])
-        old["methods"].update(record["methods"])
-        old["score_seconds"].update(record["score_seconds"])
-        old["command"] += " && " + record["command"]
-        record = old
+    if args.merge:
+        # ("kind", "split", "eval_texts"): records written before these keys existed lack them
+        record = merge_record(previous, record, ("methods", "score_seconds"),
+                              ("kind", "split", "eval_texts"))
     previous.write_text(json.dumps(record, indent=2) + "\n")
     if _plotted(record):
         plot(record, out / f"accuracy_{key}.png")

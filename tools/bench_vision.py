@@ -271,12 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / f"vision_{tag}.json"
-    if args.merge and previous.exists():
-        old = json.loads(previous.read_text())
-        for key in ("methods", "score_seconds", "latency"):
-            old[key].update(record[key])
-        old["command"] += " && " + record["command"]
-        record = old
+    if args.merge:
+        from tools.bench_accuracy import merge_record
+
+        record = merge_record(previous, record, ("methods", "score_seconds", "latency"))
     previous.write_text(json.dumps(record, indent=2) + "\n")
     plot(record, out / f"vision_{tag}.png")
     update_results(record, tag, out.parent / "RESULTS.md")
