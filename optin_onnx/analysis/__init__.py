@@ -9,8 +9,8 @@ from optin_onnx.analysis.structure import (Block, Consumer, Declined, ParamSlice
                                            ShapeEdit, Structure)
 from optin_onnx.graph import const_array, nodes_by_name
 
-__all__ = ["analyze_graph", "pre_layer_norm", "residual_features", "Block", "Consumer", "Declined", "ParamSlice", "Removal", "Role",
-           "ShapeEdit", "Structure"]
+__all__ = ["analyze_graph", "pre_layer_norm", "residual_features", "Block", "Consumer",
+           "Declined", "ParamSlice", "Removal", "Role", "ShapeEdit", "Structure"]
 
 #: Ops a removed block's contribution may pass through on its way to the residual add.
 _PASS_THROUGH = {"Reshape", "Identity", "Dropout"}
@@ -89,13 +89,13 @@ def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | 
     kind = "attention" if g.has_head else "mlp"
     if any(nodes[s].op_type == "Conv" for s in g.sources):
         kind = "channels"  # conv channel groups are never emptied: no removal
-    removals = [_removal(nodes[c.node], probe) for c in g.consumers]
+    removal = _removal(consumer, probe) if len(g.consumers) == 1 and kind != "channels" else None
     return Block(
         name=name, kind=kind, n_units=n_units, unit_size=unit,
         sources=list(dict.fromkeys(g.sources)), consumers=list(dict.fromkeys(g.consumers)),
         slices=list(dict.fromkeys(g.slices)), shape_edits=list(dict.fromkeys(g.shape_edits)),
         nodes=list(dict.fromkeys(g.nodes)), feature=_feature(consumer),
-        removal=removals[0] if len(removals) == 1 and kind != "channels" else None,
+        removal=removal,
         group_edits=list(dict.fromkeys(g.group_edits)))
 
 
@@ -123,8 +123,8 @@ def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
     structure.blocks.sort(key=lambda b: min(order[c.node] for c in b.consumers))
     layer, filled = -1, {"attention", "mlp"}
     for b in structure.blocks:
-        if b.kind in filled or (b.kind == "attention" and "mlp" in filled) or "channels" in filled \
-                or (b.kind == "channels" and filled):
+        if b.kind == "channels" or "channels" in filled or b.kind in filled or \
+                (b.kind == "attention" and "mlp" in filled):
             layer, filled = layer + 1, set()
         filled.add(b.kind)
         b.layer = layer
