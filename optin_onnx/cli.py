@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="trajectory feature: FFN outputs (post-LN, BERT), the LayerNorm'ed residual "
                         "stream entering each later layer (pre-LN, ViT), the block outputs (CNNs), "
                         "or auto (by graph; default)")
+    r.add_argument("--steps", type=int, default=d.steps,
+                   help="prune in N rounds, re-scoring the units left after each (budgets fall "
+                        "linearly to --flops; optin and local only; N times the scoring time; "
+                        f"default {d.steps} = one shot, as in the paper)")
     r.add_argument("--reconstruct", action="store_true",
                    help="least-squares scales for the kept heads/neurons, fitted block by block so "
                         "each pruned block's output matches the dense one on the calibration set")
@@ -190,7 +194,7 @@ def _prune(args) -> None:
                        prune=args.prune, lam=args.lam, seed=args.seed, tokens=args.tokens,
                        width_multiple=args.width_multiple, neuron_group=args.neuron_group,
                        channel_multiple=args.channel_multiple,
-                       feature_kind=args.feature_kind,
+                       feature_kind=args.feature_kind, steps=args.steps,
                        allow_block_removal=args.allow_block_removal, reconstruct=args.reconstruct,
                        provider=args.provider,
                        canonicalize=args.canonicalize, simplify=args.simplify,

@@ -21,6 +21,7 @@ from optin_onnx.canonicalize import canonicalize_reshapes
 from optin_onnx.errors import OptinError
 from optin_onnx.flops import MacModel, mac_model, total_macs
 from optin_onnx.graph import copy_model, normalize
+from optin_onnx.iterate import budgets, rounds
 from optin_onnx.io import graph_input_names, load_calibration, load_model, save_model
 from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
 from optin_onnx.report import (Report, compare_latency, cosine_similarity, count_parameters,
@@ -64,6 +65,9 @@ class PruneOptions:
     # What the trajectory loss compares (F_z): auto | ffn (FFN outputs: post-LN BERT) | residual-ln
     # (the LayerNorm'ed residual stream entering each later layer: pre-LN ViT); auto picks by graph.
     feature_kind: str = "auto"
+    # Rounds of score + search with budgets falling linearly to ``flops``, each re-scoring the
+    # units left (optin_onnx.iterate); 1 = one shot, as in the paper.
+    steps: int = 1
     allow_block_removal: bool = False
     reconstruct: bool = False  # least-squares scales for the kept units (optin_onnx.reconstruct)
     provider: str = "cpu"
@@ -188,6 +192,10 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         raise OptinError(f"--flops must be in (0, 1], got {opt.flops}")
     if opt.method not in METHODS:
         raise OptinError(f"--method must be one of {', '.join(METHODS)}, got '{opt.method}'")
+    schedule = budgets(opt.flops, opt.steps)
+    if opt.steps > 1 and opt.method not in ("optin", "local"):
+        raise OptinError(f"--steps re-scores between rounds; {opt.method} scores do not depend "
+                         f"on what is pruned, so use --steps 1 with it")
     providers = providers_for(opt.provider)
     stages: dict[str, float] = {}
     input_path = None if isinstance(model, (ir.Model, onnx.ModelProto)) else Path(model)
@@ -223,31 +231,42 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         has_seq = bool(sequence_inputs(m))
         seq_len = opt.seq_len or (max(1, int(round(cal.mean_length))) if has_seq else 0)
         macs = mac_model(m, structure, seq_len, like=arrays)
-    with _timed(stages, "score"):
-        total = sum(b.n_units for b in structure.blocks)
-        done = [0]
+    cfg = ScoreConfig(lam=opt.lam, tokens=opt.tokens, seed=opt.seed,
+                      candidates_per_run=opt.candidates_per_run,
+                      neuron_group=opt.neuron_group, feature_kind=opt.feature_kind,
+                      features="local" if opt.method == "local" else "trajectory",
+                      providers=providers)
 
-        def tick(k: int) -> None:
-            done[0] += k
-            if progress:
-                progress(done[0], total)
+    def score(base) -> Scores:
+        """This round's importances (``base``: the previous round's selection, None at first)."""
+        with _timed(stages, "score"):
+            if opt.method == "magnitude":
+                return score_magnitude(m, structure)
+            if opt.method == "random":
+                return score_random(structure, opt.seed)
+            total = sum(b.n_units if base is None else len(base[b.name])
+                        for b in structure.blocks)
+            done = [0]
 
-        if opt.method == "magnitude":
-            scores = score_magnitude(m, structure)
-        elif opt.method == "random":
-            scores = score_random(structure, opt.seed)
-        else:
-            cfg = ScoreConfig(lam=opt.lam, tokens=opt.tokens, seed=opt.seed,
-                              candidates_per_run=opt.candidates_per_run,
-                              neuron_group=opt.neuron_group, feature_kind=opt.feature_kind,
-                              features="local" if opt.method == "local" else "trajectory",
-                              providers=providers)
-            scores = score_fast(m, structure, cal, cfg, tick)
-    with _timed(stages, "search"):
-        selection = search(structure, scores.importance, macs, opt.flops, prune=opt.prune,
-                           width_multiple=opt.width_multiple,
-                           channel_multiple=opt.channel_multiple,
-                           allow_block_removal=opt.allow_block_removal)
+            def tick(k: int) -> None:
+                done[0] += k
+                if progress:
+                    progress(done[0], total)
+
+            return score_fast(m, structure, cal, cfg, tick, base=base)
+
+    def select(importance, flops: float, alive) -> SearchResult:
+        with _timed(stages, "search"):
+            return search(structure, importance, macs, flops, prune=opt.prune,
+                          width_multiple=opt.width_multiple,
+                          channel_multiple=opt.channel_multiple,
+                          allow_block_removal=opt.allow_block_removal, alive=alive)
+
+    for step in rounds(score, select, schedule):
+        scores, selection = step.scores, step.selection
+    if opt.steps > 1:
+        notes.append(f"{opt.steps} rounds of scoring and search, at "
+                     + ", ".join(f"{b:.3g}" for b in schedule) + " of the FLOPs")
     if opt.method != "optin":
         notes.append(f"importance criterion: {opt.method}")
     if opt.reconstruct:

@@ -19,7 +19,7 @@ emptied.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,16 +47,22 @@ class _Item:
     cost: float
 
 
-def _chunks(name: str, scores: np.ndarray, size: int, unit_cost: float) -> list[_Item]:
-    order = list(np.argsort(-scores, kind="stable"))
+def _chunks(name: str, scores: np.ndarray, size: int, unit_cost: float,
+            units: np.ndarray) -> list[_Item]:
+    """``units`` of a block, best first, cut into chunks of ``size``."""
+    order = list(units[np.argsort(-scores[units], kind="stable")])
     return [_Item(name, [int(u) for u in order[i:i + size]], float(scores[order[i:i + size]].sum()),
                   unit_cost * len(order[i:i + size])) for i in range(0, len(order), size)]
 
 
 def search(structure: Structure, importance: Mapping[str, np.ndarray], macs: MacModel,
            flops: float, *, prune: str = "both", width_multiple: int = 1,
-           channel_multiple: int = 8, allow_block_removal: bool = False) -> SearchResult:
-    """Choose kept units for every block so that predicted MACs <= ``flops`` x dense MACs."""
+           channel_multiple: int = 8, allow_block_removal: bool = False,
+           alive: Mapping[str, Sequence[int]] | None = None) -> SearchResult:
+    """Choose kept units for every block so that predicted MACs <= ``flops`` x dense MACs.
+
+    ``alive`` (block name -> units; iterative pruning): only these units may be kept, the others
+    were dropped by an earlier round."""
     if not 0.0 < flops <= 1.0:
         raise OptinError(f"--flops must be in (0, 1], got {flops}")
     if prune not in ("heads", "neurons", "both"):
@@ -64,9 +70,12 @@ def search(structure: Structure, importance: Mapping[str, np.ndarray], macs: Mac
     if channel_multiple < 1:
         raise OptinError(f"--channel-multiple must be at least 1, got {channel_multiple}")
     budget = flops * macs.total
+    units = {b.name: np.arange(b.n_units) if alive is None else
+             np.asarray(sorted(alive.get(b.name, range(b.n_units))), dtype=int)
+             for b in structure.blocks}
     if not macs.affine or any(b.kind == "channels" for b in structure.blocks):
         return _greedy(structure, importance, macs, flops, prune, width_multiple,
-                       channel_multiple, allow_block_removal)
+                       channel_multiple, allow_block_removal, units)
     fixed: list[_Item] = []  # always kept
     heads: list[_Item] = []
     neurons: list[list[_Item]] = []  # per block, chunks in order
@@ -74,11 +83,11 @@ def search(structure: Structure, importance: Mapping[str, np.ndarray], macs: Mac
         pruned = prune == "both" or (prune == "heads") == (b.kind == "attention")
         size = 1 if b.kind == "attention" else max(1, width_multiple)
         items = _chunks(b.name, np.asarray(importance[b.name], dtype=np.float64), size,
-                        macs.unit[b.name])
+                        macs.unit[b.name], units[b.name])
         if not pruned:
             fixed.extend(items)
             continue
-        if not allow_block_removal:
+        if not allow_block_removal and items:
             fixed.append(items.pop(0))
         if b.kind == "attention":
             heads.extend(items)
@@ -137,18 +146,19 @@ def _removal_steps(kind: str, n: int, width_multiple: int, channel_multiple: int
 
 def _greedy(structure: Structure, importance: Mapping[str, np.ndarray], macs: MacModel,
             flops: float, prune: str, width_multiple: int, channel_multiple: int,
-            allow_block_removal: bool) -> SearchResult:
+            allow_block_removal: bool, units: Mapping[str, np.ndarray]) -> SearchResult:
     budget = flops * macs.total
-    kept = {b.name: b.n_units for b in structure.blocks}
+    kept = {b.name: len(units[b.name]) for b in structure.blocks}
     scores_of = {b.name: np.asarray(importance[b.name], dtype=np.float64)
                  for b in structure.blocks}
     order, steps = {}, {}
     for b in structure.blocks:
-        order[b.name] = list(np.argsort(scores_of[b.name], kind="stable"))  # least important first
+        u = units[b.name]
+        order[b.name] = list(u[np.argsort(scores_of[b.name][u], kind="stable")])  # worst first
         pruned = b.kind == "channels" or prune == "both" or \
             (prune == "heads") == (b.kind == "attention")
-        steps[b.name] = _removal_steps(b.kind, b.n_units, width_multiple, channel_multiple,
-                                       allow_block_removal) if pruned else []
+        steps[b.name] = _removal_steps(b.kind, len(u), width_multiple, channel_multiple,
+                                       allow_block_removal) if pruned and len(u) else []
     terms_of = {b.name: [t for t in macs.terms if any(b.name in f[0] for f in t[1])]
                 for b in structure.blocks}
     removed = {b.name: 0 for b in structure.blocks}  # units dropped so far

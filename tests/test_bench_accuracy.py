@@ -47,6 +47,23 @@ def test_row_names_say_what_differs_from_the_defaults():
     assert ba.row_name("optin+ls", 32, 1, 1.0) == "optin+ls (ng 1)"
     assert ba.row_name("magnitude", 128, 1, 10.0) == "magnitude"  # uses no calibration
     assert ba.row_name("onnxsim-wanda", 64, 8, 1.0) == "onnxsim-wanda (cal 64)"
+    assert ba.row_name("optin", 64, 8, 10.0, 0.1) == "optin (cal 64, lam 10, rounds of 0.1)"
+    assert ba.row_name("magnitude", 32, 8, 1.0, 0.1) == "magnitude"
+
+
+def test_one_chain_of_rounds_serves_every_level():
+    """Each level's prefix of the chain is the schedule prune(steps=...) would run for it."""
+    from optin_onnx.iterate import budgets
+
+    levels = [0.9, 0.8, 0.7, 0.6, 0.5]
+    got = ba.chain(levels, 0.1)
+    np.testing.assert_allclose(got, levels)
+    for level in levels:
+        steps = round((1 - level) / 0.1)
+        np.testing.assert_allclose(got[:steps], budgets(level, steps))
+    np.testing.assert_allclose(ba.chain([0.6], 0.1), [0.9, 0.8, 0.7, 0.6])
+    with pytest.raises(SystemExit, match="whole number of steps"):
+        ba.chain([0.65], 0.1)
 
 
 def _record(kind: str = "logits") -> dict:

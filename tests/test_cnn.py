@@ -273,6 +273,24 @@ def test_fast_scores_equal_naive(tiny_cnns, kind, group) -> None:
     assert all(np.all(np.isfinite(v)) for v in fast.importance.values())
 
 
+@pytest.mark.parametrize("group", [1, 4])
+def test_fast_scores_equal_naive_on_a_base_selection(tiny_cnns, group) -> None:
+    """Iterative rounds score on top of an earlier selection: the same numbers both ways, and
+    dropped channels are no candidates."""
+    model, structure = analyze(tiny_cnns[("resnet", "torchscript", False)])
+    cal = make_calibration({"input": images(6, seed=1)}, chunk_size=4)
+    cfg = ScoreConfig(neuron_group=group, tokens=64)
+    base = random_keep(structure, seed=3)
+    fast = score_fast(model, structure, cal, cfg, base=base)
+    naive = score_naive(model, structure, cal, cfg, base=base)
+    top = max(np.nanmax(np.abs(v)) for v in naive.importance.values())
+    for b in structure.blocks:
+        f, n = fast.importance[b.name], naive.importance[b.name]
+        alive = base[b.name]
+        assert np.all(np.isnan(np.delete(f, alive))) and np.all(np.isfinite(f[alive]))
+        np.testing.assert_allclose(f[alive], n[alive], atol=1e-5 * top)
+
+
 def test_block_outputs_are_the_values_everything_passes_through(tiny_cnns) -> None:
     """ResNet: the input of every block (after the stem and after each residual Add's ReLU) and
     the pooled feature; never a value inside a block, where the shortcut runs beside it."""

@@ -148,7 +148,8 @@ def _target(name: str, cache: str | None) -> Target:
                         "pool + linear head)", "logits", 64, sentiment_split_data())
 
 
-def row_name(method: str, samples: int, neuron_group: int, lam: float) -> str:
+def row_name(method: str, samples: int, neuron_group: int, lam: float,
+             round_step: float = 0.0) -> str:
     """``method`` plus the settings that differ from :data:`DEFAULTS` (scoring settings apply to
     the trajectory and local scores only)."""
     parts = []
@@ -159,7 +160,23 @@ def row_name(method: str, samples: int, neuron_group: int, lam: float) -> str:
         parts.append(f"ng {neuron_group}")
     if scored and lam != DEFAULTS["lam"]:
         parts.append(f"lam {lam:g}")
+    if scored and round_step:
+        parts.append(f"rounds of {round_step:g}")
     return method + (f" ({', '.join(parts)})" if parts else "")
+
+
+def chain(levels: list[float], step: float) -> list[float]:
+    """The round budgets 1 - step, 1 - 2 step, ... down to the lowest level: for each level L,
+    its prefix is exactly ``prune(flops=L, steps=(1 - L) / step)``'s schedule, so one chain of
+    rounds serves every level."""
+    from optin_onnx.iterate import budgets
+
+    counts = [(1 - level) / step for level in levels]
+    if any(abs(c - round(c)) > 1e-6 or round(c) < 1 for c in counts):
+        raise SystemExit(f"--round-step {step:g}: every level must be 1 minus a whole number of "
+                         f"steps, got {levels}")
+    n = max(round(c) for c in counts)
+    return budgets(1 - n * step, n)
 
 
 def _score(method: str, m, structure, cal, args, cache: dict) -> dict[float, list[dict]]:
@@ -181,6 +198,38 @@ def _score(method: str, m, structure, cal, args, cache: dict) -> dict[float, lis
     return {1.0: [score_random(structure, seed).importance for seed in SEEDS]}
 
 
+def _rounds(method, m, structure, cal, macs, args, cache) -> dict[float, tuple]:
+    """{lam: (scoring seconds, {budget: selection})} of pruning in rounds of
+    ``args.round_step`` (optin_onnx.iterate), one chain per lambda; optin+ls reuses optin's."""
+    from optin_onnx.iterate import rounds
+    from optin_onnx.scoring.trajectory import ScoreConfig, score_fast
+    from optin_onnx.search import search
+
+    kind = "local" if method == "local" else "trajectory"
+    out = {}
+    for lam in args.lam:
+        if (kind, lam) not in cache:
+            spent = {"score": 0.0}
+            cfg = ScoreConfig(neuron_group=args.neuron_group, features=kind, lam=lam)
+
+            def score(base, cfg=cfg, spent=spent):
+                t0 = time.perf_counter()
+                got = score_fast(m, structure, cal, cfg, base=base)
+                spent["score"] += time.perf_counter() - t0
+                return got
+
+            picked = {}
+            for r in rounds(score, lambda imp, f, alive: search(structure, imp, macs, f,
+                                                                 alive=alive),
+                            chain(args.levels, args.round_step)):
+                print(f"{method} lam {lam:g}: round at {r.flops:.3g} after "
+                      f"{spent['score']:.0f} s of scoring", flush=True)
+                picked[round(r.flops, 6)] = r.selection
+            cache[(kind, lam)] = (spent["score"], picked)
+        out[lam] = cache[(kind, lam)]
+    return out
+
+
 def _ours(method, m, structure, cal, macs, seq_len, calib, evaluate, args, cache) -> dict:
     """{row name: (score seconds, rows)} for one of our methods."""
     import onnx_ir as ir
@@ -190,12 +239,18 @@ def _ours(method, m, structure, cal, macs, seq_len, calib, evaluate, args, cache
     from optin_onnx.rewrite import rewrite
     from optin_onnx.search import search
 
-    reused = method == "optin+ls" and "trajectory" in cache
-    t0 = time.perf_counter()
-    per_lam = _score(method, m, structure, cal, args, cache)
-    seconds = cache["trajectory_s"] if reused else time.perf_counter() - t0
-    if method in ("optin", "optin+ls") and not reused:
-        cache["trajectory_s"] = seconds
+    if args.round_step and method in ("optin", "optin+ls", "local"):
+        chains = _rounds(method, m, structure, cal, macs, args, cache)
+        per_lam = {lam: [None] for lam in chains}
+        seconds = max(c[0] for c in chains.values())
+    else:
+        chains = {}
+        reused = method == "optin+ls" and "trajectory" in cache
+        t0 = time.perf_counter()
+        per_lam = _score(method, m, structure, cal, args, cache)
+        seconds = cache["trajectory_s"] if reused else time.perf_counter() - t0
+        if method in ("optin", "optin+ls") and not reused:
+            cache["trajectory_s"] = seconds
     print(f"{method}: scored in {seconds:.0f} s", flush=True)
     out = {}
     for lam, runs in per_lam.items():
@@ -204,7 +259,8 @@ def _ours(method, m, structure, cal, macs, seq_len, calib, evaluate, args, cache
             per_seed = []
             for importance in runs:
                 t1 = time.perf_counter()
-                sel = search(structure, importance, macs, level)
+                sel = chains[lam][1][round(level, 6)] if chains else \
+                    search(structure, importance, macs, level)
                 base = reconstruct(m, structure, sel.keep, cal).model if method == "optin+ls" \
                     else m
                 slim = rewrite(base, structure, sel.keep)
@@ -217,7 +273,9 @@ def _ours(method, m, structure, cal, macs, seq_len, calib, evaluate, args, cache
             row["level"] = level
             rows.append(row)
             print(f"{method} lam {lam:g} @ {level}: {row}", flush=True)
-        out[row_name(method, args.samples, args.neuron_group, lam)] = (seconds, rows)
+        out[row_name(method, args.samples, args.neuron_group, lam,
+                     args.round_step if chains else 0.0)] = (
+            chains[lam][0] if chains else seconds, rows)
     return out
 
 
@@ -461,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--neuron-group", type=int, default=DEFAULTS["neuron_group"])
     p.add_argument("--lam", type=_floats, default=[DEFAULTS["lam"]],
                    help="output-term weights; several give one row each from the same scores")
+    p.add_argument("--round-step", type=float, default=0.0,
+                   help="optin/optin+ls/local: prune in rounds of this FLOPs fraction, re-scoring "
+                        "after each (optin_onnx.iterate; one chain of rounds serves every level); "
+                        "0 = one shot")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--reach", type=float, default=0.015,
                    help="onnxsim: farthest measured FLOPs from a level that still counts as it")

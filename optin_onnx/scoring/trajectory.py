@@ -287,6 +287,10 @@ class Objective:
     def wanted(self, block: Block) -> list[str]:
         return list(dict.fromkeys(self.features_for(block) + [self.output]))
 
+    def wanted_all(self) -> list[str]:
+        """Every value the teacher side needs."""
+        return list(dict.fromkeys(self.all_features() + [self.output]))
+
 
 def _dtypes(proto: onnx.ModelProto, cal: CalibrationSet,
             extra: Mapping[str, np.ndarray] | None = None) -> dict[str, np.dtype]:
@@ -298,14 +302,18 @@ def _dtypes(proto: onnx.ModelProto, cal: CalibrationSet,
 
 
 def candidate_sets(block: Block, group: int, proxy: np.ndarray | None,
-                   only: Sequence[int] | None = None) -> list[np.ndarray]:
+                   only: Sequence[int] | None = None,
+                   alive: Sequence[int] | None = None) -> list[np.ndarray]:
     """The unit sets scored for ``block``: singletons, or for MLP blocks with ``group > 1``,
     runs of ``group`` neurons adjacent in proxy order. ``only`` restricts exact scoring to some
-    units (benchmarks compare scorers on a subset; the rest score NaN)."""
+    units (benchmarks compare scorers on a subset; the rest score NaN). ``alive``: the units not
+    yet pruned (iterative pruning); the others are no candidates and score NaN."""
+    units = np.arange(block.n_units) if alive is None else np.asarray(sorted(alive), dtype=int)
     if block.kind == "attention" or group <= 1:
-        return [np.array([u]) for u in (range(block.n_units) if only is None else only)]
-    order = np.argsort(-proxy, kind="stable")
-    return [order[i:i + group] for i in range(0, block.n_units, group)]
+        picked = units if only is None else [u for u in only if u in set(units.tolist())]
+        return [np.array([u]) for u in picked]
+    order = units[np.argsort(-proxy[units], kind="stable")]
+    return [order[i:i + group] for i in range(0, len(order), group)]
 
 
 def _spread(scores: np.ndarray, sets: list[np.ndarray], proxy: np.ndarray | None,
@@ -331,17 +339,45 @@ def _tile(arr: np.ndarray, n: int, axis: int | None) -> np.ndarray:
     return arr if axis is None or n == 1 else np.concatenate([arr] * n, axis=axis)
 
 
+def unit_masks(structure: Structure, keep: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+    """Per-block 0/1 unit masks of a selection (blocks ``keep`` does not name stay whole)."""
+    out = {}
+    for b in structure.blocks:
+        m = np.zeros(b.n_units, dtype=np.float32)
+        m[list(keep.get(b.name, range(b.n_units)))] = 1.0
+        out[b.name] = m
+    return out
+
+
+def _base_loss(obj: "Objective", structure: Structure, base, student) -> dict[str, tuple]:
+    """Per block, the loss of the already-pruned model (zero without ``base``): scores are what
+    masking a candidate adds to it, so they stay comparable across iterative rounds."""
+    if base is None:
+        return {b.name: (0.0, 0.0) for b in structure.blocks}
+    return {b.name: obj.loss(b, student) for b in structure.blocks}
+
+
 def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
                cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None,
-               only: Mapping[str, Sequence[int]] | None = None) -> Scores:
+               only: Mapping[str, Sequence[int]] | None = None,
+               base: Mapping[str, Sequence[int]] | None = None) -> Scores:
     """Exact trajectory scores with prefix reuse, rank-k updates and candidate batching.
 
-    ``only`` (block name -> unit indices) scores only those units (others: NaN)."""
+    ``only`` (block name -> unit indices) scores only those units (others: NaN).
+
+    ``base`` (block name -> kept units; iterative pruning): the units it drops are already
+    masked in the student and are no candidates (NaN). The teacher stays ``model`` unmasked, and a
+    candidate's score is the loss it adds to the base selection's own loss."""
     if any(b.kind == "channels" for b in structure.blocks):
-        return _score_masked(model, structure, cal, cfg, progress, only)
+        return _score_masked(model, structure, cal, cfg, progress, only, base)
     t0 = time.perf_counter()
-    proto = ir.to_proto(model)
-    nodes = nodes_by_name(model.graph)
+    teacher_proto = ir.to_proto(model)
+    # The base masks as constant Muls before the consumers: each consumer's data input is then
+    # the masked activation, so the rank-k update of a dropped unit is zero by construction.
+    base_model = model if base is None else masked_model(model, structure,
+                                                         unit_masks(structure, base))
+    proto = ir.to_proto(base_model)
+    nodes = nodes_by_name(base_model.graph)
     obj = Objective(model, structure, cal, cfg)
     dtypes = _dtypes(proto, cal)
     plans = []
@@ -359,14 +395,17 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
         needed.update([x, y, *sfx.cut])
     needed -= set(cal.feeds)
     dense = capture(proto, cal, sorted(needed), cfg.providers)
-    obj.set_teacher(model, dense)
+    obj.set_teacher(model, dense if base is None else
+                    capture(teacher_proto, cal, obj.wanted_all(), cfg.providers))
+    base_loss = _base_loss(obj, structure, base, dense)
     axes = batch_axes(proto, cal, sorted(needed | set(cal.feeds)))
     scores = Scores()
     per_run = max(1, cfg.candidates_per_run)
     for b, c, x_name, y_name, w, sfx in plans:
         proxy = channel_proxy(b, nodes, dense) if b.kind == "mlp" else None
         sets = candidate_sets(b, cfg.neuron_group, proxy,
-                              None if only is None else only.get(b.name, []))
+                              None if only is None else only.get(b.name, []),
+                              None if base is None else base.get(b.name, range(b.n_units)))
         sess = session(sfx.model, sfx.outputs, cfg.providers, None)
         md, kd = np.zeros(len(sets)), np.zeros(len(sets))
         for first in range(0, len(sets), per_run):
@@ -391,7 +430,8 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
                 for i in range(n):
                     student[i].append({k: v[i] for k, v in split.items()})
             for i in range(n):
-                md[first + i], kd[first + i] = obj.loss(b, student[i])
+                md[first + i], kd[first + i] = np.subtract(obj.loss(b, student[i]),
+                                                           base_loss[b.name])
             if progress:
                 progress(sum(len(u) for u in batch))
         scores.md[b.name] = _spread(md, sets, proxy, b.n_units)
@@ -416,10 +456,21 @@ class _Masked:
         self.obj = Objective(model, structure, cal, cfg, points)
 
 
-def _candidate_mask(block: Block, units: np.ndarray) -> np.ndarray:
-    keep = np.ones(block.n_units)
+def _candidate_mask(block: Block, units: np.ndarray,
+                    base: np.ndarray | None = None) -> np.ndarray:
+    """The block's mask input with ``units`` (and whatever ``base`` already drops) masked."""
+    keep = np.ones(block.n_units) if base is None else base.astype(np.float64).copy()
     keep[units] = 0
     return channel_mask(block, keep, block.consumers[0].role)
+
+
+def _mask_feeds(structure: Structure, base: Mapping[str, Sequence[int]] | None
+                ) -> dict[str, np.ndarray] | None:
+    """Mask-input feeds of the base selection (None without one)."""
+    if base is None:
+        return None
+    return {mask_input_name(b): channel_mask(b, m, b.consumers[0].role)
+            for b, m in zip(structure.blocks, unit_masks(structure, base).values())}
 
 
 def channel_proxy(block: Block, nodes: dict[str, ir.Node],
@@ -442,9 +493,10 @@ def channel_proxy(block: Block, nodes: dict[str, ir.Node],
 
 
 def _score_masked(model: ir.Model, structure: Structure, cal: CalibrationSet, cfg: ScoreConfig,
-                  progress: Progress | None, only: Mapping[str, Sequence[int]] | None) -> Scores:
+                  progress: Progress | None, only: Mapping[str, Sequence[int]] | None,
+                  base: Mapping[str, Sequence[int]] | None = None) -> Scores:
     """Exact scores by prefix reuse on the masked model: per block, the suffix downstream of its
-    mask input, fed the dense cache; one candidate per run."""
+    mask input, fed the cache of the base selection (dense without one); one candidate per run."""
     t0 = time.perf_counter()
     mm = _Masked(model, structure, cal, cfg)
     obj = mm.obj
@@ -456,37 +508,45 @@ def _score_masked(model: ir.Model, structure: Structure, cal: CalibrationSet, cf
         needed.update(sfx.cut)
         needed.update(nodes[c.node].inputs[c.data_index].name for c in b.consumers)
     needed -= set(cal.feeds) | set(mm.ones)
-    dense = capture(mm.proto, cal, sorted(needed), cfg.providers, mm.ones)
-    obj.set_teacher(model, dense)
+    masks = _mask_feeds(structure, base) or mm.ones
+    dense = capture(mm.proto, cal, sorted(needed), cfg.providers, masks)
+    obj.set_teacher(model, dense if base is None else
+                    capture(mm.proto, cal, obj.wanted_all(), cfg.providers, mm.ones))
+    base_loss = _base_loss(obj, structure, base, dense)
+    kept = None if base is None else unit_masks(structure, base)
     scores = Scores()
     for b, sfx in plans:
         proxy = channel_proxy(b, nodes, dense) if b.kind != "attention" else None
         sets = candidate_sets(b, cfg.neuron_group, proxy,
-                              None if only is None else only.get(b.name, []))
+                              None if only is None else only.get(b.name, []),
+                              None if base is None else base.get(b.name, range(b.n_units)))
         sess = session(sfx.model, sfx.outputs, cfg.providers, None)
 
         def student(units: np.ndarray) -> list[dict[str, np.ndarray]]:
             out = []
             for chunk, values in zip(cal.chunks, dense):
-                feeds = {sfx.start: _candidate_mask(b, units)}
+                feeds = {sfx.start: _candidate_mask(b, units, None if kept is None
+                                                    else kept[b.name])}
                 feeds.update({k: values[k] for k in sfx.cut})
-                feeds.update({k: chunk.feeds[k] if k in chunk.feeds else mm.ones[k]
+                feeds.update({k: chunk.feeds[k] if k in chunk.feeds else masks[k]
                               for k in sfx.graph_inputs})
                 out.append(dict(zip(sfx.outputs, sess.run(sfx.outputs, feeds))))
             return out
 
-        _score_one_by_one(b, sets, proxy, student, obj, scores, progress)
+        _score_one_by_one(b, sets, proxy, student, obj, scores, progress, base_loss[b.name])
     scores.seconds = time.perf_counter() - t0
     return scores.finalize(cfg.lam)
 
 
 def _score_one_by_one(block: Block, sets: list[np.ndarray], proxy: np.ndarray | None,
                       student: Callable[[np.ndarray], list[dict[str, np.ndarray]]],
-                      obj: Objective, scores: Scores, progress: Progress | None) -> None:
-    """Loss of each candidate set, given how to run the model with it masked; per-unit scores."""
+                      obj: Objective, scores: Scores, progress: Progress | None,
+                      base_loss: tuple[float, float] = (0.0, 0.0)) -> None:
+    """Loss each candidate set adds to ``base_loss``, given how to run the model with it masked;
+    per-unit scores."""
     md, kd = np.zeros(len(sets)), np.zeros(len(sets))
     for i, units in enumerate(sets):
-        md[i], kd[i] = obj.loss(block, student(units))
+        md[i], kd[i] = np.subtract(obj.loss(block, student(units)), base_loss)
         if progress:
             progress(len(units))
     scores.md[block.name] = _spread(md, sets, proxy, block.n_units)
@@ -495,31 +555,40 @@ def _score_one_by_one(block: Block, sets: list[np.ndarray], proxy: np.ndarray | 
 
 def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
                 cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None,
-                only: Mapping[str, Sequence[int]] | None = None) -> Scores:
-    """The reference: one full forward pass of the masked model per unit (slow, obviously right)."""
+                only: Mapping[str, Sequence[int]] | None = None,
+                base: Mapping[str, Sequence[int]] | None = None) -> Scores:
+    """The reference: one full forward pass of the masked model per unit (slow, obviously right).
+    ``only`` and ``base`` as in :func:`score_fast`."""
     t0 = time.perf_counter()
     mm = _Masked(model, structure, cal, cfg)
     obj, ones = mm.obj, mm.ones
-    proto = ir.to_proto(model)
-    outputs = list(dict.fromkeys(obj.all_features() + [obj.output]))
-    dense = capture(mm.proto, cal, outputs, cfg.providers, ones)
-    obj.set_teacher(model, dense)
+    masks = _mask_feeds(structure, base) or ones
+    kept = None if base is None else unit_masks(structure, base)
+    outputs = obj.wanted_all()
+    teacher = capture(mm.proto, cal, outputs, cfg.providers, ones)
+    obj.set_teacher(model, teacher)
+    base_values = teacher if base is None else capture(mm.proto, cal, outputs, cfg.providers, masks)
+    base_loss = _base_loss(obj, structure, base, base_values)
     sess = session(mm.proto, outputs, cfg.providers)
     nodes = nodes_by_name(model.graph)
     scores = Scores()
     for b in structure.blocks:
         proxy = None
         if b.kind != "attention" and cfg.neuron_group > 1:
+            # the consumers' inputs in the base model (before their own mask: the proxy of an
+            # alive unit is the same either way, and dropped units are no candidates)
             xs = [nodes[k.node].inputs[k.data_index].name for k in b.consumers]
-            proxy = channel_proxy(b, nodes, capture(proto, cal, xs))
+            proxy = channel_proxy(b, nodes, capture(mm.proto, cal, xs, cfg.providers, masks))
         sets = candidate_sets(b, cfg.neuron_group, proxy,
-                              None if only is None else only.get(b.name, []))
+                              None if only is None else only.get(b.name, []),
+                              None if base is None else base.get(b.name, range(b.n_units)))
 
         def student(units: np.ndarray) -> list[dict[str, np.ndarray]]:
-            masks = dict(ones, **{mask_input_name(b): _candidate_mask(b, units)})
-            return [dict(zip(outputs, sess.run(outputs, {**chunk.feeds, **masks})))
+            feeds = dict(masks, **{mask_input_name(b): _candidate_mask(
+                b, units, None if kept is None else kept[b.name])})
+            return [dict(zip(outputs, sess.run(outputs, {**chunk.feeds, **feeds})))
                     for chunk in cal.chunks]
 
-        _score_one_by_one(b, sets, proxy, student, obj, scores, progress)
+        _score_one_by_one(b, sets, proxy, student, obj, scores, progress, base_loss[b.name])
     scores.seconds = time.perf_counter() - t0
     return scores.finalize(cfg.lam)
