@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def rounds(score: Scorer, select: Selector, schedule: Sequence[float]) -> Iterat
 
     A generator, so a caller evaluating every budget of a schedule (the accuracy benchmark's
     levels) pays for the rounds once."""
-    if any(b >= a for a, b in zip(schedule, schedule[1:])):
+    if any(b >= a for a, b in pairwise(schedule)):
         raise OptinError(f"round budgets must decrease, got {list(schedule)}")
     keep: Mapping[str, Sequence[int]] | None = None
     for flops in schedule:
@@ -59,3 +60,26 @@ def rounds(score: Scorer, select: Selector, schedule: Sequence[float]) -> Iterat
         selection = select(scores.importance, flops, keep)
         keep = selection.keep
         yield Round(flops, scores, selection)
+
+
+def chain(levels: Sequence[float], step: float) -> list[float]:
+    """The round budgets ``1 - step, 1 - 2 step, ...`` down to the lowest of ``levels``.
+
+    For each level L its prefix is exactly ``budgets(L, (1 - L) / step)``, the schedule
+    ``prune(flops=L, steps=...)`` runs, so one chain of rounds serves every level (benchmarks)."""
+    if not 0 < step < 1:
+        raise OptinError(f"round step must be in (0, 1), got {step:g}")
+    counts = [(1 - level) / step for level in levels]
+    if any(abs(c - round(c)) > 1e-6 or round(c) < 1 for c in counts):
+        raise OptinError(f"round step {step:g}: every level must be 1 minus a whole number of "
+                         f"steps, got {list(levels)}")
+    n = max(round(c) for c in counts)
+    return budgets(1 - n * step, n)
+
+
+def at_levels(score: Scorer, select: Selector, levels: Sequence[float],
+              step: float) -> dict[float, SearchResult]:
+    """{level: selection} from one chain of rounds of ``step`` (see :func:`chain`)."""
+    wanted = {round(level, 6) for level in levels}
+    return {round(r.flops, 6): r.selection for r in rounds(score, select, chain(levels, step))
+            if round(r.flops, 6) in wanted}

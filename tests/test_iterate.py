@@ -8,7 +8,7 @@ import pytest
 from optin_onnx.calibrate import make_calibration
 from optin_onnx.errors import OptinError
 from optin_onnx.flops import mac_model
-from optin_onnx.iterate import budgets, rounds
+from optin_onnx.iterate import at_levels, budgets, chain, rounds
 from optin_onnx.pipeline import PruneOptions, analyze, prune
 from optin_onnx.scoring.trajectory import ScoreConfig, score_fast, score_naive
 from optin_onnx.search import search
@@ -132,3 +132,30 @@ def test_prune_in_rounds_is_verified_and_noted(tiny_exports):
     with pytest.raises(OptinError, match="use --steps 1"):
         prune(tiny_exports[FORM], feeds, PruneOptions(flops=0.6, steps=2, method="magnitude",
                                                       latency_cases=[]))
+
+
+def test_one_chain_of_rounds_serves_every_level(setup):
+    """Each level's prefix of the chain is the schedule prune(steps=...) would run for it, and
+    at_levels picks each level's selection off that one chain."""
+    levels = [0.9, 0.8, 0.7, 0.6, 0.5]
+    got = chain(levels, 0.1)
+    np.testing.assert_allclose(got, levels)
+    for level in levels:
+        steps = round((1 - level) / 0.1)
+        np.testing.assert_allclose(got[:steps], budgets(level, steps))
+    np.testing.assert_allclose(chain([0.6], 0.1), [0.9, 0.8, 0.7, 0.6])
+    with pytest.raises(OptinError, match="whole number of steps"):
+        chain([0.65], 0.1)
+    m, s, cal = setup
+    macs = mac_model(m, s, 12)
+    calls = []
+
+    def score(base):
+        calls.append(base)
+        return score_fast(m, s, cal, ScoreConfig(**CFG), base=base)
+
+    picked = at_levels(score, lambda imp, f, alive: search(s, imp, macs, f, alive=alive),
+                       [0.6, 0.8], 0.2)
+    assert sorted(picked) == [0.6, 0.8] and len(calls) == 2
+    assert picked[0.6].fraction <= 0.6 + 1e-9
+    assert set(picked[0.6].keep[s.blocks[0].name]) <= set(picked[0.8].keep[s.blocks[0].name])

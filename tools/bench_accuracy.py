@@ -165,20 +165,6 @@ def row_name(method: str, samples: int, neuron_group: int, lam: float,
     return method + (f" ({', '.join(parts)})" if parts else "")
 
 
-def chain(levels: list[float], step: float) -> list[float]:
-    """The round budgets 1 - step, 1 - 2 step, ... down to the lowest level: for each level L,
-    its prefix is exactly ``prune(flops=L, steps=(1 - L) / step)``'s schedule, so one chain of
-    rounds serves every level."""
-    from optin_onnx.iterate import budgets
-
-    counts = [(1 - level) / step for level in levels]
-    if any(abs(c - round(c)) > 1e-6 or round(c) < 1 for c in counts):
-        raise SystemExit(f"--round-step {step:g}: every level must be 1 minus a whole number of "
-                         f"steps, got {levels}")
-    n = max(round(c) for c in counts)
-    return budgets(1 - n * step, n)
-
-
 def _score(method: str, m, structure, cal, args, cache: dict) -> dict[float, list[dict]]:
     """Importances per lambda (one list entry per seed) of one of our methods; optin+ls reuses
     optin's scores when both run."""
@@ -199,35 +185,31 @@ def _score(method: str, m, structure, cal, args, cache: dict) -> dict[float, lis
 
 
 def _rounds(method, m, structure, cal, macs, args, cache) -> dict[float, tuple]:
-    """{lam: (scoring seconds, {budget: selection})} of pruning in rounds of
-    ``args.round_step`` (optin_onnx.iterate), one chain per lambda; optin+ls reuses optin's."""
-    from optin_onnx.iterate import rounds
+    """{lam: (scoring seconds, {level: selection})} of pruning in rounds of ``args.round_step``
+    (optin_onnx.iterate), one chain per lambda; optin+ls reuses optin's."""
+    from optin_onnx.iterate import at_levels
     from optin_onnx.scoring.trajectory import ScoreConfig, score_fast
     from optin_onnx.search import search
 
     kind = "local" if method == "local" else "trajectory"
-    out = {}
     for lam in args.lam:
-        if (kind, lam) not in cache:
-            spent = {"score": 0.0}
-            cfg = ScoreConfig(neuron_group=args.neuron_group, features=kind, lam=lam)
+        if (kind, lam) in cache:
+            continue
+        cfg = ScoreConfig(neuron_group=args.neuron_group, features=kind, lam=lam)
+        spent = [0.0]
 
-            def score(base, cfg=cfg, spent=spent):
-                t0 = time.perf_counter()
-                got = score_fast(m, structure, cal, cfg, base=base)
-                spent["score"] += time.perf_counter() - t0
-                return got
+        def score(base, cfg=cfg, spent=spent):
+            t0 = time.perf_counter()
+            got = score_fast(m, structure, cal, cfg, base=base)
+            spent[0] += time.perf_counter() - t0
+            print(f"{method} lam {cfg.lam:g}: {spent[0]:.0f} s of scoring", flush=True)
+            return got
 
-            picked = {}
-            for r in rounds(score, lambda imp, f, alive: search(structure, imp, macs, f,
-                                                                 alive=alive),
-                            chain(args.levels, args.round_step)):
-                print(f"{method} lam {lam:g}: round at {r.flops:.3g} after "
-                      f"{spent['score']:.0f} s of scoring", flush=True)
-                picked[round(r.flops, 6)] = r.selection
-            cache[(kind, lam)] = (spent["score"], picked)
-        out[lam] = cache[(kind, lam)]
-    return out
+        picked = at_levels(score, lambda imp, f, alive: search(structure, imp, macs, f,
+                                                               alive=alive),
+                           args.levels, args.round_step)
+        cache[(kind, lam)] = (spent[0], picked)
+    return {lam: cache[(kind, lam)] for lam in args.lam}
 
 
 def _ours(method, m, structure, cal, macs, seq_len, calib, evaluate, args, cache) -> dict:

@@ -91,6 +91,7 @@ def bench(args) -> dict:
     from optin_onnx.analysis import analyze_graph
     from optin_onnx.calibrate import make_calibration
     from optin_onnx.flops import mac_model, total_macs
+    from optin_onnx.iterate import at_levels
     from optin_onnx.pipeline import as_model
     from optin_onnx.probe import dummy_feeds, probe
     from optin_onnx.reconstruct import reconstruct
@@ -115,14 +116,29 @@ def bench(args) -> dict:
               "neuron_group": args.neuron_group, "channel_multiple": args.channel_multiple,
               "methods": {}, "score_seconds": {}, "latency": {}}
     scored: dict[str, list] = {}
+    chains: dict[str, dict] = {}  # with --round-step: method -> {level: selection}
+
+    def select(importance, level, alive=None):
+        return search(structure, importance, macs, level,
+                      channel_multiple=args.channel_multiple, alive=alive)
+
     for method in args.methods:
         t0 = time.perf_counter()
+        scoring = method in ("optin", "local", "optin+ls")
         if method == "optin+ls" and "optin" in scored:
             runs = scored["optin"]
-        elif method in ("optin", "local", "optin+ls"):
+            if "optin" in chains:
+                chains[method] = chains["optin"]
+        elif scoring:
             cfg = ScoreConfig(neuron_group=args.neuron_group, feature_kind=args.feature,
                               features="local" if method == "local" else "trajectory")
-            runs = [score_fast(m, structure, cal, cfg).importance]
+            if args.round_step:
+                chains[method] = at_levels(
+                    lambda base, cfg=cfg: score_fast(m, structure, cal, cfg, base=base),
+                    select, args.levels, args.round_step)
+                runs = [None]
+            else:
+                runs = [score_fast(m, structure, cal, cfg).importance]
         elif method == "magnitude":
             runs = [score_magnitude(m, structure).importance]
         else:
@@ -134,8 +150,8 @@ def bench(args) -> dict:
         for level in args.levels:
             per_seed = []
             for importance in runs:
-                sel = search(structure, importance, macs, level,
-                             channel_multiple=args.channel_multiple)
+                sel = chains[method][round(level, 6)] if method in chains else \
+                    select(importance, level)
                 base = reconstruct(m, structure, sel.keep, cal).model if method == "optin+ls" \
                     else m
                 slim = ir.to_proto(rewrite(base, structure, sel.keep))
@@ -155,8 +171,9 @@ def bench(args) -> dict:
             row["level"] = level
             rows.append(row)
             print(f"{method} @ {level}: {row}", flush=True)
-        name = method if args.feature == "auto" or method not in ("optin", "local", "optin+ls") \
-            else f"{method} (feature {args.feature})"
+        settings = [f"feature {args.feature}"] if scoring and args.feature != "auto" else []
+        settings += [f"rounds of {args.round_step:g}"] if method in chains else []
+        name = method + (f" ({', '.join(settings)})" if settings else "")
         record["methods"][name] = rows
         record["score_seconds"][name] = record["score_seconds"].pop(method)
     return record
@@ -256,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                         "CNN with a hidden classifier layer: that layer's output only")
     p.add_argument("--channel-multiple", type=int, default=8,
                    help="channel counts stay multiples of N (default 8, the tool's default)")
+    p.add_argument("--round-step", type=float, default=0.0,
+                   help="optin/optin+ls/local: prune in rounds of this FLOPs fraction, re-scoring "
+                        "after each (optin_onnx.iterate; one chain serves every level); 0 = one shot")
     p.add_argument("--latency-seconds", type=float, default=0.0)
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--merge", action="store_true",
