@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="prune in N rounds, re-scoring the units left after each (budgets fall "
                         "linearly to --flops; optin and local only; N times the scoring time; "
                         f"default {d.steps} = one shot, as in the paper)")
+    r.add_argument("--round-teacher", choices=["dense", "current"], default=d.round_teacher,
+                   help="with --steps: what later rounds compare against, the input model (a score "
+                        "is the loss a unit adds) or the previous round's pruned model (default "
+                        f"{d.round_teacher})")
     r.add_argument("--reconstruct", action="store_true",
                    help="least-squares scales for the kept heads/neurons, fitted block by block so "
                         "each pruned block's output matches the dense one on the calibration set")
@@ -195,6 +199,7 @@ def _prune(args) -> None:
                        width_multiple=args.width_multiple, neuron_group=args.neuron_group,
                        channel_multiple=args.channel_multiple,
                        feature_kind=args.feature_kind, steps=args.steps,
+                       round_teacher=args.round_teacher,
                        allow_block_removal=args.allow_block_removal, reconstruct=args.reconstruct,
                        provider=args.provider,
                        canonicalize=args.canonicalize, simplify=args.simplify,

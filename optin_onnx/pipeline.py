@@ -68,6 +68,9 @@ class PruneOptions:
     # Rounds of score + search with budgets falling linearly to ``flops``, each re-scoring the
     # units left (optin_onnx.iterate); 1 = one shot, as in the paper.
     steps: int = 1
+    # The teacher of rounds after the first: dense (the input model) | current (the previous
+    # round's pruned model, as if it were the dense one). See ScoreConfig.teacher.
+    round_teacher: str = "dense"
     allow_block_removal: bool = False
     reconstruct: bool = False  # least-squares scales for the kept units (optin_onnx.reconstruct)
     provider: str = "cpu"
@@ -235,7 +238,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
                       candidates_per_run=opt.candidates_per_run,
                       neuron_group=opt.neuron_group, feature_kind=opt.feature_kind,
                       features="local" if opt.method == "local" else "trajectory",
-                      providers=providers)
+                      teacher=opt.round_teacher, providers=providers)
 
     def score(base) -> Scores:
         """This round's importances (``base``: the previous round's selection, None at first)."""

@@ -273,13 +273,13 @@ def test_fast_scores_equal_naive(tiny_cnns, kind, group) -> None:
     assert all(np.all(np.isfinite(v)) for v in fast.importance.values())
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_fast_scores_equal_naive_on_a_base_selection(tiny_cnns, group) -> None:
+@pytest.mark.parametrize("group,teacher", [(1, "dense"), (4, "dense"), (4, "current")])
+def test_fast_scores_equal_naive_on_a_base_selection(tiny_cnns, group, teacher) -> None:
     """Iterative rounds score on top of an earlier selection: the same numbers both ways, and
     dropped channels are no candidates."""
     model, structure = analyze(tiny_cnns[("resnet", "torchscript", False)])
     cal = make_calibration({"input": images(6, seed=1)}, chunk_size=4)
-    cfg = ScoreConfig(neuron_group=group, tokens=64)
+    cfg = ScoreConfig(neuron_group=group, tokens=64, teacher=teacher)
     base = random_keep(structure, seed=3)
     fast = score_fast(model, structure, cal, cfg, base=base)
     naive = score_naive(model, structure, cal, cfg, base=base)

@@ -30,10 +30,10 @@ def half_keep(structure) -> dict[str, list[int]]:
     return {b.name: list(range(1, b.n_units, 2)) for b in structure.blocks}
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_scores_on_a_base_selection_fast_equals_naive(setup, group):
+@pytest.mark.parametrize("group,teacher", [(1, "dense"), (4, "dense"), (4, "current")])
+def test_scores_on_a_base_selection_fast_equals_naive(setup, group, teacher):
     m, s, cal = setup
-    cfg = ScoreConfig(**CFG, neuron_group=group)
+    cfg = ScoreConfig(**CFG, neuron_group=group, teacher=teacher)
     base = half_keep(s)
     fast = score_fast(m, s, cal, cfg, base=base)
     naive = score_naive(m, s, cal, cfg, base=base)
@@ -48,6 +48,8 @@ def test_scores_on_a_base_selection_fast_equals_naive(setup, group):
             scale = np.abs(n[alive]).max()
             assert scale > 0
             assert np.abs(f[alive] - n[alive]).max() <= 1e-5 * scale, (term, b.name)
+            if teacher == "current":  # distances from the model scored: never negative
+                assert np.all(f[alive] >= 0), (term, b.name)
 
 
 def test_a_full_base_scores_like_one_shot(setup):

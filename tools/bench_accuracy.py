@@ -149,7 +149,7 @@ def _target(name: str, cache: str | None) -> Target:
 
 
 def row_name(method: str, samples: int, neuron_group: int, lam: float,
-             round_step: float = 0.0) -> str:
+             round_step: float = 0.0, teacher: str = "dense") -> str:
     """``method`` plus the settings that differ from :data:`DEFAULTS` (scoring settings apply to
     the trajectory and local scores only)."""
     parts = []
@@ -161,7 +161,8 @@ def row_name(method: str, samples: int, neuron_group: int, lam: float,
     if scored and lam != DEFAULTS["lam"]:
         parts.append(f"lam {lam:g}")
     if scored and round_step:
-        parts.append(f"rounds of {round_step:g}")
+        parts.append(f"rounds of {round_step:g}" + (f", teacher {teacher}"
+                                                     if teacher != "dense" else ""))
     return method + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -195,7 +196,8 @@ def _rounds(method, m, structure, cal, macs, args, cache) -> dict[float, tuple]:
     for lam in args.lam:
         if (kind, lam) in cache:
             continue
-        cfg = ScoreConfig(neuron_group=args.neuron_group, features=kind, lam=lam)
+        cfg = ScoreConfig(neuron_group=args.neuron_group, features=kind, lam=lam,
+                          teacher=args.round_teacher)
         spent = [0.0]
 
         def score(base, cfg=cfg, spent=spent):
@@ -256,7 +258,7 @@ def _ours(method, m, structure, cal, macs, seq_len, calib, evaluate, args, cache
             rows.append(row)
             print(f"{method} lam {lam:g} @ {level}: {row}", flush=True)
         out[row_name(method, args.samples, args.neuron_group, lam,
-                     args.round_step if chains else 0.0)] = (
+                     args.round_step if chains else 0.0, args.round_teacher)] = (
             chains[lam][0] if chains else seconds, rows)
     return out
 
@@ -505,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="optin/optin+ls/local: prune in rounds of this FLOPs fraction, re-scoring "
                         "after each (optin_onnx.iterate; one chain of rounds serves every level); "
                         "0 = one shot")
+    p.add_argument("--round-teacher", choices=["dense", "current"], default="dense",
+                   help="with --round-step: later rounds' teacher (ScoreConfig.teacher)")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--reach", type=float, default=0.015,
                    help="onnxsim: farthest measured FLOPs from a level that still counts as it")

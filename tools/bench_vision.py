@@ -131,7 +131,8 @@ def bench(args) -> dict:
                 chains[method] = chains["optin"]
         elif scoring:
             cfg = ScoreConfig(neuron_group=args.neuron_group, feature_kind=args.feature,
-                              features="local" if method == "local" else "trajectory")
+                              features="local" if method == "local" else "trajectory",
+                              teacher=args.round_teacher)
             if args.round_step:
                 chains[method] = at_levels(
                     lambda base, cfg=cfg: score_fast(m, structure, cal, cfg, base=base),
@@ -172,7 +173,9 @@ def bench(args) -> dict:
             rows.append(row)
             print(f"{method} @ {level}: {row}", flush=True)
         settings = [f"feature {args.feature}"] if scoring and args.feature != "auto" else []
-        settings += [f"rounds of {args.round_step:g}"] if method in chains else []
+        settings += [f"rounds of {args.round_step:g}" + (
+            f", teacher {args.round_teacher}" if args.round_teacher != "dense" else "")
+            ] if method in chains else []
         name = method + (f" ({', '.join(settings)})" if settings else "")
         record["methods"][name] = rows
         record["score_seconds"][name] = record["score_seconds"].pop(method)
@@ -209,12 +212,18 @@ def plot(record: dict, path: Path) -> None:
 
 def table(record: dict) -> str:
     key, _ = _headline(record)
-    levels = [r["level"] for r in next(iter(record["methods"].values()))]
+    # Every level any row has (rows merged from runs at other levels leave their other cells blank).
+    levels = sorted({r["level"] for rows in record["methods"].values() for r in rows}, reverse=True)
     lines = ["| method | score time | " + " | ".join(f"{lv:g}" for lv in levels) + " |",
              "|---" * (len(levels) + 2) + "|"]
     for method, rows in record["methods"].items():
         cells = []
-        for r in rows:
+        at = {r["level"]: r for r in rows}
+        for level in levels:
+            r = at.get(level)
+            if r is None:
+                cells.append("")
+                continue
             first = f"{100 * r[key]:.1f}" + (f" (agr {100 * r['agreement']:.0f}"
                                               if key == "accuracy" else
                                               f" (top-5 {100 * r['top5_agreement']:.0f}")
@@ -276,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-step", type=float, default=0.0,
                    help="optin/optin+ls/local: prune in rounds of this FLOPs fraction, re-scoring "
                         "after each (optin_onnx.iterate; one chain serves every level); 0 = one shot")
+    p.add_argument("--round-teacher", choices=["dense", "current"], default="dense",
+                   help="with --round-step: later rounds' teacher (ScoreConfig.teacher)")
     p.add_argument("--latency-seconds", type=float, default=0.0)
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--merge", action="store_true",

@@ -76,6 +76,10 @@ class ScoreConfig:
     neuron_group: int = 1  # 1 = exact per-neuron scores
     output_kind: str = "auto"  # auto | logits | embedding | tokens
     features: str = "trajectory"  # trajectory | local (ablation: the unit's own layer only)
+    # With a base selection (pruning in rounds): "dense" keeps the original model as the teacher
+    # (a score is the loss a unit adds to the base's); "current" makes the base model the teacher
+    # (OPTIN's score on the pruned model as if it were the dense one).
+    teacher: str = "dense"
     feature_kind: str = "auto"  # what F_z is: auto | ffn | residual-ln | blocks (module doc)
     providers: list[str] | None = None
 
@@ -349,12 +353,25 @@ def unit_masks(structure: Structure, keep: Mapping[str, Sequence[int]]) -> dict[
     return out
 
 
-def _base_loss(obj: "Objective", structure: Structure, base, student) -> dict[str, tuple]:
-    """Per block, the loss of the already-pruned model (zero without ``base``): scores are what
-    masking a candidate adds to it, so they stay comparable across iterative rounds."""
-    if base is None:
+TEACHERS = ("dense", "current")
+
+
+def _anchor(obj: "Objective", model: ir.Model, structure: Structure, cfg: ScoreConfig, base,
+            current: list[dict[str, np.ndarray]],
+            dense: Callable[[], list[dict[str, np.ndarray]]]) -> dict[str, tuple]:
+    """Set the teacher and return, per block, the loss the scores are measured from.
+
+    Without ``base``, or with ``cfg.teacher == "current"``, the teacher is the model being scored
+    (``current``: the dense model, or the base selection applied) and every score starts from
+    zero. With ``"dense"`` the teacher is the unpruned model (``dense()``, captured on demand) and
+    a score is the loss a candidate adds to the base selection's own loss."""
+    if cfg.teacher not in TEACHERS:
+        raise OptinError(f"teacher must be one of {', '.join(TEACHERS)}, got '{cfg.teacher}'")
+    if base is None or cfg.teacher == "current":
+        obj.set_teacher(model, current)
         return {b.name: (0.0, 0.0) for b in structure.blocks}
-    return {b.name: obj.loss(b, student) for b in structure.blocks}
+    obj.set_teacher(model, dense())
+    return {b.name: obj.loss(b, current) for b in structure.blocks}
 
 
 def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
@@ -366,8 +383,9 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
     ``only`` (block name -> unit indices) scores only those units (others: NaN).
 
     ``base`` (block name -> kept units; iterative pruning): the units it drops are already
-    masked in the student and are no candidates (NaN). The teacher stays ``model`` unmasked, and a
-    candidate's score is the loss it adds to the base selection's own loss."""
+    masked in the student and are no candidates (NaN). The teacher is ``cfg.teacher``: the
+    unmasked ``model`` ("dense": a candidate's score is the loss it adds to the base selection's
+    own loss) or the base model itself ("current")."""
     if any(b.kind == "channels" for b in structure.blocks):
         return _score_masked(model, structure, cal, cfg, progress, only, base)
     t0 = time.perf_counter()
@@ -395,9 +413,8 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
         needed.update([x, y, *sfx.cut])
     needed -= set(cal.feeds)
     dense = capture(proto, cal, sorted(needed), cfg.providers)
-    obj.set_teacher(model, dense if base is None else
-                    capture(teacher_proto, cal, obj.wanted_all(), cfg.providers))
-    base_loss = _base_loss(obj, structure, base, dense)
+    base_loss = _anchor(obj, model, structure, cfg, base, dense,
+                        lambda: capture(teacher_proto, cal, obj.wanted_all(), cfg.providers))
     axes = batch_axes(proto, cal, sorted(needed | set(cal.feeds)))
     scores = Scores()
     per_run = max(1, cfg.candidates_per_run)
@@ -510,9 +527,8 @@ def _score_masked(model: ir.Model, structure: Structure, cal: CalibrationSet, cf
     needed -= set(cal.feeds) | set(mm.ones)
     masks = _mask_feeds(structure, base) or mm.ones
     dense = capture(mm.proto, cal, sorted(needed), cfg.providers, masks)
-    obj.set_teacher(model, dense if base is None else
-                    capture(mm.proto, cal, obj.wanted_all(), cfg.providers, mm.ones))
-    base_loss = _base_loss(obj, structure, base, dense)
+    base_loss = _anchor(obj, model, structure, cfg, base, dense,
+                        lambda: capture(mm.proto, cal, obj.wanted_all(), cfg.providers, mm.ones))
     kept = None if base is None else unit_masks(structure, base)
     scores = Scores()
     for b, sfx in plans:
@@ -565,10 +581,9 @@ def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
     masks = _mask_feeds(structure, base) or ones
     kept = None if base is None else unit_masks(structure, base)
     outputs = obj.wanted_all()
-    teacher = capture(mm.proto, cal, outputs, cfg.providers, ones)
-    obj.set_teacher(model, teacher)
-    base_values = teacher if base is None else capture(mm.proto, cal, outputs, cfg.providers, masks)
-    base_loss = _base_loss(obj, structure, base, base_values)
+    base_loss = _anchor(obj, model, structure, cfg, base,
+                        capture(mm.proto, cal, outputs, cfg.providers, masks),
+                        lambda: capture(mm.proto, cal, outputs, cfg.providers, ones))
     sess = session(mm.proto, outputs, cfg.providers)
     nodes = nodes_by_name(model.graph)
     scores = Scores()
