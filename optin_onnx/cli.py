@@ -77,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                         "linearly to --flops; optin and local only; N times the scoring time; "
                         f"default {d.steps} = one shot, as in the paper)")
     r.add_argument("--round-teacher", choices=["dense", "current"], default=d.round_teacher,
-                   help="with --steps: what later rounds compare against, the input model (a score "
-                        "is the loss a unit adds) or the previous round's pruned model (default "
-                        f"{d.round_teacher})")
+                   help="with --steps: what later rounds compare against, the previous round's "
+                        "pruned model (as if it were the dense one) or the input model (a score is "
+                        f"the loss a unit adds; default {d.round_teacher})")
     r.add_argument("--reconstruct", action="store_true",
                    help="least-squares scales for the kept heads/neurons, fitted block by block so "
                         "each pruned block's output matches the dense one on the calibration set")

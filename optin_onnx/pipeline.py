@@ -68,9 +68,9 @@ class PruneOptions:
     # Rounds of score + search with budgets falling linearly to ``flops``, each re-scoring the
     # units left (optin_onnx.iterate); 1 = one shot, as in the paper.
     steps: int = 1
-    # The teacher of rounds after the first: dense (the input model) | current (the previous
-    # round's pruned model, as if it were the dense one). See ScoreConfig.teacher.
-    round_teacher: str = "dense"
+    # The teacher of rounds after the first: current (the previous round's pruned model, as if it
+    # were the dense one) | dense (the input model). See ScoreConfig.teacher.
+    round_teacher: str = "current"
     allow_block_removal: bool = False
     reconstruct: bool = False  # least-squares scales for the kept units (optin_onnx.reconstruct)
     provider: str = "cpu"

@@ -47,5 +47,7 @@ def test_row_names_say_what_differs_from_the_defaults():
     assert ba.row_name("optin+ls", 32, 1, 1.0) == "optin+ls (ng 1)"
     assert ba.row_name("magnitude", 128, 1, 10.0) == "magnitude"  # uses no calibration
     assert ba.row_name("onnxsim-wanda", 64, 8, 1.0) == "onnxsim-wanda (cal 64)"
-    assert ba.row_name("optin", 64, 8, 10.0, 0.1) == "optin (cal 64, lam 10, rounds of 0.1)"
+    assert ba.row_name("optin", 64, 8, 10.0, 0.1) == \
+        "optin (cal 64, lam 10, rounds of 0.1, teacher current)"
+    assert ba.row_name("local", 32, 8, 1.0, 0.1, "dense") == "local (rounds of 0.1, teacher dense)"
     assert ba.row_name("magnitude", 32, 8, 1.0, 0.1) == "magnitude"

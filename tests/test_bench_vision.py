@@ -43,12 +43,12 @@ def test_table_headline_is_accuracy_with_labels_else_agreement() -> None:
 def test_rows_at_other_levels_leave_blank_cells() -> None:
     record = _record(True)
     row = dict(record["methods"]["optin"][0], level=0.8, flops_kept=0.8)
-    record["methods"]["optin (rounds of 0.1)"] = [row]
-    record["score_seconds"]["optin (rounds of 0.1)"] = 9.0
+    record["methods"]["optin (rounds of 0.1, teacher current)"] = [row]
+    record["score_seconds"]["optin (rounds of 0.1, teacher current)"] = 9.0
     text = table(record)
     assert "| method | score time | 0.8 | 0.6 |" in text
     assert "| optin |  3 s |" not in text and "| optin | 3 s |  | 80.0" in text
-    assert "| optin (rounds of 0.1) | 9 s | 80.0 (agr 90, KL 0.050; FLOPs 0.80) |  |" in text
+    assert "| optin (rounds of 0.1, teacher current) | 9 s | 80.0 (agr 90, KL 0.050; FLOPs 0.80) |  |" in text
 
 
 def test_update_results_replaces_only_its_block(tmp_path) -> None:

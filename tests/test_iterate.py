@@ -64,11 +64,12 @@ def test_a_full_base_scores_like_one_shot(setup):
 
 
 def test_base_scores_are_what_a_unit_adds_to_the_selection(setup):
-    """The masked units change what the rest is worth: scores on a base differ from one-shot's.
+    """Teacher dense: the masked units change what the rest is worth, so scores on a base differ
+    from one-shot's.
     (A score on a base is the loss a unit adds to the base's own loss, so on this random tiny
     model with half of every layer gone it is often negative: the naive test checks the value.)"""
     m, s, cal = setup
-    cfg = ScoreConfig(**CFG)
+    cfg = ScoreConfig(**CFG, teacher="dense")
     base = half_keep(s)
     on_base = score_fast(m, s, cal, cfg, base=base)
     one_shot = score_fast(m, s, cal, cfg)

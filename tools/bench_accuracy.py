@@ -149,7 +149,7 @@ def _target(name: str, cache: str | None) -> Target:
 
 
 def row_name(method: str, samples: int, neuron_group: int, lam: float,
-             round_step: float = 0.0, teacher: str = "dense") -> str:
+             round_step: float = 0.0, teacher: str = "current") -> str:
     """``method`` plus the settings that differ from :data:`DEFAULTS` (scoring settings apply to
     the trajectory and local scores only)."""
     parts = []
@@ -161,8 +161,7 @@ def row_name(method: str, samples: int, neuron_group: int, lam: float,
     if scored and lam != DEFAULTS["lam"]:
         parts.append(f"lam {lam:g}")
     if scored and round_step:
-        parts.append(f"rounds of {round_step:g}" + (f", teacher {teacher}"
-                                                     if teacher != "dense" else ""))
+        parts.append(f"rounds of {round_step:g}, teacher {teacher}")
     return method + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -507,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="optin/optin+ls/local: prune in rounds of this FLOPs fraction, re-scoring "
                         "after each (optin_onnx.iterate; one chain of rounds serves every level); "
                         "0 = one shot")
-    p.add_argument("--round-teacher", choices=["dense", "current"], default="dense",
+    p.add_argument("--round-teacher", choices=["dense", "current"], default="current",
                    help="with --round-step: later rounds' teacher (ScoreConfig.teacher)")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--reach", type=float, default=0.015,

@@ -173,9 +173,8 @@ def bench(args) -> dict:
             rows.append(row)
             print(f"{method} @ {level}: {row}", flush=True)
         settings = [f"feature {args.feature}"] if scoring and args.feature != "auto" else []
-        settings += [f"rounds of {args.round_step:g}" + (
-            f", teacher {args.round_teacher}" if args.round_teacher != "dense" else "")
-            ] if method in chains else []
+        settings += ([f"rounds of {args.round_step:g}, teacher {args.round_teacher}"]
+                     if method in chains else [])
         name = method + (f" ({', '.join(settings)})" if settings else "")
         record["methods"][name] = rows
         record["score_seconds"][name] = record["score_seconds"].pop(method)
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-step", type=float, default=0.0,
                    help="optin/optin+ls/local: prune in rounds of this FLOPs fraction, re-scoring "
                         "after each (optin_onnx.iterate; one chain serves every level); 0 = one shot")
-    p.add_argument("--round-teacher", choices=["dense", "current"], default="dense",
+    p.add_argument("--round-teacher", choices=["dense", "current"], default="current",
                    help="with --round-step: later rounds' teacher (ScoreConfig.teacher)")
     p.add_argument("--latency-seconds", type=float, default=0.0)
     p.add_argument("--out", default="docs/bench")
