@@ -195,7 +195,7 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     key, label = _headline(record)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for method, rows in record["methods"].items():
         ax.plot([r["flops_kept"] for r in rows], [100 * r[key] for r in rows], "o-", label=method)
     ax.axhline(100 * record["dense"][key], color="gray", ls="--", label="dense")
@@ -204,7 +204,7 @@ def plot(record: dict, path: Path) -> None:
     ax.set_title(record["model"])
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: rows pile up
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
