@@ -46,7 +46,7 @@ SEEDS = (0, 1, 2)
 OURS = ("optin", "optin+ls", "local", "magnitude", "random")
 ONNXSIM = {"onnxsim-magnitude": "magnitude", "onnxsim-wanda": "wanda", "onnxsim-heads": "heads"}
 DEFAULTS = {"samples": 32, "neuron_group": 8, "lam": 1.0}
-#: One colour per method across every plot; rows with other settings share C9.
+#: One colour per method across every plot; rows with other settings take their method's.
 COLOURS = {m: f"C{i}" for i, m in enumerate((*OURS, *ONNXSIM))}
 
 
@@ -374,9 +374,11 @@ def plot(record: dict, path: Path) -> None:
     for method, rows in record["methods"].items():
         rows = [r for r in rows if key in r]
         if rows:
-            style = "s--" if method.startswith("onnxsim") else "o-" if method in COLOURS else "^-"
+            # A row with other settings: its method's colour, triangles, dash-dot.
+            base = method.split(" (")[0]
+            style = "s--" if method.startswith("onnxsim") else "o-" if method in COLOURS else "^-."
             ax.plot([r["flops_kept"] for r in rows], [scale * r[key] for r in rows], style,
-                    color=COLOURS.get(method, "C9"), label=method)
+                    color=COLOURS.get(base, "C9"), label=method)
     ax.axhline(scale * record["dense"][key], color="gray", ls=":", label="dense")
     ax.set_xlabel("fraction of FLOPs kept")
     ax.set_ylabel(label)
