@@ -371,12 +371,19 @@ def plot(record: dict, path: Path) -> None:
 
     key, label, scale = _headline(record)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    variants: dict[str, int] = {}  # rows with other settings so far, per method
     for method, rows in record["methods"].items():
         rows = [r for r in rows if key in r]
         if rows:
-            # A row with other settings: its method's colour, triangles, dash-dot.
+            # A row with other settings: its method's colour, a marker and line of its own.
             base = method.split(" (")[0]
-            style = "s--" if method.startswith("onnxsim") else "o-" if method in COLOURS else "^-."
+            if method.startswith("onnxsim"):
+                style = "s--"
+            elif method in COLOURS:
+                style = "o-"
+            else:
+                variants[base] = variants.get(base, -1) + 1
+                style = ("^-.", "v:", "D-.", "P:")[variants[base] % 4]
             ax.plot([r["flops_kept"] for r in rows], [scale * r[key] for r in rows], style,
                     color=COLOURS.get(base, "C9"), label=method)
     ax.axhline(scale * record["dense"][key], color="gray", ls=":", label="dense")
