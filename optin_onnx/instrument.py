@@ -7,7 +7,7 @@ which is the invariant the verify stage checks (masked == sliced).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -20,6 +20,17 @@ def channel_mask(block: Block, unit_mask: np.ndarray, role: Role) -> np.ndarray:
     """Expand a per-unit 0/1 mask to the consumer's channels (FLAT: ``unit_size`` each)."""
     unit_mask = np.asarray(unit_mask, dtype=np.float32)
     return np.repeat(unit_mask, block.unit_size) if role is Role.FLAT else unit_mask
+
+
+def unit_masks(structure: Structure, keep: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+    """Per-block 0/1 unit masks of a selection (blocks ``keep`` does not name stay whole): the
+    ``masks`` argument of :func:`masked_model`."""
+    out = {}
+    for b in structure.blocks:
+        m = np.zeros(b.n_units, dtype=np.float32)
+        m[list(keep.get(b.name, range(b.n_units)))] = 1.0
+        out[b.name] = m
+    return out
 
 
 def oriented(weight: np.ndarray, consumer: Consumer) -> np.ndarray:

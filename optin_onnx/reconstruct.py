@@ -29,7 +29,7 @@ import onnx_ir as ir
 from optin_onnx.analysis import Block, Role, Structure
 from optin_onnx.calibrate import CalibrationSet, capture
 from optin_onnx.graph import const_array, copy_model, nodes_by_name
-from optin_onnx.instrument import masked_model, oriented
+from optin_onnx.instrument import masked_model, oriented, unit_masks
 
 MAX_SCALE = 10.0
 
@@ -104,11 +104,7 @@ def reconstruct(model: ir.Model, structure: Structure, keep: Mapping[str, Sequen
     result = ReconstructResult(out)
     dense_proto = ir.to_proto(model)
     nodes = nodes_by_name(model.graph)
-    masks = {}
-    for b in structure.blocks:
-        m = np.zeros(b.n_units, dtype=np.float32)
-        m[list(keep.get(b.name, range(b.n_units)))] = 1.0
-        masks[b.name] = m
+    masks = unit_masks(structure, keep)
     targets = {}
     for b in structure.blocks:
         c = b.consumers[0]

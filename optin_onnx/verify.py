@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from optin_onnx.analysis import Structure
 from optin_onnx.calibrate import CalibrationSet
-from optin_onnx.instrument import masked_model
+from optin_onnx.instrument import masked_model, unit_masks
 from optin_onnx.errors import OptinError
 from optin_onnx.probe import grow_images, image_inputs, sample_feeds, sequence_inputs
 from optin_onnx.runtime import session
@@ -56,12 +56,8 @@ def verify_cases(cal: CalibrationSet, seq_names: set[str], image_names: set[str]
 def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
            keep: Mapping[str, Sequence[int]], cal: CalibrationSet, tolerance: float = 1e-4,
            providers: Sequence[str] | None = None) -> VerifyResult:
-    masks = {}
-    for b in structure.blocks:
-        m = np.zeros(b.n_units, dtype=np.float32)
-        m[list(keep.get(b.name, range(b.n_units)))] = 1.0
-        masks[b.name] = m
-    reference = session(ir.to_proto(masked_model(dense, structure, masks)), providers)
+    reference = session(ir.to_proto(masked_model(dense, structure, unit_masks(structure, keep))),
+                        providers)
     candidate = session(slim, providers)
     result = VerifyResult(0.0, tolerance)
     images = image_inputs(dense)

@@ -18,7 +18,7 @@ from optin_onnx.analysis import Structure
 from optin_onnx.calibrate import make_calibration
 from optin_onnx.errors import OptinError
 from optin_onnx.flops import mac_model, total_macs
-from optin_onnx.instrument import masked_model
+from optin_onnx.instrument import masked_model, unit_masks
 from optin_onnx.pipeline import analyze, prune
 from optin_onnx.rewrite import rewrite
 from optin_onnx.scoring.baselines import score_magnitude
@@ -52,15 +52,6 @@ def random_keep(structure: Structure, seed: int) -> dict[str, list[int]]:
     rng = np.random.default_rng(seed)
     return {b.name: sorted(rng.choice(b.n_units, rng.integers(1, b.n_units), replace=False)
                            .tolist()) for b in structure.blocks}
-
-
-def unit_masks(structure: Structure, keep) -> dict[str, np.ndarray]:
-    out = {}
-    for b in structure.blocks:
-        m = np.zeros(b.n_units, np.float32)
-        m[keep[b.name]] = 1
-        out[b.name] = m
-    return out
 
 
 # -- analysis -----------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ from optin_onnx.analysis import Block, Consumer, Structure, pre_layer_norm, resi
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet, batch_axes, capture, session
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, nodes_by_name
-from optin_onnx.instrument import channel_mask, mask_input_name, masked_model, oriented
+from optin_onnx.instrument import (channel_mask, mask_input_name, masked_model, oriented,
+                                   unit_masks)
 from optin_onnx.probe import run_all_values
 from optin_onnx.scoring.losses import (TokenSample, cosine_loss, kl_loss, md_loss,
                                        normalised_gram, rows)
@@ -343,16 +344,6 @@ def _split(arr: np.ndarray, n: int, axis: int | None) -> list[np.ndarray]:
 
 def _tile(arr: np.ndarray, n: int, axis: int | None) -> np.ndarray:
     return arr if axis is None or n == 1 else np.concatenate([arr] * n, axis=axis)
-
-
-def unit_masks(structure: Structure, keep: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
-    """Per-block 0/1 unit masks of a selection (blocks ``keep`` does not name stay whole)."""
-    out = {}
-    for b in structure.blocks:
-        m = np.zeros(b.n_units, dtype=np.float32)
-        m[list(keep.get(b.name, range(b.n_units)))] = 1.0
-        out[b.name] = m
-    return out
 
 
 TEACHERS = ("dense", "current")
