@@ -9,10 +9,14 @@ has matter more than they did in the dense model. Rounds measure that instead of
     round k: score the units still alive with rounds 1..k-1's selection masked, then search f_k
              over the alive units only (what an earlier round dropped stays dropped)
 
-The teacher is the dense model in every round, and a unit's score is the loss it adds to the
-current selection's own loss (:func:`~optin_onnx.scoring.trajectory.score_fast`, ``base``). Each
-round costs one scoring pass over the alive units, so n rounds cost about n times the one-shot
-scoring less the dropped units' share.
+What a later round compares against is ``ScoreConfig.teacher``
+(:func:`~optin_onnx.scoring.trajectory.score_fast`, ``base``): by default the previous round's
+pruned model, scored as if it were the dense one; or the dense model, a unit's score then being the
+loss it adds to the current selection's own loss. Against the dense model a third of the scores
+turn negative on a fine-tuned classifier (removing the unit pulls the calibration logits back
+toward the dense ones), and the selections generalise worse (docs/RESULTS.md). Each round costs
+one scoring pass over the alive units, so n rounds cost about n times the one-shot scoring less
+the dropped units' share.
 """
 from __future__ import annotations
 
