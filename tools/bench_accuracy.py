@@ -222,28 +222,30 @@ def _ours(method, m, structure, cal, macs, seq_len, calib, evaluate, args, cache
     from optin_onnx.rewrite import rewrite
     from optin_onnx.search import search
 
-    if args.round_step and method in ("optin", "optin+ls", "local"):
-        chains = _rounds(method, m, structure, cal, macs, args, cache)
-        per_lam = {lam: [None] for lam in chains}
-        seconds = max(c[0] for c in chains.values())
+    # Per lambda: scoring seconds, and one level -> selection function per seed.
+    rounds = bool(args.round_step) and method in ("optin", "optin+ls", "local")
+    if rounds:
+        pickers = {lam: (seconds, [lambda level, got=got: got[round(level, 6)]])
+                   for lam, (seconds, got) in _rounds(method, m, structure, cal, macs, args,
+                                                      cache).items()}
     else:
-        chains = {}
         reused = method == "optin+ls" and "trajectory" in cache
         t0 = time.perf_counter()
         per_lam = _score(method, m, structure, cal, args, cache)
         seconds = cache["trajectory_s"] if reused else time.perf_counter() - t0
         if method in ("optin", "optin+ls") and not reused:
             cache["trajectory_s"] = seconds
-    print(f"{method}: scored in {seconds:.0f} s", flush=True)
+        pickers = {lam: (seconds, [lambda level, imp=imp: search(structure, imp, macs, level)
+                                   for imp in runs]) for lam, runs in per_lam.items()}
+    print(f"{method}: scored in {max(t for t, _ in pickers.values()):.0f} s", flush=True)
     out = {}
-    for lam, runs in per_lam.items():
+    for lam, (seconds, runs) in pickers.items():
         rows = []
         for level in args.levels:
             per_seed = []
-            for importance in runs:
+            for pick in runs:
                 t1 = time.perf_counter()
-                sel = chains[lam][1][round(level, 6)] if chains else \
-                    search(structure, importance, macs, level)
+                sel = pick(level)
                 base = reconstruct(m, structure, sel.keep, cal).model if method == "optin+ls" \
                     else m
                 slim = rewrite(base, structure, sel.keep)
@@ -257,8 +259,7 @@ def _ours(method, m, structure, cal, macs, seq_len, calib, evaluate, args, cache
             rows.append(row)
             print(f"{method} lam {lam:g} @ {level}: {row}", flush=True)
         out[row_name(method, args.samples, args.neuron_group, lam,
-                     args.round_step if chains else 0.0, args.round_teacher)] = (
-            chains[lam][0] if chains else seconds, rows)
+                     args.round_step if rounds else 0.0, args.round_teacher)] = (seconds, rows)
     return out
 
 

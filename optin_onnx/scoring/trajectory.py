@@ -457,8 +457,7 @@ class _Masked:
     def __init__(self, model: ir.Model, structure: Structure, cal: CalibrationSet,
                  cfg: ScoreConfig):
         self.proto = ir.to_proto(masked_model(model, structure))
-        self.ones = {mask_input_name(b): channel_mask(b, np.ones(b.n_units), b.consumers[0].role)
-                     for b in structure.blocks}
+        self.ones = _mask_feeds(structure, unit_masks(structure, {}))
         self.dtypes = _dtypes(self.proto, cal, self.ones)
         points = None
         if feature_kind(model, structure, cfg.feature_kind) == "blocks":
@@ -474,13 +473,10 @@ def _candidate_mask(block: Block, units: np.ndarray,
     return channel_mask(block, keep, block.consumers[0].role)
 
 
-def _mask_feeds(structure: Structure, base: Mapping[str, Sequence[int]] | None
-                ) -> dict[str, np.ndarray] | None:
-    """Mask-input feeds of the base selection (None without one)."""
-    if base is None:
-        return None
-    return {mask_input_name(b): channel_mask(b, m, b.consumers[0].role)
-            for b, m in zip(structure.blocks, unit_masks(structure, base).values())}
+def _mask_feeds(structure: Structure, units: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The masked model's mask-input feeds for per-block unit masks (:func:`unit_masks`)."""
+    return {mask_input_name(b): channel_mask(b, units[b.name], b.consumers[0].role)
+            for b in structure.blocks}
 
 
 def channel_proxy(block: Block, nodes: dict[str, ir.Node],
@@ -518,11 +514,11 @@ def _score_masked(model: ir.Model, structure: Structure, cal: CalibrationSet, cf
         needed.update(sfx.cut)
         needed.update(nodes[c.node].inputs[c.data_index].name for c in b.consumers)
     needed -= set(cal.feeds) | set(mm.ones)
-    masks = _mask_feeds(structure, base) or mm.ones
+    kept = None if base is None else unit_masks(structure, base)
+    masks = mm.ones if kept is None else _mask_feeds(structure, kept)
     dense = capture(mm.proto, cal, sorted(needed), cfg.providers, masks)
     base_loss = _anchor(obj, model, structure, cfg, base, dense,
                         lambda: capture(mm.proto, cal, obj.wanted_all(), cfg.providers, mm.ones))
-    kept = None if base is None else unit_masks(structure, base)
     scores = Scores()
     for b, sfx in plans:
         proxy = channel_proxy(b, nodes, dense) if b.kind != "attention" else None
@@ -571,8 +567,8 @@ def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
     t0 = time.perf_counter()
     mm = _Masked(model, structure, cal, cfg)
     obj, ones = mm.obj, mm.ones
-    masks = _mask_feeds(structure, base) or ones
     kept = None if base is None else unit_masks(structure, base)
+    masks = ones if kept is None else _mask_feeds(structure, kept)
     outputs = obj.wanted_all()
     base_loss = _anchor(obj, model, structure, cfg, base,
                         capture(mm.proto, cal, outputs, cfg.providers, masks),
