@@ -15,9 +15,9 @@ import onnx
 import onnx_ir as ir
 
 from optin_onnx.analysis import Structure, analyze_graph
-from optin_onnx.analysis.unfuse import split_fused_projections
+from optin_onnx.passes.unfuse_projections import split_fused_projections
 from optin_onnx.calibrate import CalibrationSet, capture, make_calibration, subset
-from optin_onnx.canonicalize import canonicalize_reshapes
+from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
 from optin_onnx.errors import OptinError
 from optin_onnx.flops import MacModel, mac_model, total_macs
 from optin_onnx.graph import copy_model, normalize

@@ -18,7 +18,7 @@ def pruned(tiny_exports) -> onnx.ModelProto:
     """The tiny TorchScript classifier with 3 heads kept in layer 0, 2 in layer 1, half the FFN,
     its Reshape targets made constant as ``optin-onnx prune`` leaves them."""
     from optin_onnx.analysis import analyze_graph
-    from optin_onnx.canonicalize import canonicalize_reshapes
+    from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
     from optin_onnx.probe import dummy_feeds, probe
     from optin_onnx.rewrite import rewrite
 

@@ -203,7 +203,7 @@ def test_onnxsim_fused_qkv_is_split_back_and_pruned(vision_exports, family, tmp_
     """onnxsim fuses Q/K/V into MatMul -> Split (and writes the head count as a constant Reshape
     target): the fused projection is split back, the heads are found, and pruning stays exact."""
     from models.text_encoders import simplify
-    from optin_onnx.analysis.unfuse import split_fused_projections
+    from optin_onnx.passes.unfuse_projections import split_fused_projections
 
     path = simplify(vision_exports[(family, "dynamo")], tmp_path / "sim.onnx")
     m = graph.normalize(ir.load(str(path)))

@@ -107,7 +107,7 @@ def _pruned(levels: list[float]):
     length, kept units)}, pruned like ``optin-onnx prune --simplify off`` from one scoring."""
     import onnx_ir as ir
 
-    from optin_onnx.canonicalize import canonicalize_reshapes
+    from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
     from optin_onnx.flops import total_macs
     from optin_onnx.probe import dummy_feeds, probe
     from optin_onnx.rewrite import rewrite

@@ -1,10 +1,11 @@
-"""Stage *analyse*: find the prunable blocks of a graph (see :mod:`optin_onnx.analysis.axes`)."""
+"""Stage *analyse*: find the prunable blocks of a graph (see :mod:`optin_onnx.analysis.propagate`)."""
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
-from optin_onnx.analysis.axes import Group, propagate
+from optin_onnx.analysis.groups import Group
+from optin_onnx.analysis.propagate import propagate
 from optin_onnx.analysis.structure import (Block, Consumer, Declined, ParamSlice, Removal, Role,
                                            ShapeEdit, Structure)
 from optin_onnx.graph import const_array, nodes_by_name

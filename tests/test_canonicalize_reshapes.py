@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from optin_onnx.analysis import analyze_graph
-from optin_onnx.canonicalize import canonicalize_reshapes
+from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
 from optin_onnx.graph import copy_model, normalize
 from optin_onnx.probe import dummy_feeds, probe
 from optin_onnx.rewrite import rewrite

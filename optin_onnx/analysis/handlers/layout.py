@@ -1,0 +1,165 @@
+"""Ops that move, split, merge or read axes without computing on them: Transpose, Reshape,
+(Un)Squeeze, Flatten, and Shape reads of a tracked tensor."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import onnx_ir as ir
+import numpy as np
+
+from optin_onnx.analysis.groups import Track
+from optin_onnx.analysis.shapes import ConstElement, DimElement, trace_element
+from optin_onnx.analysis.structure import Role, ShapeEdit
+from optin_onnx.graph import attr, const_array
+
+if TYPE_CHECKING:
+    from optin_onnx.analysis.propagate import Propagator
+
+def transpose(p: Propagator, node: ir.Node) -> None:
+    t = p.track(node.inputs[0])
+    rank = len(p.shape(node.inputs[0]))
+    perm = attr(node, "perm", None) or list(reversed(range(rank)))
+    p.tracks[node.outputs[0].name] = {o: t[i] for o, i in enumerate(perm) if i in t}
+
+
+def _prod(dims) -> int:
+    return int(np.prod(dims)) if len(dims) else 1
+
+
+def reshape(p: Propagator, node: ir.Node) -> None:
+    data, target = node.inputs[0], node.inputs[1]
+    t = p.track(data)
+    if p.track(target):
+        return p.barrier_all(p.track(target), f"Reshape '{node.name}' shape depends on the axis")
+    si, so = p.shape(data), p.shape(node.outputs[0])
+    out: Track = {}
+    folds: dict[int, int] = {}  # output axis -> positions folded into it after each channel
+    merged_inner: set[int] = set()
+    for a in sorted(t):
+        gid, role = t[a]
+        if a in merged_inner:
+            continue
+        pre, n = _prod(si[:a]), si[a]
+        ks = [k for k in range(len(so)) if _prod(so[:k]) == pre]
+        nxt = t.get(a + 1)
+        if role is Role.HEAD and nxt is not None and nxt[1] is Role.INNER and \
+                p.find(nxt[0]) == p.find(gid) and any(so[k] == n * si[a + 1] for k in ks):
+            k = next(k for k in ks if so[k] == n * si[a + 1])
+            out[k] = (gid, Role.FLAT)
+            merged_inner.add(a + 1)
+        elif any(so[k] == n for k in ks):
+            out[next(k for k in ks if so[k] == n)] = (gid, role)
+        elif role is Role.FLAT and _folds(si, so, a, t, ks) is not None:
+            k, r = _folds(si, so, a, t, ks)
+            out[k] = (gid, role)
+            folds[k] = r
+        elif role is Role.FLAT and any(k + 1 < len(so) and so[k] * so[k + 1] == n for k in ks):
+            k = next(k for k in ks if k + 1 < len(so) and so[k] * so[k + 1] == n)
+            g = p.group(gid)
+            if g.unit_size is None:
+                g.unit_size = so[k + 1]
+            elif g.unit_size != so[k + 1]:
+                g.barriers.append(f"Reshape '{node.name}' splits units of {so[k + 1]}, "
+                                  f"elsewhere {g.unit_size}")
+            g.has_head = True
+            out[k], out[k + 1] = (gid, Role.HEAD), (gid, Role.INNER)
+        else:
+            return p.barrier(gid, f"Reshape '{node.name}' mixes the axis with others "
+                                f"({list(si)} -> {list(so)})")
+    allow_zero = attr(node, "allowzero", 0)
+    for k, (gid, role) in out.items():
+        if role is Role.INNER:
+            continue
+        elem = trace_element(target, k, p.probe)
+        if isinstance(elem, ConstElement):
+            if elem.value == -1:
+                continue
+            same = t.get(k)
+            if elem.value == 0 and not allow_zero and same is not None and same[1] is role and \
+                    p.find(same[0]) == p.find(gid):
+                continue
+            if elem.value == so[k]:
+                p.group(gid).shape_edits.append(ShapeEdit(node.name, (1,) + elem.path, elem.offset,
+                                                          role, folds.get(k, 1)))
+                continue
+        elif isinstance(elem, DimElement):
+            src = p.tracks.get(elem.value, {}).get(elem.axis)
+            if src is not None and p.find(src[0]) == p.find(gid) and src[1] is role:
+                continue
+        return p.barrier(gid, f"Reshape '{node.name}': cannot prove where element {k} of its "
+                            f"target shape comes from")
+    p.tracks[node.outputs[0].name] = out
+    for k, r in folds.items():
+        p.repeat[(node.outputs[0].name, k)] = r
+
+
+def _folds(si, so, a: int, t: Track, ks: list[int]) -> tuple[int, int] | None:
+    """(output axis, repeat) when input axis ``a`` and the untracked axes right after it become one
+    output axis (``x.view(N, -1)`` of an NCHW map): channel c then owns ``repeat`` elements."""
+    for k in ks:
+        r, j = 1, a + 1
+        while j < len(si) and j not in t and so[k] > si[a] * r:
+            r *= si[j]
+            j += 1
+        if r > 1 and so[k] == si[a] * r:
+            return k, r
+    return None
+
+
+def shape(p: Propagator, node: ir.Node) -> None:
+    """Shape of a pruned tensor is harmless where it is cut down to other axes at once
+    (onnxsim writes ``Slice(Shape(x), 0, -1)`` to rebuild leading dims after a Gemm)."""
+    t = p.track(node.inputs[0])
+    rank = len(p.shape(node.inputs[0]))
+    start = attr(node, "start", 0)
+    start = start + rank if start < 0 else start
+    dims = np.arange(rank)[slice(start, attr(node, "end", None))]
+    for use in node.outputs[0].uses():
+        user, picked = use.node, None
+        args = [const_array(v) for v in user.inputs[1:]]
+        if user.op_type == "Gather" and use.idx == 0 and args[0] is not None:
+            picked = dims[np.reshape(args[0], -1)]
+        elif user.op_type == "Slice" and use.idx == 0 and all(a is not None for a in args[:2]) \
+                and (len(args) < 3 or args[2] is None or int(np.reshape(args[2], -1)[0]) == 0):
+            step = int(np.reshape(args[3], -1)[0]) if len(args) > 3 and args[3] is not None else 1
+            picked = dims[int(np.reshape(args[0], -1)[0]):int(np.reshape(args[1], -1)[0]):step]
+        if picked is None or any(int(a) in t for a in picked):
+            return p.barrier_all(t, f"Shape '{node.name}' of the pruned tensor is used by "
+                                  f"{user.op_type} '{user.name}'")
+
+
+def unsqueeze(p: Propagator, node: ir.Node) -> None:
+    t = p.track(node.inputs[0])
+    out_rank = len(p.shape(node.outputs[0]))
+    axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else attr(node, "axes")
+    inserted = sorted(int(a) % out_rank for a in np.reshape(axes, -1))
+    kept = [o for o in range(out_rank) if o not in inserted]
+    p.tracks[node.outputs[0].name] = {kept[a]: v for a, v in t.items()}
+
+
+def squeeze(p: Propagator, node: ir.Node) -> None:
+    t = p.track(node.inputs[0])
+    in_shape = p.shape(node.inputs[0])
+    axes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
+        else attr(node, "axes")
+    removed = ({int(a) % len(in_shape) for a in np.reshape(axes, -1)} if axes is not None
+               else {a for a, d in enumerate(in_shape) if d == 1})
+    kept = [a for a in range(len(in_shape)) if a not in removed]
+    p.tracks[node.outputs[0].name] = {kept.index(a): v for a, v in t.items() if a in kept}
+
+
+def flatten(p: Propagator, node: ir.Node) -> None:
+    """[N, C, H, W] -> [N, C*H*W] (axis 1): the channel axis survives with a repeat of H*W."""
+    t = p.track(node.inputs[0])
+    si = p.shape(node.inputs[0])
+    k = attr(node, "axis", 1) % (len(si) or 1)
+    out: Track = {}
+    for a, (gid, role) in t.items():
+        lead, rest = (si[:a], si[a + 1:k]) if a < k else (si[k:a], si[a + 1:])
+        if _prod(lead) != 1 or role is not Role.FLAT and _prod(rest) != 1:
+            return p.barrier(gid, f"Flatten '{node.name}' mixes the axis with others")
+        o = 0 if a < k else 1
+        out[o] = (gid, role)
+        if _prod(rest) > 1:
+            p.repeat[(node.outputs[0].name, o)] = _prod(rest)
+    p.tracks[node.outputs[0].name] = out

@@ -1,0 +1,236 @@
+"""Axis-group propagation: find every channel axis that can shrink, whatever the exporter wrote.
+
+Each MatMul/Gemm with a constant weight *starts* a group on its output-channel axis. One forward
+pass over the graph (in topological order) carries every group's axis through the ops that keep it
+(one handler per op type), until a MatMul/Gemm contracts it against a constant weight: a
+*consumer*, the end of the group. Ops that couple two groups on the same axis (Q and K in
+``Q @ K^T``, P and V in ``P @ V``) merge them. Along the way each handler records the constants that
+must be sliced with the group (biases, per-head scales) and the shape constants that spell out its
+size (a Reshape's head count).
+
+Anything without a handler on a live axis is a *barrier*: the group is declined, with the reason,
+never guessed. Reaching a graph output or a residual add is also a barrier; that is how the model
+width (the residual stream) is kept out of every group.
+
+The attention pattern, as the handlers see it (every exporter and onnxsim produce a variant):
+
+    x --MatMul(Wq)+bq--Reshape[.., H, D]--Transpose--+
+                                                     MatMul(QK^T)--Mul--Add(mask)--Softmax--+
+    x --MatMul(Wk)+bk--Reshape[.., H, D]--Transpose--+                                      |
+    x --MatMul(Wv)+bv--Reshape[.., H, D]--Transpose-------------------------------- MatMul(PV)
+                                                                                         |
+                                          residual <-- +bo <-- MatMul(Wo) <-- Reshape[.., H*D]
+
+The head axis (HEAD) is a batch axis of both attention MatMuls, D (INNER) is contracted inside a
+head, and Wo contracts H*D (FLAT): one group, with unit size D. An FFN is a group with unit size 1:
+
+    x --MatMul(W1)+b1--act(...)--MatMul(W2)+b2--> residual
+
+CNNs are the same idea on axis 1 of NCHW maps. Each ``Conv`` (group 1) with a constant weight
+starts a group on its output channels and ends the group of its input channels; BatchNormalization,
+activations, pooling and Pad keep the axis; a depthwise conv keeps it too (its weight, bias and
+``group`` attribute shrink with it); a residual ``Add`` or a squeeze-excite ``Mul`` couples the
+groups of its operands, so every conv that writes one residual stream lands in one group:
+
+    x --Conv(W1)--BN--Relu--Conv(W2)--BN--+--Relu--> (next block's convs: consumers)
+    |                                     |
+    +------------(shortcut)---------------+
+
+``Flatten`` (or a Reshape) of an [N, C, H, W] map into [N, C*H*W] keeps the channel axis with a
+*repeat* of H*W: the classifier's weight rows c*H*W .. c*H*W + H*W - 1 belong to channel c.
+"""
+from __future__ import annotations
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from optin_onnx.analysis.groups import Group, Groups, Track
+from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, UNARY
+from optin_onnx.analysis.structure import ParamSlice, Role
+from optin_onnx.graph import attr, const_array
+
+
+class Propagator(Groups):
+    """One forward pass that builds every group. Use :func:`propagate`."""
+
+    def __init__(self, model: ir.Model, probe: dict[str, np.ndarray]):
+        super().__init__()
+        self.graph = model.graph
+        self.probe = probe
+        self.tracks: dict[str, Track] = {}
+        # (value, axis) -> H*W where a Flatten folded positions into the channel axis
+        self.repeat: dict[tuple[str, int], int] = {}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def shape(self, v: ir.Value) -> tuple[int, ...] | None:
+        arr = self.probe.get(v.name)
+        if arr is None:
+            arr = const_array(v)
+        return None if arr is None else tuple(np.shape(arr))
+
+    def static(self, v: ir.Value | None) -> np.ndarray | None:
+        """The value of ``v`` when it is computed from constants alone (exporters build Pad's
+        pads with a chain of ConstantOfShape/Concat/Slice), else None."""
+        if v is None:
+            return None
+        arr = const_array(v)
+        if arr is not None:
+            return arr
+        stack, seen = [v], set()
+        while stack:
+            u = stack.pop()
+            if u.name in seen or const_array(u) is not None:
+                continue
+            seen.add(u.name)
+            node = u.producer()
+            if node is None:
+                return None  # a graph input
+            stack.extend(i for i in node.inputs if i is not None)
+        return self.probe.get(v.name)
+
+    def track(self, v: ir.Value | None) -> Track:
+        return {} if v is None else self.tracks.get(v.name, {})
+
+    def barrier(self, gid: int, reason: str, natural: bool = False) -> None:
+        g = self.group(gid)
+        g.barriers.append(reason)
+        g.hard |= not natural
+        g.natural |= natural
+
+    def barrier_all(self, track: Track, reason: str, natural: bool = False) -> None:
+        for gid, _ in track.values():
+            self.barrier(gid, reason, natural)
+
+    def new_group(self, node: ir.Node, out: ir.Value, axis: int, width: int) -> int:
+        gid = len(self.groups)
+        self.groups[gid] = Group(gid, width, sources=[node.name])
+        self.parent[gid] = gid
+        self.tracks.setdefault(out.name, {})[axis] = (gid, Role.FLAT)
+        return gid
+
+    def merge_axis(self, node: ir.Node, entries: list[tuple[int, ir.Value, int]],
+                   out_axis: int, out: Track) -> None:
+        """Join the operands that share one (broadcast) output axis.
+
+        ``entries`` are (input slot, value, axis in that value). Tracked operands are merged into one
+        group; constants of full size on a unit axis are sliced with it; a size-1 operand broadcasts;
+        an untracked run-time tensor of full size is a barrier (e.g. the residual stream).
+        """
+        tracked = [(i, v, a, self.track(v)[a]) for i, v, a in entries if a in self.track(v)]
+        if not tracked:
+            return
+        roles = {t[3][1] for t in tracked}
+        gid = tracked[0][3][0]
+        for t in tracked[1:]:
+            gid = self.union(gid, t[3][0])
+        if len(roles) > 1:
+            self.barrier(gid, f"{node.op_type} '{node.name}' mixes {sorted(r.value for r in roles)} axes")
+            return
+        role = roles.pop()
+        for i, v, a in entries:
+            if a in self.track(v):
+                continue
+            dims = self.shape(v)
+            if dims is None or dims[a] == 1:
+                continue
+            if const_array(v) is not None:
+                if role is not Role.INNER:
+                    self.group(gid).slices.append(ParamSlice(node.name, i, a, role))
+            else:
+                self.barrier(gid, f"{node.op_type} '{node.name}' combines the axis with run-time "
+                                f"tensor '{v.name}' (a residual or another structure)", natural=True)
+                return
+        out[out_axis] = (self.find(gid), role)
+
+    # -- the pass ---------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.graph:
+            ins = [self.track(v) for v in node.inputs]
+            if any(ins):
+                handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+                for t in ins:
+                    for gid, _ in t.values():
+                        self.group(gid).nodes.append(node.name)
+                folded = [(v, a) for v in node.inputs if v is not None
+                          for a in self.track(v) if (v.name, a) in self.repeat]
+                if handler is None:
+                    for t in ins:
+                        self.barrier_all(t, f"no handler for op {node.op_type} ('{node.name}')")
+                elif folded and node.op_type not in FOLDED_OK:
+                    for v, a in folded:
+                        self.barrier(self.track(v)[a][0], f"{node.op_type} '{node.name}' reads a "
+                                                        f"flattened (channel, position) axis")
+                else:
+                    handler(self, node)
+                    if folded and node.op_type in UNARY:
+                        for a in self.track(node.outputs[0]):
+                            r = self.repeat.get((node.inputs[0].name, a))
+                            if r:
+                                self.repeat[(node.outputs[0].name, a)] = r
+                for v in node.outputs:
+                    for gid, _ in self.track(v).values():
+                        if node.name not in self.group(gid).nodes:
+                            self.group(gid).nodes.append(node.name)
+            self.maybe_source(node)
+            if node.op_type in HEAVY:
+                for v in node.outputs:
+                    for gid, role in self.track(v).values():
+                        if role is not Role.INNER:
+                            self.mac_axes.append((node.name, gid, "out"))
+        for v in self.graph.outputs:
+            self.barrier_all(self.track(v), f"reaches graph output '{v.name}'", natural=True)
+
+    def maybe_source(self, node: ir.Node) -> None:
+        if node.domain not in ("", "ai.onnx"):
+            return
+        out = node.outputs[0] if node.outputs else None
+        if out is None or out.name not in self.probe:
+            return
+        if node.op_type == "Conv":
+            w = const_array(node.inputs[1])
+            if w is None or attr(node, "group", 1) != 1 or self.track(out).get(1):
+                return
+            gid = self.new_group(node, out, 1, w.shape[0])
+            g = self.group(gid)
+            g.slices.append(ParamSlice(node.name, 1, 0, Role.FLAT))
+            g.nodes.append(node.name)
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                if const_array(node.inputs[2]) is None:
+                    g.barriers.append(f"Conv '{node.name}' has a run-time bias")
+                g.slices.append(ParamSlice(node.name, 2, 0, Role.FLAT))
+        elif node.op_type == "MatMul":
+            w = const_array(node.inputs[1])
+            if w is None or w.ndim != 2 or self.track(out).get(self.probe[out.name].ndim - 1):
+                return
+            gid = self.new_group(node, out, self.probe[out.name].ndim - 1, w.shape[1])
+            self.group(gid).slices.append(ParamSlice(node.name, 1, 1, Role.FLAT))
+            self.group(gid).nodes.append(node.name)
+        elif node.op_type == "Gemm":
+            w = const_array(node.inputs[1])
+            if w is None or self.track(out).get(1):
+                return
+            trans_b = attr(node, "transB", 0)
+            gid = self.new_group(node, out, 1, w.shape[0] if trans_b else w.shape[1])
+            g = self.group(gid)
+            g.slices.append(ParamSlice(node.name, 1, 0 if trans_b else 1, Role.FLAT))
+            g.nodes.append(node.name)
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                c = const_array(node.inputs[2])
+                if c is None:
+                    g.barriers.append(f"Gemm '{node.name}' has a run-time bias")
+                elif c.ndim >= 1 and c.shape[-1] == g.width and g.width > 1:
+                    g.slices.append(ParamSlice(node.name, 2, c.ndim - 1, Role.FLAT))
+
+
+
+
+def propagate(model: ir.Model, probe: dict[str, np.ndarray]
+              ) -> tuple[list[Group], dict[str, list[list[tuple[int, int]]]]]:
+    """Run the pass; return the merged groups (roots of the union-find), in creation order, and
+    the MAC factors of every matrix product (:meth:`Propagator.mac_factors`)."""
+    prop = Propagator(model, probe)
+    prop.run()
+    prop.resolve()
+    groups = [g for gid, g in prop.groups.items() if prop.find(gid) == gid and not g.parts]
+    return groups, prop.mac_factors()
