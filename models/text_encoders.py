@@ -67,24 +67,30 @@ def load_minilm() -> nn.Module:
 
 
 def tiny_bert(layers: int = 2, heads: int = 4, head_dim: int = 8, ffn: int = 48,
-              vocab: int = 100, seed: int = 0, init_range: float = 0.3) -> nn.Module:
+              vocab: int = 100, seed: int = 0, init_range: float = 0.3,
+              attention: str | None = "eager", random_biases: bool = True) -> nn.Module:
     """A random BERT small enough for exhaustive tests.
 
     Weights are drawn wider than BERT's 0.02 so that masking one unit visibly moves the outputs
     (tests compare scores, which must stand well above float32 noise). Biases and LayerNorm
-    parameters are randomised too, so the dynamo exporter does not merge them into shared tensors.
+    parameters are randomised too (unless ``random_biases`` is False: a fresh initialisation's
+    all-zero biases, which both exporters de-duplicate into one shared tensor), so no structure
+    hides behind a shared constant by accident. ``attention``: transformers' attention
+    implementation ("eager", "sdpa"; None: the library's default, what ``from_pretrained`` gives).
     """
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
+    extra = {} if attention is None else {"attn_implementation": attention}
     cfg = BertConfig(vocab_size=vocab, hidden_size=heads * head_dim, num_hidden_layers=layers,
                      num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=256,
-                     initializer_range=init_range, attn_implementation="eager")
+                     initializer_range=init_range, **extra)
     model = BertModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    if random_biases:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "LayerNorm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
     return model
 
 

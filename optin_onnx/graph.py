@@ -31,12 +31,20 @@ def nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value``: an initializer, or the output of a ``Constant`` node."""
-    if value is None:
+    """The constant behind ``value``: an initializer, or the output of a ``Constant`` node, also
+    when reached through ``Identity`` nodes (the TorchScript exporter de-duplicates equal weights,
+    e.g. all-zero biases, and hands each layer an ``Identity`` of the one it kept)."""
+    for _ in range(64):
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return value.const_value.numpy()
+        node = value.producer()
+        if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            break
+        value = node.inputs[0]
+    else:
         return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
     if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
         attr = next(iter(node.attributes.values()))
         if attr.name == "value":

@@ -10,6 +10,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from optin_onnx.analysis import Structure
+
 #: Vocabulary of ``models.text_encoders.tiny_bert()``: token ids are drawn from [1, VOCAB).
 VOCAB = 100
 
@@ -74,3 +76,13 @@ def tiny_feeds(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
         "attention_mask": mask,
         "token_type_ids": np.zeros((batch, seq), dtype=np.int64),
     }
+
+
+def load_analyze(model) -> tuple[ir.Model, Structure]:
+    """Load a path or ``onnx.ModelProto`` as the pipeline does (unique node names) and analyse it
+    at the probe's shapes."""
+    from optin_onnx import analysis, graph, probe
+
+    m = graph.normalize(ir.from_proto(model) if isinstance(model, onnx.ModelProto)
+                        else ir.load(str(model)))
+    return m, analysis.analyze_graph(m, probe.probe(m))

@@ -15,18 +15,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optin_onnx import analysis, graph, instrument, probe, rewrite
 from optin_onnx.graph import const_array
-from tests.helpers import FORMS, form_id, run
+from tests.helpers import FORMS, form_id, load_analyze, run
 
 H, D, F = 3, 4, 10  # heads, head size, FFN width of the synthetic encoders
 C = H * D  # model width
 ENCODINGS = ("const", "concat", "concat_init", "infer")
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "Identity"}
-
-
-def load_analyze(model) -> tuple[ir.Model, analysis.Structure]:
-    m = graph.normalize(ir.load(str(model)) if not isinstance(model, onnx.ModelProto)
-                        else ir.from_proto(model))
-    return m, analysis.analyze_graph(m, probe.probe(m))
 
 
 # -- real exports --------------------------------------------------------------------------------

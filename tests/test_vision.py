@@ -17,7 +17,7 @@ from optin_onnx import analysis, graph, instrument, probe, rewrite
 from optin_onnx.calibrate import make_calibration
 from optin_onnx.pipeline import PruneOptions, analyze, prune
 from optin_onnx.scoring.trajectory import Objective, ScoreConfig, score_fast, score_naive
-from tests.helpers import run
+from tests.helpers import load_analyze, run
 
 FAMILIES = ("vit", "vit-classifier", "deit-classifier", "dinov2")
 EXPORTERS = ("torchscript", "dynamo")
@@ -49,11 +49,6 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     from models import vision
 
     return vision.calibration_images(n, 32, seed=seed)
-
-
-def load_analyze(path) -> tuple[ir.Model, analysis.Structure]:
-    m = graph.normalize(ir.load(str(path)))
-    return m, analysis.analyze_graph(m, probe.probe(m))
 
 
 @pytest.mark.parametrize("form", FORMS, ids=form_id)

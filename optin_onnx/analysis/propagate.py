@@ -46,7 +46,7 @@ import numpy as np
 import onnx_ir as ir
 
 from optin_onnx.analysis.groups import Group, Groups, Track
-from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, UNARY
+from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, UNARY
 from optin_onnx.analysis.structure import ParamSlice, Role
 from optin_onnx.graph import attr, const_array
 
@@ -61,6 +61,9 @@ class Propagator(Groups):
         self.tracks: dict[str, Track] = {}
         # (value, axis) -> H*W where a Flatten folded positions into the channel axis
         self.repeat: dict[tuple[str, int], int] = {}
+        # (value, axis) -> B where a Reshape folded a batch-like axis in front of the units
+        # (``[B, H, S, D] -> [B*H, S, D]``): still the units' axis, element b*H + h
+        self.lead: dict[tuple[str, int], int] = {}
 
     # -- helpers ----------------------------------------------------------------------------
     def shape(self, v: ir.Value) -> tuple[int, ...] | None:
@@ -141,6 +144,11 @@ class Propagator(Groups):
                 self.barrier(gid, f"{node.op_type} '{node.name}' combines the axis with run-time "
                                 f"tensor '{v.name}' (a residual or another structure)", natural=True)
                 return
+        if any((v.name, a) in self.lead for _, v, a, _ in tracked) and any(
+                a not in self.track(v) and (self.shape(v) or (1,) * (a + 1))[a] != 1
+                for _, v, a in entries):
+            return self.barrier(gid, f"{node.op_type} '{node.name}' combines a folded (batch x "
+                                     f"units) axis with a full-size operand")
         out[out_axis] = (self.find(gid), role)
 
     # -- the pass ---------------------------------------------------------------------------
@@ -154,6 +162,8 @@ class Propagator(Groups):
                         self.group(gid).nodes.append(node.name)
                 folded = [(v, a) for v in node.inputs if v is not None
                           for a in self.track(v) if (v.name, a) in self.repeat]
+                leads = [(v, a) for v in node.inputs if v is not None
+                         for a in self.track(v) if (v.name, a) in self.lead]
                 if handler is None:
                     for t in ins:
                         self.barrier_all(t, f"no handler for op {node.op_type} ('{node.name}')")
@@ -161,8 +171,14 @@ class Propagator(Groups):
                     for v, a in folded:
                         self.barrier(self.track(v)[a][0], f"{node.op_type} '{node.name}' reads a "
                                                         f"flattened (channel, position) axis")
+                elif leads and node.op_type not in LEAD_OK:
+                    for v, a in leads:
+                        self.barrier(self.track(v)[a][0], f"{node.op_type} '{node.name}' reads a "
+                                                        f"folded (batch x units) axis")
                 else:
                     handler(self, node)
+                    if leads and node.op_type != "Reshape":
+                        self.carry_leads(node)
                     if folded and node.op_type in UNARY:
                         for a in self.track(node.outputs[0]):
                             r = self.repeat.get((node.inputs[0].name, a))
@@ -180,6 +196,21 @@ class Propagator(Groups):
                             self.mac_axes.append((node.name, gid, "out"))
         for v in self.graph.outputs:
             self.barrier_all(self.track(v), f"reaches graph output '{v.name}'", natural=True)
+
+    def carry_leads(self, node: ir.Node) -> None:
+        """A folded axis stays folded through ops that keep axes (transposes, element-wise ops,
+        the batch axes of a MatMul): each output axis takes the fold of the input axes of its
+        group; inputs folded differently on one axis are a barrier."""
+        for out in node.outputs:
+            for o, (gid, role) in self.track(out).items():
+                found = {self.lead.get((v.name, a), 1) for v in node.inputs if v is not None
+                         for a, (g, r) in self.track(v).items()
+                         if self.find(g) == self.find(gid) and r is role}
+                if len(found) > 1:
+                    self.barrier(gid, f"{node.op_type} '{node.name}' combines folded and unfolded "
+                                      f"(batch x units) axes")
+                elif found and max(found) > 1:
+                    self.lead[(out.name, o)] = max(found)
 
     def maybe_source(self, node: ir.Node) -> None:
         if node.domain not in ("", "ai.onnx"):

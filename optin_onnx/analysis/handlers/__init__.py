@@ -48,3 +48,7 @@ HEAVY = {"MatMul", "Gemm", "Conv"}
 
 #: Ops that may read a flattened (channel, position) axis: per-element ops and the classifier.
 FOLDED_OK = UNARY | {"Gemm", "MatMul"}
+
+#: Ops that may read a folded (batch x units) axis: they keep axes whole, so the fold is carried.
+LEAD_OK = UNARY | BROADCAST | {"Transpose", "MatMul", "Reshape", "Softmax", "LogSoftmax",
+                               "Unsqueeze", "Squeeze"}

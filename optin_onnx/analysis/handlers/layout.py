@@ -34,6 +34,7 @@ def reshape(p: Propagator, node: ir.Node) -> None:
     si, so = p.shape(data), p.shape(node.outputs[0])
     out: Track = {}
     folds: dict[int, int] = {}  # output axis -> positions folded into it after each channel
+    leads: dict[int, int] = {}  # output axis -> batch-like factor folded into it before the units
     merged_inner: set[int] = set()
     for a in sorted(t):
         gid, role = t[a]
@@ -42,6 +43,20 @@ def reshape(p: Propagator, node: ir.Node) -> None:
         pre, n = _prod(si[:a]), si[a]
         ks = [k for k in range(len(so)) if _prod(so[:k]) == pre]
         nxt = t.get(a + 1)
+        lead = p.lead.get((data.name, a), 1)
+        if lead > 1:
+            # A folded (batch x units) axis: kept whole, or split back into its factors.
+            k = next((k for k in ks if so[k] == n), None)
+            if k is not None:
+                out[k], leads[k] = (gid, role), lead
+                continue
+            m = _unfold(si, so, a, lead, ks)
+            if m is None:
+                return p.barrier(gid, f"Reshape '{node.name}' splits a folded (batch x units) "
+                                      f"axis other than back into its factors "
+                                      f"({list(si)} -> {list(so)})")
+            out[m] = (gid, role)
+            continue
         if role is Role.HEAD and nxt is not None and nxt[1] is Role.INNER and \
                 p.find(nxt[0]) == p.find(gid) and any(so[k] == n * si[a + 1] for k in ks):
             k = next(k for k in ks if so[k] == n * si[a + 1])
@@ -49,6 +64,9 @@ def reshape(p: Propagator, node: ir.Node) -> None:
             merged_inner.add(a + 1)
         elif any(so[k] == n for k in ks):
             out[next(k for k in ks if so[k] == n)] = (gid, role)
+        elif role is not Role.INNER and _lead_fold(si, so, a, t) is not None:
+            k, f = _lead_fold(si, so, a, t)
+            out[k], leads[k] = (gid, role), f
         elif role is Role.FLAT and _folds(si, so, a, t, ks) is not None:
             k, r = _folds(si, so, a, t, ks)
             out[k] = (gid, role)
@@ -78,19 +96,60 @@ def reshape(p: Propagator, node: ir.Node) -> None:
             if elem.value == 0 and not allow_zero and same is not None and same[1] is role and \
                     p.find(same[0]) == p.find(gid):
                 continue
-            if elem.value == so[k]:
+            if elem.value == so[k] and k not in leads:
                 p.group(gid).shape_edits.append(ShapeEdit(node.name, (1,) + elem.path, elem.offset,
                                                           role, folds.get(k, 1)))
                 continue
         elif isinstance(elem, DimElement):
             src = p.tracks.get(elem.value, {}).get(elem.axis)
-            if src is not None and p.find(src[0]) == p.find(gid) and src[1] is role:
+            if src is not None and p.find(src[0]) == p.find(gid) and src[1] is role and \
+                    p.lead.get((elem.value, elem.axis), 1) == leads.get(k, 1):
                 continue
         return p.barrier(gid, f"Reshape '{node.name}': cannot prove where element {k} of its "
                             f"target shape comes from")
+    for k in range(len(so)):
+        # An axis that stays out of every group must not take its size from a pruned one.
+        if k in out:
+            continue
+        elem = trace_element(target, k, p.probe)
+        src = p.tracks.get(elem.value, {}).get(elem.axis) if isinstance(elem, DimElement) else None
+        if src is not None and src[1] is not Role.INNER:
+            return p.barrier(src[0], f"Reshape '{node.name}' sizes an untracked axis from the "
+                                     f"pruned axis of '{elem.value}'")
     p.tracks[node.outputs[0].name] = out
     for k, r in folds.items():
         p.repeat[(node.outputs[0].name, k)] = r
+    for k, f in leads.items():
+        p.lead[(node.outputs[0].name, k)] = f
+
+
+def _lead_fold(si, so, a: int, t: Track) -> tuple[int, int] | None:
+    """(output axis, lead) when input axis ``a`` and the untracked axes right before it become one
+    output axis, the units innermost (torchlib builds K^T as ``[B, H, S, D] -> [B*H, S, D]``):
+    element ``b * units + u`` then belongs to unit ``u`` of batch row ``b``."""
+    for j in range(a - 1, -1, -1):
+        if j in t:
+            return None
+        lead = _prod(si[j:a])
+        for k in range(len(so)):
+            if _prod(so[:k]) == _prod(si[:j]) and so[k] == lead * si[a]:
+                return (k, lead) if lead > 1 else None
+    return None
+
+
+def _unfold(si, so, a: int, lead: int, ks: list[int]) -> int | None:
+    """The output axis that gets the units back when a folded axis (``lead`` x units) is split
+    into its factors, ``[B*H, D, S] -> [B, H, D, S]``: the output axes from one in ``ks`` multiply
+    to ``lead`` and the next one holds the units."""
+    units = si[a] // lead
+    for k in ks:
+        m, f = k, 1
+        while m < len(so) and f < lead:
+            f *= so[m]
+            m += 1
+        if f == lead and m < len(so) and so[m] == units:
+            return m
+    return None
 
 
 def _folds(si, so, a: int, t: Track, ks: list[int]) -> tuple[int, int] | None:
@@ -107,8 +166,10 @@ def _folds(si, so, a: int, t: Track, ks: list[int]) -> tuple[int, int] | None:
 
 
 def shape(p: Propagator, node: ir.Node) -> None:
-    """Shape of a pruned tensor is harmless where it is cut down to other axes at once
-    (onnxsim writes ``Slice(Shape(x), 0, -1)`` to rebuild leading dims after a Gemm)."""
+    """Shape of a pruned tensor is harmless where it is cut down at once to axes that pruning
+    leaves unchanged: untracked axes (onnxsim writes ``Slice(Shape(x), 0, -1)`` to rebuild
+    leading dims after a Gemm) and the inner axis of a unit (the TorchScript SDPA export reads
+    head_dim as ``Gather(Shape(q), 3)`` to build a Reshape target and the softmax scale)."""
     t = p.track(node.inputs[0])
     rank = len(p.shape(node.inputs[0]))
     start = attr(node, "start", 0)
@@ -123,9 +184,31 @@ def shape(p: Propagator, node: ir.Node) -> None:
                 and (len(args) < 3 or args[2] is None or int(np.reshape(args[2], -1)[0]) == 0):
             step = int(np.reshape(args[3], -1)[0]) if len(args) > 3 and args[3] is not None else 1
             picked = dims[int(np.reshape(args[0], -1)[0]):int(np.reshape(args[1], -1)[0]):step]
-        if picked is None or any(int(a) in t for a in picked):
+        if picked is None or (any(int(a) in t and t[int(a)][1] is not Role.INNER
+                                  for a in picked) and not _only_reshape_targets(user.outputs[0])):
             return p.barrier_all(t, f"Shape '{node.name}' of the pruned tensor is used by "
                                   f"{user.op_type} '{user.name}'")
+
+
+#: Ops that only move elements of a shape tensor around (what :func:`trace_element` follows).
+_INDEX_OPS = {"Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "Slice"}
+
+
+def _only_reshape_targets(value: ir.Value, depth: int = 0) -> bool:
+    """True when every use of ``value`` ends, through ops that only move shape elements, in the
+    target of a Reshape: there the Reshape's own handler proves each element it takes from a pruned
+    axis (torchlib rebuilds ``[B, H, D, S]`` from ``Slice(Shape(k), 0, 2)`` after transposing K)."""
+    if depth > 16 or value.is_graph_output():
+        return False
+    for use in value.uses():
+        user = use.node
+        if user.op_type == "Reshape" and use.idx == 1:
+            continue
+        if user.op_type not in _INDEX_OPS or (user.op_type in ("Gather", "Slice") and use.idx != 0):
+            return False
+        if not all(_only_reshape_targets(o, depth + 1) for o in user.outputs):
+            return False
+    return True
 
 
 def unsqueeze(p: Propagator, node: ir.Node) -> None:

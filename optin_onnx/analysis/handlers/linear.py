@@ -27,6 +27,10 @@ def matmul(p: Propagator, node: ir.Node) -> None:
     folded = [a for a in ta if a != ra - 1 and (a_v.name, a) in p.repeat]
     if folded:
         return p.barrier(ta[folded[0]][0], f"MatMul '{node.name}' reads a flattened axis as rows")
+    for v, a in ((a_v, ra - 1), (b_v, rb - 2)):
+        if (v.name, a) in p.lead:
+            return p.barrier(p.track(v)[a][0], f"MatMul '{node.name}' contracts a folded (batch x "
+                                               f"units) axis")
     if ka is not None:
         gid, role = ka
         if weight is not None:

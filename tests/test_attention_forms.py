@@ -1,0 +1,151 @@
+"""Heads in every form of attention a user's exporter writes (issue: generality).
+
+transformers' default attention is scaled-dot-product attention (SDPA), not the eager form the
+other tests export. Its exports differ where head pruning is delicate:
+
+- TorchScript reads head_dim at run time (``Gather(Shape(q), 3)``) to build Reshape targets and
+  the softmax scale: a Shape read of an axis that pruning leaves unchanged.
+- torchlib (dynamo) builds K^T as ``[B, H, S, D] -> [B*H, S, D] -> Transpose -> [B, H, D, S]``,
+  the last target sliced out of ``Shape(k)``: batch and heads folded into one axis and split back.
+- A fresh initialisation's zero biases are one de-duplicated tensor, reached through ``Identity``
+  nodes in the TorchScript export: a shared constant must not hide a structure.
+
+Each form must be analysed into heads and neurons, pruned (heads included), verified against the
+masked dense graph, and keep its dynamic batch and sequence axes.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from optin_onnx.pipeline import PruneOptions, prune
+from tests.helpers import load_analyze, run, tiny_feeds
+
+#: (exporter, attention implementation, random biases, onnxsim'd)
+FORMS = [
+    ("torchscript", "sdpa", True, False),
+    ("dynamo", "sdpa", True, False),
+    ("torchscript", "sdpa", True, True),
+    ("dynamo", "sdpa", True, True),
+    ("torchscript", None, False, False),  # the library default, zero biases shared via Identity
+    ("dynamo", None, False, False),
+    ("torchscript", "eager", False, False),
+]
+
+
+def form_id(form) -> str:
+    exporter, attention, random_biases, sim = form
+    return "-".join([exporter, attention or "default", "bias" if random_biases else "zero-bias"]
+                    + (["sim"] if sim else []))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[tuple, str]:
+    from models import text_encoders as te
+
+    root = tmp_path_factory.mktemp("attention_forms")
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for form in FORMS:
+            exporter, attention, random_biases, sim = form
+            bert = te.tiny_bert(seed=0, attention=attention, random_biases=random_biases)
+            path = te.export(te.EncoderWrapper(bert, head="pool"), root / f"{form_id(form)}.onnx",
+                             exporter=exporter)
+            out[form] = te.simplify(path, root / f"{form_id(form)}_s.onnx") if sim else path
+    return out
+
+
+@pytest.mark.parametrize("form", FORMS, ids=form_id)
+def test_heads_and_neurons_are_found_in_every_layer(exports, form):
+    _, s = load_analyze(exports[form])
+    assert s.declined == []
+    got = [(b.name, b.n_units, b.unit_size) for b in s.blocks]
+    assert got == [("layer0.attention", 4, 8), ("layer0.mlp", 48, 1),
+                   ("layer1.attention", 4, 8), ("layer1.mlp", 48, 1)]
+    for b in s.blocks:
+        assert len(b.sources) == (3 if b.kind == "attention" else 1)
+
+
+def io_dims(proto: onnx.ModelProto) -> list[tuple]:
+    def dims(vi):
+        return tuple(d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim)
+    return [(vi.name, dims(vi)) for vi in (*proto.graph.input, *proto.graph.output)]
+
+
+@pytest.mark.parametrize("form", FORMS, ids=form_id)
+def test_heads_are_pruned_exactly_and_axes_stay_dynamic(exports, form, tmp_path):
+    feeds = tiny_feeds(12, 12, seed=3)
+    result = prune(exports[form], feeds, PruneOptions(flops=0.7, prune="heads", samples=8,
+                                                      latency_cases=[]), output=tmp_path / "o.onnx")
+    kept = {b: len(u) for b, u in result.selection.keep.items()}
+    assert sum(kept[b] for b in ("layer0.attention", "layer1.attention")) < 8
+    assert result.report.verify["passed"] is True
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    dense = onnx.load(str(exports[form]))
+    n_in = len(dense.graph.input)
+    assert io_dims(out)[:n_in] == io_dims(dense)[:n_in]
+    # The batch axis of the output stays symbolic (an exporter may leave the width symbolic too;
+    # onnxsim's shape inference then writes the width, which pruning does not change).
+    assert isinstance(io_dims(out)[n_in][1][0], str)
+    # Any batch and length still run, and agree with the model written to disk.
+    other = tiny_feeds(5, 21, seed=4)
+    (y,) = run(out, other)
+    assert y.shape == (5, 32) and np.isfinite(y).all()
+
+
+# -- synthetic: what the relaxed Shape reads must still refuse ------------------------------------
+
+def _attention_with_head_count_read(use: str) -> onnx.ModelProto:
+    """x [B, S, 8] -> q, k, v (4 heads of 2) -> attention -> Wo. ``Shape(q_heads)[1]`` (the head
+    count) feeds a Reshape target ("reshape": proved by the Reshape's own handler) or a Cast to
+    float multiplied into the output ("scale": the value itself changes with pruning)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n)
+             for n in ("wq", "wk", "wv", "wo")]
+    inits += [numpy_helper.from_array(np.array([0, 0, 4, 2], np.int64), "split"),
+              numpy_helper.from_array(np.array([1], np.int64), "one"),
+              numpy_helper.from_array(np.array([0, 0, -1], np.int64), "merge_head")]
+    nodes = []
+    for n in ("q", "k", "v"):
+        nodes += [helper.make_node("MatMul", ["x", f"w{n}"], [f"{n}_p"]),
+                  helper.make_node("Reshape", [f"{n}_p", "split"], [f"{n}_r"]),
+                  helper.make_node("Transpose", [f"{n}_r"], [f"{n}_h"], perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Transpose", ["k_h"], ["k_t"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q_h", "k_t"], ["scores"]),
+              helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "v_h"], ["ctx"]),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Shape", ["q_h"], ["q_shape"]),
+              helper.make_node("Gather", ["q_shape", "one"], ["n_heads"], axis=0)]
+    if use == "reshape":
+        inits.append(numpy_helper.from_array(np.array([0, 0], np.int64), "lead"))
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), "rest"))
+        nodes += [helper.make_node("Concat", ["lead", "n_heads", "rest"], ["t4"], axis=0),
+                  helper.make_node("Reshape", ["ctx_t", "t4"], ["ctx_4"]),
+                  helper.make_node("Reshape", ["ctx_4", "merge_head"], ["ctx_m"]),
+                  helper.make_node("MatMul", ["ctx_m", "wo"], ["y"])]
+    else:
+        nodes += [helper.make_node("Reshape", ["ctx_t", "merge_head"], ["ctx_m"]),
+                  helper.make_node("MatMul", ["ctx_m", "wo"], ["y0"]),
+                  helper.make_node("Cast", ["n_heads"], ["h_f"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["y0", "h_f"], ["y"])]
+    g = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                        ["b", "s", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_head_count_read_into_a_reshape_target_is_proved():
+    _, s = load_analyze(_attention_with_head_count_read("reshape"))
+    assert [(b.kind, b.n_units) for b in s.blocks] == [("attention", 4)]
+
+
+def test_head_count_read_as_a_value_declines_the_heads():
+    _, s = load_analyze(_attention_with_head_count_read("scale"))
+    assert s.blocks == []
+    assert any("Shape" in r and "used by Gather" in r for d in s.declined for r in d.reasons)
