@@ -173,8 +173,9 @@ def _channel_table(title: str, blocks, macs, model):
     for b in blocks:
         readers = list(dict.fromkeys(c.node for c in b.consumers))
         ties = []
-        if b.group_edits:
-            ties.append(f"{len(b.group_edits)} depthwise")
+        depthwise = [e for e in b.attr_edits if e.name == "group"]
+        if depthwise:
+            ties.append(f"{len(depthwise)} depthwise")
         if any(c.offset or c.span for c in b.consumers):
             ties.append("concat at " + ",".join(sorted({str(c.offset) for c in b.consumers})))
         if any(c.repeat > 1 for c in b.consumers):

@@ -2,8 +2,8 @@
 
 Shapes come from one onnxruntime run at batch 1 and the requested sequence length, so whatever the
 exporter wrote (computed Reshape targets included) is counted as it will execute. Only the matrix
-products are counted (MatMul, Gemm, Conv): the usual definition of MACs, and all that pruning heads
-and neurons changes.
+products are counted (MatMul, Gemm, Conv, and the products inside onnxruntime's fused attention
+ops): the usual definition of MACs, and all that pruning heads and neurons changes.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from optin_onnx.analysis import Structure
 from optin_onnx.analysis.structure import Factor
 from optin_onnx.probe import PROBE_SEQ, dummy_feeds, run_all_values
 
-_HEAVY = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
+_HEAVY = {("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"),
+          ("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")}
 
 
 @dataclass
@@ -63,8 +64,9 @@ class MacModel:
 
 def node_macs(model: ir.Model, seq_len: int, like: dict[str, np.ndarray] | None = None
               ) -> dict[str, int]:
-    """MACs of every MatMul/Gemm/Conv node at batch 1 and ``seq_len`` (by node name)."""
-    heavy = [n for n in model.graph if n.op_type in _HEAVY and n.domain in ("", "ai.onnx")]
+    """MACs of every matrix-product node at batch 1 and ``seq_len`` (by node name)."""
+    heavy = [n for n in model.graph
+             if (n.domain if n.domain != "ai.onnx" else "", n.op_type) in _HEAVY]
     names = sorted({v.name for n in heavy for v in (*n.inputs, *n.outputs)
                     if v is not None and v.const_value is None})
     feeds = dummy_feeds(model, batch=1, seq=seq_len or PROBE_SEQ, like=like)
@@ -85,6 +87,15 @@ def node_macs(model: ir.Model, seq_len: int, like: dict[str, np.ndarray] | None 
             a = shape(n.inputs[0])
             k = a[0] if (n.attributes.get("transA") and n.attributes["transA"].value) else a[1]
             out[n.name] = int(np.prod(o)) * k
+        elif n.op_type == "Attention":  # fused: x @ W_qkv, then Q K^T and P V per head
+            x, w = shape(n.inputs[0]), shape(n.inputs[1])
+            sizes = n.attributes["qkv_hidden_sizes"].value if "qkv_hidden_sizes" in n.attributes \
+                else [w[1] // 3] * 3
+            s = int(np.prod(x[:-1]))
+            out[n.name] = s * x[-1] * w[1] + s * x[-2] * (sizes[0] + sizes[2])
+        elif n.op_type == "MultiHeadAttention":  # Q K^T and P V per head
+            q, k = shape(n.inputs[0]), shape(n.inputs[1])
+            out[n.name] = int(np.prod(q)) * k[-2] + int(np.prod(o)) * k[-2]
         else:  # Conv / ConvTranspose: every output element sums Cin/group * kernel products
             w = shape(n.inputs[1])
             out[n.name] = int(np.prod(o)) * int(np.prod(w[1:])) if n.op_type == "Conv" \

@@ -275,11 +275,20 @@ def _check_complete(model: ir.Model, path: str) -> None:
         raise OptinError(f"model file {path} is truncated or not an ONNX model: it imports no opset")
     imported = {_canonical_domain(domain) for domain in model.opset_imports}
     for node in _all_nodes(model):
+        if node.domain == _ORT_DOMAIN and _ORT_DOMAIN not in imported:
+            # onnxruntime's transformer optimizer leaves its own domain unimported in the model it
+            # returns (and onnxruntime runs it anyway): import it, so what we write is valid ONNX.
+            model.opset_imports[_ORT_DOMAIN] = 1
+            imported.add(_ORT_DOMAIN)
         if _canonical_domain(node.domain) not in imported:
             raise OptinError(
                 f"model file {path} is truncated or corrupt: node '{node.name}' ({node.op_type}) uses"
                 f" domain '{node.domain}', which the model does not import"
             )
+
+
+#: onnxruntime's contrib-op domain (fused Attention, SkipLayerNormalization, ...).
+_ORT_DOMAIN = "com.microsoft"
 
 
 def _canonical_domain(domain: str) -> str:

@@ -87,9 +87,15 @@ def _slice_blocks(graph: ir.Graph, blocks: list[tuple[Block, list[int]]], namer:
             arr.reshape(-1)[e.offset] -= len(block.indices(dropped, e.role, e.repeat))
             base = node.inputs[slot].name or f"{node.name}_shape"
             _set_const(graph, node, slot, arr, namer(f"{base}__{block.name}"))
-        for name in block.group_edits:  # depthwise: one filter group per kept channel
-            group = nodes[name].attributes["group"].value - len(dropped)
-            nodes[name].attributes["group"] = ir.AttrInt64("group", group)
+        for e in block.attr_edits:  # num_heads of a fused attention, a depthwise conv's group
+            node, n = nodes[e.node], len(block.indices(dropped, e.role))
+            value = node.attributes[e.name].value
+            if e.index < 0:
+                node.attributes[e.name] = ir.AttrInt64(e.name, value - n)
+            else:
+                value = list(value)
+                value[e.index] -= n
+                node.attributes[e.name] = ir.AttrInt64s(e.name, value)
 
 
 def _remove_block(graph: ir.Graph, block: Block, namer: _Namer) -> None:

@@ -149,3 +149,68 @@ def test_head_count_read_as_a_value_declines_the_heads():
     _, s = load_analyze(_attention_with_head_count_read("scale"))
     assert s.blocks == []
     assert any("Shape" in r and "used by Gather" in r for d in s.declined for r in d.reasons)
+
+
+# -- after onnxruntime's transformer fusion -------------------------------------------------------
+
+FUSIONS = ("Attention", "MultiHeadAttention")
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory) -> dict[str, str]:
+    """The eager TorchScript BERT after ``optimize_model(model_type="bert")``: projections and
+    attention fused into ``Attention`` (packed QKV weight), or only the attention into
+    ``MultiHeadAttention``; SkipLayerNormalization, BiasGelu and EmbedLayerNormalization around
+    them. Saved as ``onnx.save(opt.model)`` writes it: without the com.microsoft opset import."""
+    import logging
+
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    from models import text_encoders as te
+
+    root = tmp_path_factory.mktemp("fused")
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = te.export(te.EncoderWrapper(te.tiny_bert(seed=0), head="pool"), root / "bert.onnx")
+        for op in FUSIONS:
+            opts = FusionOptions("bert")
+            opts.use_multi_head_attention = op == "MultiHeadAttention"
+            opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=4, hidden_size=32,
+                                           opt_level=0, use_gpu=False, optimization_options=opts)
+            assert sum(n.op_type == op for n in opt.model.graph.node) == 2
+            out[op] = root / f"{op}.onnx"
+            onnx.save(opt.model, out[op])
+    return out
+
+
+@pytest.mark.parametrize("op", FUSIONS)
+def test_fused_attention_heads_are_found_with_the_unfused_macs(fused, exports, op):
+    from optin_onnx import flops
+
+    m, s = load_analyze(fused[op])
+    assert s.declined == []
+    assert [(b.name, b.n_units, b.unit_size) for b in s.blocks] == [
+        ("layer0.attention", 4, 8), ("layer0.mlp", 48, 1),
+        ("layer1.attention", 4, 8), ("layer1.mlp", 48, 1)]
+    # The fused node's products are counted: a head costs what it costs unfused.
+    ref_m, ref_s = load_analyze(exports[("torchscript", "sdpa", True, False)])
+    unit = flops.mac_model(m, s, 16).unit
+    ref = flops.mac_model(ref_m, ref_s, 16).unit
+    assert unit["layer0.attention"] == pytest.approx(ref["layer0.attention"])
+
+
+@pytest.mark.parametrize("op", FUSIONS)
+def test_fused_attention_is_pruned_with_its_num_heads(fused, op, tmp_path):
+    feeds = tiny_feeds(12, 12, seed=3)
+    result = prune(fused[op], feeds, PruneOptions(flops=0.7, prune="heads", samples=8,
+                                                  latency_cases=[]), output=tmp_path / "o.onnx")
+    assert result.report.verify["passed"] is True
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    heads = [next(a.i for a in n.attribute if a.name == "num_heads")
+             for n in out.graph.node if n.op_type == op]
+    kept = [len(result.selection.keep[f"layer{i}.attention"]) for i in range(2)]
+    assert heads == kept and sum(kept) < 8
+    assert "com.microsoft" in {o.domain for o in out.opset_import}

@@ -78,10 +78,10 @@ def test_analysis_finds_the_channel_groups(tiny_cnns, net) -> None:
         assert widths == [4, 8, 8, 8, 12]
         classifier = [b for b in structure.blocks if any(c.repeat > 1 for c in b.consumers)]
         assert len(classifier) == 1 and classifier[0].consumers[0].repeat == 16
-        branches = [b for b in structure.blocks if b.group_edits]  # the depthwise conv's group
+        branches = [b for b in structure.blocks if b.attr_edits]  # the depthwise conv's group
         assert len(branches) == 2
         assert sorted({c.offset for b in branches for c in b.consumers}) == [0, 8]
-        depthwise = branches[0].group_edits[0]  # one axis, the two branches' channels summed
+        depthwise = branches[0].attr_edits[0].node  # one axis, the two branches' channels summed
         assert structure.mac_factors[depthwise] == [(tuple(sorted(b.name for b in branches)), 0)]
 
 
@@ -398,7 +398,7 @@ def test_split_of_a_channel_axis_makes_one_group_per_window() -> None:
     widths = sorted(b.n_units for b in structure.blocks)
     assert widths == [4, 6, 8, 10]
     ten = next(b for b in structure.blocks if b.n_units == 10)
-    assert ten.group_edits == ["dw"]
+    assert [(e.node, e.name) for e in ten.attr_edits] == [("dw", "group")]
     assert {(s.node, s.offset) for s in ten.slices} >= {("c1", 6), ("c3", 8)}
     x = images(3, size=8)
     for seed in range(4):

@@ -16,15 +16,16 @@ from optin_onnx.errors import OptinError
 QUANTISED = "quantised models are not supported: prune the fp32 model, then quantise"
 
 
-def matmul_model(rows: int = 3, cols: int = 4, *, custom_domain: bool = False) -> onnx.ModelProto:
-    """y = x @ W with W an fp32 initializer; optionally followed by a com.microsoft op."""
+def matmul_model(rows: int = 3, cols: int = 4, *, custom_domain: bool = False,
+                 domain: str = "ai.onnx.ml", op: str = "Binarizer") -> onnx.ModelProto:
+    """y = x @ W with W an fp32 initializer; optionally followed by ``op`` of another domain."""
     weight = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="matmul")]
     opsets = [helper.make_opsetid("", 17)]
     output = "y"
     if custom_domain:
-        nodes.append(helper.make_node("FastGelu", ["y"], ["z"], name="gelu", domain="com.microsoft"))
-        opsets.append(helper.make_opsetid("com.microsoft", 1))
+        nodes.append(helper.make_node(op, ["y"], ["z"], name="custom", domain=domain))
+        opsets.append(helper.make_opsetid(domain, 1))
         output = "z"
     graph = helper.make_graph(
         nodes,
@@ -107,6 +108,15 @@ def test_every_truncation_point_is_reported_as_truncated(tmp_path: Path) -> None
     for cut in range(1, len(data)):
         path.write_bytes(data[:cut])
         assert "truncated" in error_of(path), f"cut at byte {cut} of {len(data)}"
+
+
+def test_an_unimported_onnxruntime_domain_is_imported_not_refused(tmp_path: Path) -> None:
+    # onnxruntime's transformer optimizer returns fused graphs without the com.microsoft import
+    # (onnxruntime runs them anyway): the working model imports it, so what is written is valid.
+    model = matmul_model(custom_domain=True, domain="com.microsoft", op="FastGelu")
+    del model.opset_import[1]
+    loaded = io.load_model(write(tmp_path / "m.onnx", model))
+    assert loaded.opset_imports.get("com.microsoft") == 1
 
 
 def test_dequantize_linear_is_quantised(tmp_path: Path) -> None:

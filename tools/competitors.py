@@ -237,32 +237,15 @@ def onnxsim_prune(model_path, out_path, flops_or_sparsity: float, variant: str =
 
 def fused_macs(model: onnx.ModelProto, seq_len: int, like: Mapping[str, np.ndarray] | None = None
                ) -> int:
-    """MACs at batch 1 and ``seq_len`` tokens of a graph onnxruntime's BERT fusion produced.
-
-    Standard MatMul/Gemm nodes are counted by optin-onnx's own counter (:func:`node_macs`: shapes
-    from one onnxruntime run). Each ``com.microsoft`` ``Attention`` holds what the counter sees as
-    three projections and two attention products, counted here the same way from its packed QKV
-    weight ``[D, Wq + Wk + Wv]``: ``s * D * (Wq + Wk + Wv)`` for the projections plus
-    ``s^2 * (Wq + Wv)`` for ``Q K^T`` and ``P V``, so that a dense fused graph counts exactly as
-    many MACs as the unfused export. Other fused attention ops raise ValueError.
-    """
+    """MACs at batch 1 and ``seq_len`` tokens of a graph onnxruntime's BERT fusion produced:
+    optin-onnx's own counter (:func:`optin_onnx.flops.total_macs`) counts the products inside
+    ``com.microsoft`` Attention and MultiHeadAttention as the unfused export's, so a dense fused
+    graph counts exactly as many MACs as the export it came from."""
     import onnx_ir as ir
 
-    from optin_onnx.flops import node_macs
+    from optin_onnx.flops import total_macs
 
-    inits = {t.name: t for t in model.graph.initializer}
-    like = dict(like) if like else None
-    total = sum(node_macs(ir.from_proto(model), seq_len, like=like).values())
-    for n in model.graph.node:
-        if n.domain != "com.microsoft" or "Attention" not in n.op_type:
-            continue
-        if n.op_type != "Attention":
-            raise ValueError(f"fused_macs counts com.microsoft Attention only, not {n.op_type}")
-        d, width = (int(x) for x in inits[n.input[1]].dims)
-        sizes = next((list(a.ints) for a in n.attribute if a.name == "qkv_hidden_sizes"),
-                     [width // 3] * 3)
-        total += seq_len * d * width + seq_len * seq_len * (sizes[0] + sizes[2])
-    return total
+    return total_macs(ir.from_proto(model), seq_len, like=dict(like) if like else None)
 
 
 def _closest(f: Callable[[float], float], target: float, lo: float, hi: float, steps: int

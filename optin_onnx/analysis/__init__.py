@@ -6,11 +6,11 @@ import onnx_ir as ir
 
 from optin_onnx.analysis.groups import Group
 from optin_onnx.analysis.propagate import propagate
-from optin_onnx.analysis.structure import (Block, Consumer, Declined, ParamSlice, Removal, Role,
+from optin_onnx.analysis.structure import (AttrEdit, Block, Consumer, Declined, ParamSlice, Removal, Role,
                                            ShapeEdit, Structure)
 from optin_onnx.graph import const_array, nodes_by_name
 
-__all__ = ["analyze_graph", "pre_layer_norm", "residual_features", "Block", "Consumer",
+__all__ = ["analyze_graph", "AttrEdit", "pre_layer_norm", "residual_features", "Block", "Consumer",
            "Declined", "ParamSlice", "Removal", "Role", "ShapeEdit", "Structure"]
 
 #: Ops a removed block's contribution may pass through on its way to the residual add.
@@ -97,7 +97,7 @@ def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | 
         slices=list(dict.fromkeys(g.slices)), shape_edits=list(dict.fromkeys(g.shape_edits)),
         nodes=list(dict.fromkeys(g.nodes)), feature=_feature(consumer),
         removal=removal,
-        group_edits=list(dict.fromkeys(g.group_edits)))
+        attr_edits=list(dict.fromkeys(g.attr_edits)))
 
 
 def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:

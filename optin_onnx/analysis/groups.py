@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from optin_onnx.analysis.structure import Consumer, ParamSlice, Role, ShapeEdit
+from optin_onnx.analysis.structure import AttrEdit, Consumer, ParamSlice, Role, ShapeEdit
 
 Track = dict[int, tuple[int, Role]]  # axis -> (group id, role)
 
@@ -25,7 +25,7 @@ class Group:
     shape_edits: list[ShapeEdit] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
-    group_edits: list[str] = field(default_factory=list)  # depthwise convs on the axis
+    attr_edits: list[AttrEdit] = field(default_factory=list)  # attributes counting the units
     # A composite: the output axis of a channel Concat, made of these (group, channel offset)
     # parts. What is recorded on it is handed to the parts, with offsets, at the end of the pass.
     parts: list[tuple[int, int]] = field(default_factory=list)
@@ -78,7 +78,7 @@ class Groups:
         ga.hard |= gb.hard
         ga.natural |= gb.natural
         for name in ("sources", "consumers", "slices", "shape_edits", "nodes", "barriers",
-                     "group_edits"):
+                     "attr_edits"):
             getattr(ga, name).extend(getattr(gb, name))
         return a
 
@@ -99,7 +99,7 @@ class Groups:
             for gid in sorted(self.groups, reverse=True):
                 c = self.groups[gid]
                 if not c.parts or self.find(gid) != gid or not (
-                        c.consumers or c.slices or c.sources or c.shape_edits or c.group_edits
+                        c.consumers or c.slices or c.sources or c.shape_edits or c.attr_edits
                         or c.nodes or c.barriers):
                     continue
                 moved = True
@@ -110,12 +110,12 @@ class Groups:
                     g.slices += [replace(k, offset=k.offset + o) for k in c.slices]
                     g.sources += c.sources
                     g.shape_edits += c.shape_edits
-                    g.group_edits += c.group_edits
+                    g.attr_edits += c.attr_edits
                     g.nodes += c.nodes
                     g.barriers += c.barriers
                     g.hard |= c.hard
                     g.natural |= c.natural
-                for name in ("consumers", "slices", "sources", "shape_edits", "group_edits",
+                for name in ("consumers", "slices", "sources", "shape_edits", "attr_edits",
                              "nodes", "barriers"):
                     setattr(c, name, [])
 

@@ -46,9 +46,9 @@ import numpy as np
 import onnx_ir as ir
 
 from optin_onnx.analysis.groups import Group, Groups, Track
-from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, UNARY
+from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, SOURCES, UNARY
 from optin_onnx.analysis.structure import ParamSlice, Role
-from optin_onnx.graph import attr, const_array
+from optin_onnx.graph import const_array
 
 
 class Propagator(Groups):
@@ -156,7 +156,7 @@ class Propagator(Groups):
         for node in self.graph:
             ins = [self.track(v) for v in node.inputs]
             if any(ins):
-                handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+                handler = HANDLERS.get((node.domain or "", node.op_type))
                 for t in ins:
                     for gid, _ in t.values():
                         self.group(gid).nodes.append(node.name)
@@ -188,7 +188,10 @@ class Propagator(Groups):
                     for gid, _ in self.track(v).values():
                         if node.name not in self.group(gid).nodes:
                             self.group(gid).nodes.append(node.name)
-            self.maybe_source(node)
+            source = SOURCES.get((node.domain or "", node.op_type))
+            out = node.outputs[0] if node.outputs else None
+            if source is not None and out is not None and out.name in self.probe:
+                source(self, node)
             if node.op_type in HEAVY:
                 for v in node.outputs:
                     for gid, role in self.track(v).values():
@@ -211,49 +214,6 @@ class Propagator(Groups):
                                       f"(batch x units) axes")
                 elif found and max(found) > 1:
                     self.lead[(out.name, o)] = max(found)
-
-    def maybe_source(self, node: ir.Node) -> None:
-        if node.domain not in ("", "ai.onnx"):
-            return
-        out = node.outputs[0] if node.outputs else None
-        if out is None or out.name not in self.probe:
-            return
-        if node.op_type == "Conv":
-            w = const_array(node.inputs[1])
-            if w is None or attr(node, "group", 1) != 1 or self.track(out).get(1):
-                return
-            gid = self.new_group(node, out, 1, w.shape[0])
-            g = self.group(gid)
-            g.slices.append(ParamSlice(node.name, 1, 0, Role.FLAT))
-            g.nodes.append(node.name)
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                if const_array(node.inputs[2]) is None:
-                    g.barriers.append(f"Conv '{node.name}' has a run-time bias")
-                g.slices.append(ParamSlice(node.name, 2, 0, Role.FLAT))
-        elif node.op_type == "MatMul":
-            w = const_array(node.inputs[1])
-            if w is None or w.ndim != 2 or self.track(out).get(self.probe[out.name].ndim - 1):
-                return
-            gid = self.new_group(node, out, self.probe[out.name].ndim - 1, w.shape[1])
-            self.group(gid).slices.append(ParamSlice(node.name, 1, 1, Role.FLAT))
-            self.group(gid).nodes.append(node.name)
-        elif node.op_type == "Gemm":
-            w = const_array(node.inputs[1])
-            if w is None or self.track(out).get(1):
-                return
-            trans_b = attr(node, "transB", 0)
-            gid = self.new_group(node, out, 1, w.shape[0] if trans_b else w.shape[1])
-            g = self.group(gid)
-            g.slices.append(ParamSlice(node.name, 1, 0 if trans_b else 1, Role.FLAT))
-            g.nodes.append(node.name)
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                c = const_array(node.inputs[2])
-                if c is None:
-                    g.barriers.append(f"Gemm '{node.name}' has a run-time bias")
-                elif c.ndim >= 1 and c.shape[-1] == g.width and g.width > 1:
-                    g.slices.append(ParamSlice(node.name, 2, c.ndim - 1, Role.FLAT))
-
-
 
 
 def propagate(model: ir.Model, probe: dict[str, np.ndarray]

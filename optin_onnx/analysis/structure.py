@@ -58,6 +58,19 @@ class ShapeEdit:
 
 
 @dataclass(frozen=True)
+class AttrEdit:
+    """An integer attribute of ``node`` that counts the block's units (role HEAD: a fused attention
+    op's ``num_heads``) or channels (role FLAT: a depthwise conv's ``group``); it shrinks by what
+    the block drops. ``index``: the element of an ints attribute (``qkv_hidden_sizes``), or -1 for
+    a scalar attribute."""
+
+    node: str
+    name: str
+    role: Role
+    index: int = -1
+
+
+@dataclass(frozen=True)
 class Consumer:
     """A node that contracts the block's channels against a constant weight: the end of the block.
 
@@ -130,8 +143,9 @@ class Block:
     removal: "Removal | None" = None  # how to drop the whole block, when that is provably exact
     feature: str = ""  # value whose change the trajectory loss measures (consumer output + bias)
     layer: int = -1
-    # Depthwise convs on the block's axis: their ``group`` attribute shrinks with the block.
-    group_edits: list[str] = field(default_factory=list)
+    # Attributes that count the block's units or channels (a depthwise conv's ``group``, a fused
+    # attention op's ``num_heads``): they shrink with the block.
+    attr_edits: list[AttrEdit] = field(default_factory=list)
 
     @property
     def unit_name(self) -> str:

@@ -79,6 +79,9 @@ def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
             keep_nodes.add(idx)
             stack.extend(g.node[idx].input)
     nodes = [g.node[i] for i in sorted(keep_nodes)]
+    # A node kept for one output (onnxruntime's EmbedLayerNormalization: the embeddings, float,
+    # and a mask index, int) computes its other outputs too: they are recomputed, not fed.
+    cut -= {o for n in nodes for o in n.output}
     # Subgraph attributes (If/Loop) may read outer values: those must be available too.
     for n in nodes:
         for a in n.attribute:

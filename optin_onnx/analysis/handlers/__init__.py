@@ -1,13 +1,12 @@
 """One handler per op type, grouped by op family. A handler reads the tracks of a node's inputs
 and writes those of its outputs, records what must be sliced or edited with each group, or marks a
-barrier; an op without a handler on a live axis is a barrier (see the propagation)."""
+barrier; an op without a handler on a live axis is a barrier (see the propagation). Registries are
+keyed by (domain, op type): the default ONNX domain is "" and onnxruntime's is "com.microsoft"."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-import onnx_ir as ir
-
+from optin_onnx.analysis.handlers import ort_contrib, sources
 from optin_onnx.analysis.handlers.conv import batch_norm, conv, pad, pool, reduce
 from optin_onnx.analysis.handlers.elementwise import BROADCAST, UNARY, elementwise
 from optin_onnx.analysis.handlers.index_mapping import concat, split
@@ -16,10 +15,10 @@ from optin_onnx.analysis.handlers.layout import (flatten, reshape, shape, squeez
 from optin_onnx.analysis.handlers.linear import gemm, matmul
 from optin_onnx.analysis.handlers.normalization import layer_norm, softmax
 
-if TYPE_CHECKING:
-    from optin_onnx.analysis.propagate import Propagator
+#: ``handler(propagator, node)``: reads and writes the propagator's tracks and groups.
+Handler = Callable[..., None]
 
-HANDLERS: dict[str, Callable[[Propagator, ir.Node], None]] = {
+_ONNX: dict[str, Handler] = {
     **{op: elementwise for op in UNARY | BROADCAST},
     "Transpose": transpose,
     "Reshape": reshape,
@@ -43,8 +42,34 @@ HANDLERS: dict[str, Callable[[Propagator, ir.Node], None]] = {
                               "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")},
 }
 
+ORT = "com.microsoft"
+
+_ORT: dict[str, Handler] = {
+    "BiasGelu": ort_contrib.bias_activation,
+    "FastGelu": ort_contrib.bias_activation,
+    "Gelu": elementwise,
+    "QuickGelu": elementwise,
+    "SkipLayerNormalization": ort_contrib.skip_layer_norm,
+    "SkipSimplifiedLayerNormalization": ort_contrib.skip_layer_norm,
+    "SimplifiedLayerNormalization": ort_contrib.skip_layer_norm,
+    "MultiHeadAttention": ort_contrib.multi_head_attention,
+}
+
+HANDLERS: dict[tuple[str, str], Handler] = {
+    **{("", op): h for op, h in _ONNX.items()},
+    **{("ai.onnx", op): h for op, h in _ONNX.items()},
+    **{(ORT, op): h for op, h in _ORT.items()},
+}
+
+#: Ops that start a group on their output channels (see :mod:`.sources`).
+SOURCES: dict[tuple[str, str], Handler] = {
+    **{(d, op): h for d in ("", "ai.onnx")
+       for op, h in (("Conv", sources.conv), ("MatMul", sources.matmul), ("Gemm", sources.gemm))},
+    (ORT, "Attention"): sources.ort_attention,
+}
+
 #: Matrix products: the nodes whose MACs are counted (see :mod:`optin_onnx.flops`).
-HEAVY = {"MatMul", "Gemm", "Conv"}
+HEAVY = {"MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention"}
 
 #: Ops that may read a flattened (channel, position) axis: per-element ops and the classifier.
 FOLDED_OK = UNARY | {"Gemm", "MatMul"}

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import numpy as np
 
 from optin_onnx.analysis.groups import Track
-from optin_onnx.analysis.structure import Consumer, ParamSlice
+from optin_onnx.analysis.structure import AttrEdit, Consumer, ParamSlice, Role
 from optin_onnx.graph import attr, const_array
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def conv(p: Propagator, node: ir.Node) -> None:
         if const_array(node.inputs[2]) is None:
             return p.barrier(gid, f"Conv '{node.name}' has a run-time bias")
         g.slices.append(ParamSlice(node.name, 2, 0, role))
-    g.group_edits.append(node.name)
+    g.attr_edits.append(AttrEdit(node.name, "group", Role.FLAT))
     p.tracks[node.outputs[0].name] = {1: (gid, role)}
 
 
