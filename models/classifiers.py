@@ -246,9 +246,9 @@ def build_bbc_classifier(out_path: str | Path, max_length: int = 128, head: str 
 
 
 def bbc_classifier(cache: str | None = None, max_length: int = 128) -> tuple[Path, dict]:
-    """The cached BBC classifier (built on first use under ``tools.demo.cache_dir()``) and its
+    """The cached BBC classifier (built on first use under ``models.cache.cache_dir()``) and its
     metadata."""
-    from tools.demo import cache_dir
+    from models.cache import cache_dir
 
     path = cache_dir(cache) / f"bbc_classifier_L{max_length}.onnx"
     meta = path.with_suffix(".json")

@@ -21,7 +21,7 @@ Data:
   images (:func:`natural_views`); the split into calibration and evaluation images is by source
   photo, so no photo has views on both sides (:func:`natural_splits`).
 
-Slow exports are cached under ``tools.demo.cache_dir()`` (``$OPTIN_CACHE``, default
+Slow exports are cached under ``models.cache.cache_dir()`` (``$OPTIN_CACHE``, default
 ``~/.cache/optin-onnx``)::
 
     python -m models.build digits-cnn out/digits_mnist.onnx
@@ -32,13 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.cache import cached
 from models.classifiers import seeded_splits
 
 Exporter = Literal["torchscript", "dynamo"]
@@ -119,16 +120,6 @@ def compare(module: nn.Module, path: str | Path, x: np.ndarray) -> tuple[float, 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of ``logits`` [n, classes] against integer ``labels`` [n]."""
     return float((logits.argmax(1) == labels).mean())
-
-
-def cached(filename: str, build: Callable[[Path], Path], cache: str | None = None) -> Path:
-    """``cache_dir(cache) / filename``, built by ``build(path)`` on first use."""
-    from tools.demo import cache_dir
-
-    path = cache_dir(cache) / filename
-    if not path.exists():
-        build(path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -221,9 +221,9 @@ def build_sentiment(out_path: str | Path, epochs: float = 2.0, max_train: int | 
 
 
 def sentiment_classifier(cache: str | None = None, epochs: float = 2.0) -> tuple[Path, dict]:
-    """The cached fine-tuned sentiment classifier under ``tools.demo.cache_dir()`` (trained on first
-    use: ~30 minutes on 2 CPU cores) and its metadata."""
-    from tools.demo import cache_dir
+    """The cached fine-tuned sentiment classifier under ``models.cache.cache_dir()`` (trained on
+    first use: ~30 minutes on 2 CPU cores) and its metadata."""
+    from models.cache import cache_dir
 
     path = cache_dir(cache) / f"sentiment_minilm_e{epochs:g}.onnx"
     meta = path.with_suffix(".json")

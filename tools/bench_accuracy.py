@@ -134,7 +134,7 @@ def _target(name: str, cache: str | None) -> Target:
                             "+ linear head)", "logits", 128, bbc_split_data())
     if name == "embedding":
         from models.build import build_minilm
-        from tools.demo import cache_dir
+        from models.cache import cache_dir
 
         path = cache_dir(cache) / "minilm_l6_pool_torchscript.onnx"
         if not path.exists():

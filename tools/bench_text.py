@@ -6,7 +6,7 @@
     python -m tools.bench_text latency   # dense vs that pruned model, several interleaved rounds
 
 Each writes a JSON record under ``--out`` (default ``docs/bench``) and prints a summary. The model
-and calibration data are built from packaged weights and BBC News text (cached, see tools.demo).
+and calibration data are built from packaged weights and BBC News text (cached, see models.cache).
 Long-running by design: these are not tests.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 def _setup(n_texts: int, max_length: int, cache: str | None):
     from models.build import build_calib, build_minilm
-    from tools.demo import cache_dir
+    from models.cache import cache_dir
 
     root = cache_dir(cache)
     model = root / "minilm_l6_pool_torchscript.onnx"
@@ -108,7 +108,7 @@ def bench_e2e(args) -> dict:
     opt = PruneOptions(flops=args.flops, samples=args.texts, neuron_group=args.neuron_group,
                        width_multiple=args.round)
     t0 = time.perf_counter()
-    from tools.demo import cache_dir
+    from models.cache import cache_dir
 
     result = prune(model, calib, opt, output=cache_dir(args.cache) / "minilm_pruned_bench.onnx")
     seconds = time.perf_counter() - t0
@@ -128,7 +128,7 @@ def bench_latency(args) -> dict:
     from optin_onnx.pipeline import as_model
     from optin_onnx.probe import sample_feeds, sequence_inputs
     from optin_onnx.report import compare_latency
-    from tools.demo import cache_dir
+    from models.cache import cache_dir
 
     model, calib = _setup(args.texts + 32, args.max_length, args.cache)
     pruned = cache_dir(args.cache) / "minilm_pruned_bench.onnx"

@@ -9,19 +9,12 @@ the default configuration and prints the before/after table. Nothing is download
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+from models.cache import cache_dir
 from optin_onnx.errors import OptinError
-
-
-def cache_dir(override: str | None = None) -> Path:
-    """Reference models are built on demand and cached outside the repository."""
-    root = Path(override or os.environ.get("OPTIN_CACHE", Path.home() / ".cache" / "optin-onnx"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def main(argv: list[str] | None = None) -> int:
