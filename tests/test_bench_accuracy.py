@@ -1,44 +1,47 @@
-"""tools/bench_accuracy.py: the metrics, the validation split, row names and the results table."""
+"""The text benchmark (tools/bench_accuracy.py and its engine, tools/bench/): the embedding
+metric, the validation split and row names."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-ba = pytest.importorskip("tools.bench_accuracy")
+import tools.bench_accuracy as ba
+from tools.bench.metrics import neighbour_overlap
+from tools.bench.targets import validation_split
 
 
 def test_neighbour_overlap_is_one_for_the_same_geometry_and_counts_swapped_neighbours():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((30, 8))
-    assert ba.neighbour_overlap(x, x, k=5) == 1.0
+    assert neighbour_overlap(x, x, k=5) == 1.0
     # Scaling rows changes no cosine, so no neighbour.
-    assert ba.neighbour_overlap(x, x * rng.uniform(0.5, 2.0, (30, 1)), k=5) == 1.0
+    assert neighbour_overlap(x, x * rng.uniform(0.5, 2.0, (30, 1)), k=5) == 1.0
     # Four points on a circle, k=1: dense neighbours 0<->1 and 2<->3; in 'pruned' point 1 moves
     # next to 2, so 1's neighbour changes and so does 2's (now 1): 2 of 4 lists change.
     ang = np.array([0.0, 0.1, 2.0, 2.1])
     dense = np.stack([np.cos(ang), np.sin(ang)], 1)
     moved = dense.copy()
     moved[1] = [np.cos(1.95), np.sin(1.95)]
-    assert ba.neighbour_overlap(dense, moved, k=1) == pytest.approx(0.5)
+    assert neighbour_overlap(dense, moved, k=1) == pytest.approx(0.5)
 
 
 def test_neighbour_overlap_rejects_bad_shapes():
     with pytest.raises(ValueError):
-        ba.neighbour_overlap(np.zeros((5, 3)), np.zeros((5, 4)), k=2)
+        neighbour_overlap(np.zeros((5, 3)), np.zeros((5, 4)), k=2)
     with pytest.raises(ValueError):
-        ba.neighbour_overlap(np.zeros((5, 3)), np.zeros((5, 3)), k=5)
+        neighbour_overlap(np.zeros((5, 3)), np.zeros((5, 3)), k=5)
 
 
 def test_validation_split_is_seeded_sized_and_skips_the_calibration_prefix():
     texts = [f"t{i}" for i in range(500)]
     labels = np.arange(500)
-    a_texts, a_labels = ba.validation_split((texts, labels), n=100, skip=256, seed=1)
-    b_texts, _ = ba.validation_split((texts, labels), n=100, skip=256, seed=1)
+    a_texts, a_labels = validation_split((texts, labels), n=100, skip=256, seed=1)
+    b_texts, _ = validation_split((texts, labels), n=100, skip=256, seed=1)
     assert a_texts == b_texts and len(set(a_texts)) == 100
     assert a_labels.min() >= 256 and [f"t{i}" for i in a_labels] == a_texts
-    assert ba.validation_split((texts, labels), n=100, skip=256, seed=2)[0] != a_texts
+    assert validation_split((texts, labels), n=100, skip=256, seed=2)[0] != a_texts
     with pytest.raises(ValueError):
-        ba.validation_split((texts, labels), n=300, skip=256)
+        validation_split((texts, labels), n=300, skip=256)
 
 
 def test_row_names_say_what_differs_from_the_defaults():

@@ -1,10 +1,17 @@
-"""tools/bench_vision.py: its metrics and the docs block it writes (the runs themselves are long)."""
+"""The CNN benchmark (tools/bench_vision.py and its engine, tools/bench/): its metrics and the
+docs block it writes (the runs themselves are long)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tools.bench_vision import latency_table, metrics, table, update_results
+from tools.bench.metrics import classification
+from tools.bench.results import latency_table, vision_block, vision_table
+
+
+def metrics(logits: np.ndarray, dense: np.ndarray, labels: np.ndarray | None) -> dict:
+    """The vision targets' metrics: classification with top-5 agreement."""
+    return classification(logits, dense, labels, top5=True)
 
 
 def test_metrics_agreement_top5_and_accuracy() -> None:
@@ -35,8 +42,8 @@ def _record(labels: bool) -> dict:
 
 
 def test_table_headline_is_accuracy_with_labels_else_agreement() -> None:
-    assert "| optin | 3 s | 80.0 (agr 90, KL 0.050; FLOPs 0.61) |" in table(_record(True))
-    assert "| optin | 3 s | 90.0 (top-5 99, KL 0.050; FLOPs 0.61) |" in table(_record(False))
+    assert "| optin | 3 s | 80.0 (agr 90, KL 0.050; FLOPs 0.61) |" in vision_table(_record(True))
+    assert "| optin | 3 s | 90.0 (top-5 99, KL 0.050; FLOPs 0.61) |" in vision_table(_record(False))
     assert "| 0.61 | 1.64x | 2.0 -> 1.0 ms (2.00x) |" in latency_table(_record(False))
 
 
@@ -45,17 +52,17 @@ def test_rows_at_other_levels_leave_blank_cells() -> None:
     row = dict(record["methods"]["optin"][0], level=0.8, flops_kept=0.8)
     record["methods"]["optin (rounds of 0.1, teacher current)"] = [row]
     record["score_seconds"]["optin (rounds of 0.1, teacher current)"] = 9.0
-    text = table(record)
+    text = vision_table(record)
     assert "| method | score time | 0.8 | 0.6 |" in text
     assert "| optin |  3 s |" not in text and "| optin | 3 s |  | 80.0" in text
     assert "| optin (rounds of 0.1, teacher current) | 9 s | 80.0 (agr 90, KL 0.050; FLOPs 0.80) |  |" in text
 
 
-def test_update_results_replaces_only_its_block(tmp_path) -> None:
+def test_vision_block_replaces_only_its_block(tmp_path) -> None:
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\nkept text\n")
-    update_results(_record(True), "digits_mnist", results)
-    update_results(_record(False), "digits_mnist", results)  # again: replaced, not appended
+    vision_block(_record(True), "digits_mnist", results)
+    vision_block(_record(False), "digits_mnist", results)  # again: replaced, not appended
     text = results.read_text()
     assert text.startswith("# Results\n\nkept text\n")
     assert text.count("<!-- vision:digits_mnist -->") == 1
@@ -65,6 +72,7 @@ def test_update_results_replaces_only_its_block(tmp_path) -> None:
 def test_merge_keeps_earlier_rows(tmp_path, monkeypatch) -> None:
     import json
 
+    import tools.bench.cli
     import tools.bench_vision as bv
 
     first, second = _record(True), _record(True)
@@ -74,7 +82,7 @@ def test_merge_keeps_earlier_rows(tmp_path, monkeypatch) -> None:
                                  "b1": {"before_ms": 3.0, "after_ms": 2.0, "speedup": 1.5}}}
     records = iter([first, second])
     monkeypatch.setattr(bv, "bench", lambda args: dict(next(records)))
-    monkeypatch.setattr(bv, "plot", lambda record, path: None)
+    monkeypatch.setattr(tools.bench.cli, "plot", lambda *args, **kwargs: None)
     bv.main(["digits", "--out", str(tmp_path / "bench")])
     bv.main(["digits", "--methods", "magnitude", "--merge", "--out", str(tmp_path / "bench")])
     merged = json.loads((tmp_path / "bench" / "vision_digits_mnist.json").read_text())

@@ -113,12 +113,16 @@ def _pruned(levels: list[float]):
     from optin_onnx.rewrite import rewrite
     from optin_onnx.scoring.trajectory import ScoreConfig, score_fast
     from optin_onnx.search import search
-    from tools.bench_accuracy import DEFAULTS, _target, setup
+    from tools.bench.methods import Settings
+    from tools.bench.prepare import prepare
+    from tools.bench.targets import text_target
 
-    su = setup(_target("sentiment", None), DEFAULTS["samples"])
+    d = Settings()
+    target = text_target("sentiment", d.samples)
+    su = prepare(target.path, target.calib)
     m, structure, calib, seq_len, macs = su.model, su.structure, su.calib, su.seq_len, su.macs
     t0 = time.perf_counter()
-    scores = score_fast(m, structure, su.cal, ScoreConfig(neuron_group=DEFAULTS["neuron_group"]))
+    scores = score_fast(m, structure, su.cal, ScoreConfig(neuron_group=d.neuron_group))
     print(f"scored in {time.perf_counter() - t0:.0f} s", flush=True)
     out = {}
     for level in levels:
@@ -235,7 +239,7 @@ def latency_table(record: dict) -> str:
 
 def update_results(record: dict, results: Path) -> None:
     """Replace the ``fusion:sentiment`` block of docs/RESULTS.md (latency only from full runs)."""
-    from tools.bench_accuracy import replace_block
+    from tools.bench.results import replace_block
 
     body = (f"Command: `{record['command']}`. Fused nodes per type after "
             f"`optimize_model(model_type='bert')` (pruned: head counts written into the Reshapes, "

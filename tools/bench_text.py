@@ -35,15 +35,13 @@ def _setup(n_texts: int, max_length: int, cache: str | None):
 
 
 def _scoring_inputs(model_path: Path, calib_path: Path, samples: int):
-    from optin_onnx.analysis import analyze_graph
-    from optin_onnx.calibrate import make_calibration
+    """Model, structure and scoring set of the first ``samples`` calibration samples."""
     from optin_onnx.pipeline import as_calibration, as_model
-    from optin_onnx.probe import dummy_feeds, probe
+    from tools.bench.prepare import prepare
 
-    m = as_model(model_path)
-    arrays = {k: v[:samples] for k, v in as_calibration(m, str(calib_path)).items()}
-    structure = analyze_graph(m, probe(m, dummy_feeds(m, like=arrays)))
-    return m, structure, make_calibration(arrays)
+    arrays = as_calibration(as_model(model_path), str(calib_path))
+    prep = prepare(model_path, {k: v[:samples] for k, v in arrays.items()})
+    return prep.model, prep.structure, prep.cal
 
 
 def bench_scorers(args) -> dict:

@@ -1,0 +1,137 @@
+"""Importance per method, and the selection it gives at each FLOPs level.
+
+Every method shares the analysis, the MAC model, the search and the rewrite; only the importance
+differs: ``optin`` (trajectory scores), ``local`` (ablation: the unit's own layer output only),
+``magnitude`` (weights sliced away with the unit), ``random`` (one run per seed of
+:data:`SEEDS`), and ``optin+ls`` (OPTIN's selection, then the least-squares reconstruct stage).
+Scores are computed once per method and run (``optin+ls`` reuses ``optin``'s); each level is then
+a search. With ``Settings.round_step`` the scored methods prune in rounds instead
+(``optin_onnx.iterate``): one chain of rounds gives the selection of every level.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from optin_onnx.search import SearchResult
+    from tools.bench.prepare import Prepared
+
+#: Our methods, in the order their rows are written.
+OURS = ("optin", "optin+ls", "local", "magnitude", "random")
+#: Methods scored on calibration data (the others read only the weights, or nothing).
+SCORED = ("optin", "optin+ls", "local")
+SEEDS = (0, 1, 2)
+
+#: A FLOPs level -> the selection kept at it.
+Picker = Callable[[float], "SearchResult"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run varies. ``lams``: output-term weights, one row each from the same scores;
+    ``round_step`` 0 is one shot; ``reach``: onnxsim's farthest measured FLOPs from a level that
+    still counts as it."""
+
+    levels: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5)
+    samples: int = 32
+    neuron_group: int = 8
+    lams: tuple[float, ...] = (1.0,)
+    feature: str = "auto"
+    channel_multiple: int = 8
+    round_step: float = 0.0
+    round_teacher: str = "current"
+    reach: float = 0.015
+
+
+@dataclass
+class Importances:
+    """Scores of one run, shared across its methods (``optin`` and ``optin+ls`` score once)."""
+
+    prep: Prepared
+    settings: Settings
+    _scores: dict = field(default_factory=dict)
+    _seconds: dict = field(default_factory=dict)
+
+    def rounds(self, method: str) -> bool:
+        """Whether ``method`` prunes in rounds in this run."""
+        return bool(self.settings.round_step) and method in SCORED
+
+    def select(self, importance, level: float, alive=None) -> SearchResult:
+        from optin_onnx.search import search
+
+        return search(self.prep.structure, importance, self.prep.macs, level,
+                      channel_multiple=self.settings.channel_multiple, alive=alive)
+
+    def _config(self, kind: str, lam: float):
+        from optin_onnx.scoring.trajectory import ScoreConfig
+
+        s = self.settings
+        return ScoreConfig(neuron_group=s.neuron_group, features=kind, lam=lam,
+                           feature_kind=s.feature, teacher=s.round_teacher)
+
+    def pickers(self, method: str) -> dict[float, tuple[float, list[Picker]]]:
+        """{lambda: (scoring seconds, one picker per seed)} of ``method``; methods that use no
+        output term have one entry (lambda 1)."""
+        if self.rounds(method):
+            return {lam: (seconds, [lambda level, got=got: got[round(level, 6)]])
+                    for lam, (seconds, got) in self._chains(method).items()}
+        if method in SCORED:
+            kind = "local" if method == "local" else "trajectory"
+            if kind not in self._scores:
+                from optin_onnx.scoring.trajectory import score_fast
+
+                t0 = time.perf_counter()
+                self._scores[kind] = score_fast(self.prep.model, self.prep.structure,
+                                                self.prep.cal, self._config(kind, 1.0))
+                self._seconds[kind] = time.perf_counter() - t0
+            raw, seconds = self._scores[kind], self._seconds[kind]
+            runs = {lam: [{k: v.copy() for k, v in raw.finalize(lam).importance.items()}]
+                    for lam in self.settings.lams}
+        else:
+            from optin_onnx.scoring.baselines import score_magnitude, score_random
+
+            t0 = time.perf_counter()
+            if method == "magnitude":
+                runs = {1.0: [score_magnitude(self.prep.model, self.prep.structure).importance]}
+            else:
+                runs = {1.0: [score_random(self.prep.structure, seed).importance
+                              for seed in SEEDS]}
+            seconds = time.perf_counter() - t0
+        return {lam: (seconds, [lambda level, imp=imp: self.select(imp, level) for imp in got])
+                for lam, got in runs.items()}
+
+    def _chains(self, method: str) -> dict[float, tuple[float, dict[float, SearchResult]]]:
+        """{lambda: (scoring seconds, {level: selection})}: one chain of rounds per lambda."""
+        from optin_onnx.iterate import at_levels
+        from optin_onnx.scoring.trajectory import score_fast
+
+        kind = "local" if method == "local" else "trajectory"
+        for lam in self.settings.lams:
+            if (kind, lam) in self._scores:
+                continue
+            cfg = self._config(kind, lam)
+            spent = [0.0]
+
+            def score(base, cfg=cfg, spent=spent):
+                t0 = time.perf_counter()
+                got = score_fast(self.prep.model, self.prep.structure, self.prep.cal, cfg,
+                                 base=base)
+                spent[0] += time.perf_counter() - t0
+                print(f"{method} lam {cfg.lam:g}: {spent[0]:.0f} s of scoring", flush=True)
+                return got
+
+            picked = at_levels(score, self.select, self.settings.levels, self.settings.round_step)
+            self._scores[(kind, lam)] = (spent[0], picked)
+        return {lam: self._scores[(kind, lam)] for lam in self.settings.lams}
+
+
+def mean_row(per_seed: list[dict[str, float]], level: float) -> dict[str, float]:
+    """One table row: every metric averaged over the seeds' runs, and the level asked for."""
+    row = {k: float(np.mean([p[k] for p in per_seed])) for k in per_seed[0]}
+    row["level"] = level
+    return row
