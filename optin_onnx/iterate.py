@@ -12,9 +12,9 @@ has matter more than they did in the dense model. Rounds measure that instead of
 What a later round compares against is ``ScoreConfig.teacher``
 (:func:`~optin_onnx.scoring.trajectory.score_fast`, ``base``): by default the previous round's
 pruned model, scored as if it were the dense one; or the dense model, a unit's score then being the
-loss it adds to the current selection's own loss. Against the dense model a third of the scores
-turn negative on a fine-tuned classifier (removing the unit pulls the calibration logits back
-toward the dense ones), and the selections generalise worse (docs/RESULTS.md). Each round costs
+loss it adds to the current selection's own loss. Against the dense model scores can turn negative
+(removing the unit pulls the calibration logits back toward the dense ones), and the selections
+generalised worse on validation data (docs/DESIGN.md, "Pruning in rounds"). Each round costs
 one scoring pass over the alive units, so n rounds cost about n times the one-shot scoring less
 the dropped units' share.
 """

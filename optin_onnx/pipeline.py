@@ -59,8 +59,8 @@ class PruneOptions:
     # Conv channel counts stay multiples of this where a group has at least that many channels
     # (narrower SIMD / tensor-core tiles would make a model with fewer FLOPs run slower).
     channel_multiple: int = 8
-    # Neurons scored in proxy-ordered groups of 8: 9x less scoring time than exact on MiniLM, with
-    # the same held-out fidelity there (README, Performance). 1 = exact per-neuron scores.
+    # Neurons scored in proxy-ordered groups of 8: several times less scoring time than exact, with
+    # held-out fidelity as good on MiniLM (docs/RESULTS.md, "One-off measurements"). 1 = exact.
     neuron_group: int = 8
     # What the trajectory loss compares (F_z): auto | ffn (FFN outputs: post-LN BERT) | residual-ln
     # (the LayerNorm'ed residual stream entering each later layer: pre-LN ViT); auto picks by graph.
@@ -79,7 +79,7 @@ class PruneOptions:
     tolerance: float = 1e-4
     latency_cases: Sequence[tuple[int, int]] = ((1, 128), (32, 128))
     latency_seconds: float = 20.0
-    candidates_per_run: int = 4  # measured on MiniLM: 4 is fastest per candidate (1: 0.167 s, 4: 0.145 s, 16: 0.175 s)
+    candidates_per_run: int = 4  # fastest per candidate (docs/RESULTS.md, "One-off measurements")
     chunk_size: int = 16
 
 

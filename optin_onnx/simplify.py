@@ -4,8 +4,8 @@ fails or cannot check its result, the unsimplified graph is kept and the reason 
 
 onnxsim is not always a speed-up: on BERT exports it rewrites MatMul+Add over 3-D inputs into
 Reshape -> Gemm -> Reshape, which hides the bias-GELU and skip-LayerNorm patterns onnxruntime fuses
-(measured on all-MiniLM-L6-v2, batch 32 x 128 tokens: 327 ms before onnxsim, 355 ms after). So
-mode "auto" keeps the simplified graph only if onnxruntime runs it at least as fast.
+and can make the graph slower (docs/RESULTS.md, "One-off measurements"). So mode "auto" keeps the
+simplified graph only if onnxruntime runs it at least as fast.
 """
 from __future__ import annotations
 

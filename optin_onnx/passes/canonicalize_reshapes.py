@@ -4,8 +4,8 @@ Exporters write a head split as ``Reshape(q, Concat(Unsqueeze(Gather(Shape(h), 0
 Unsqueeze(Gather(Shape(h), 1)), [-1], [64]))``: five to seven small nodes per Reshape, run on
 every inference. When each run-time element just copies the Reshape input's own dimension at the
 same position, ONNX says it with a 0 (``allowzero=0``): the target becomes the constant
-``[0, 0, -1, 64]``, dynamic axes stay dynamic, and the shape nodes die. On a 6-layer MiniLM that is
-about 60 of the ~270 nodes onnxruntime runs, and per-node overhead is what limits batch-1 latency.
+``[0, 0, -1, 64]``, dynamic axes stay dynamic, and the shape nodes die: per-node overhead is what
+limits batch-1 latency (docs/RESULTS.md, "One-off measurements").
 
 A ``-1`` whose output dimension is the same at both probe sizes (the head count of a head split:
 ``[0, 0, -1, 64]``) is written out too (``[0, 0, 9, 64]``), in run-time and constant targets alike:

@@ -73,15 +73,14 @@ class ScoreConfig:
     lam: float = 1.0
     tokens: int = 768
     seed: int = 0
-    candidates_per_run: int = 4  # measured on MiniLM: 4 is fastest per candidate (1: 0.167 s, 4: 0.145 s, 16: 0.175 s)
+    candidates_per_run: int = 4  # fastest per candidate (docs/RESULTS.md, "One-off measurements")
     neuron_group: int = 1  # 1 = exact per-neuron scores
     output_kind: str = "auto"  # auto | logits | embedding | tokens
     features: str = "trajectory"  # trajectory | local (ablation: the unit's own layer only)
     # With a base selection (pruning in rounds): "current" makes the base model the teacher
     # (OPTIN's score on the pruned model as if it were the dense one); "dense" keeps the original
-    # model (a score is the loss a unit adds to the base's). current is the default: on the
-    # validation sets dense was far worse on the sentiment model and no better on the USPS CNN
-    # (docs/RESULTS.md, "Pruning in rounds").
+    # model (a score is the loss a unit adds to the base's). current is the default, chosen on
+    # validation data (docs/DESIGN.md, "Pruning in rounds").
     teacher: str = "current"
     feature_kind: str = "auto"  # what F_z is: auto | ffn | residual-ln | blocks (module doc)
     providers: list[str] | None = None

@@ -51,7 +51,8 @@ def finish(record: dict, argv: list[str] | None, prog: str, out: str, stem: str,
     """Stamp ``record`` with the command that made it, merge it into ``<out>/<stem>.json`` with
     ``merge`` (``tables`` and ``defaults`` as :func:`~tools.bench.records.merge_record`), write
     it, plot ``headline`` (metric key, axis label, scale) where there is a curve (legend beside
-    the axes with ``legend_beside``), and rewrite its block of ``<out>/../RESULTS.md`` with ``block(record, results)``. Returns what was written."""
+    the axes with ``legend_beside``), and rewrite its block of ``<out>/../RESULTS.md`` with
+    ``block(record, results)``. Returns what was written."""
     record["command"] = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     folder = Path(out)
     path = folder / f"{stem}.json"
