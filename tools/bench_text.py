@@ -1,4 +1,4 @@
-"""Benchmarks on all-MiniLM-L6-v2 (6 layers x 12 heads, FFN 1536) for the README.
+"""Benchmarks on all-MiniLM-L6-v2 (6 layers x 12 heads, FFN 1536) for docs/RESULTS.md (speed).
 
     python -m tools.bench_text scorers   # fast vs naive scorer, side by side, same elements
     python -m tools.bench_text exact     # exact scoring of all 72 heads + 9,216 neurons

@@ -11,13 +11,14 @@ a search. With ``Settings.round_step`` the scored methods prune in rounds instea
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from optin_onnx.scoring.trajectory import ScoreConfig, Scores
     from optin_onnx.search import SearchResult
     from tools.bench.prepare import Prepared
 
@@ -54,20 +55,25 @@ class Importances:
 
     prep: Prepared
     settings: Settings
-    _scores: dict = field(default_factory=dict)
-    _seconds: dict = field(default_factory=dict)
+    #: score kind (trajectory | local) -> (one-shot scores, scoring seconds)
+    _one_shot: dict[str, tuple[Scores, float]] = field(default_factory=dict)
+    #: (score kind, lambda) -> (scoring seconds, {level: selection}) of one chain of rounds
+    _chains: dict[tuple[str, float], tuple[float, dict[float, SearchResult]]] = field(
+        default_factory=dict)
 
     def rounds(self, method: str) -> bool:
         """Whether ``method`` prunes in rounds in this run."""
         return bool(self.settings.round_step) and method in SCORED
 
-    def select(self, importance, level: float, alive=None) -> SearchResult:
+    def select(self, importance: Mapping[str, np.ndarray], level: float,
+               alive: Mapping[str, Sequence[int]] | None = None) -> SearchResult:
+        """The search every method shares (alive: the units earlier rounds kept)."""
         from optin_onnx.search import search
 
         return search(self.prep.structure, importance, self.prep.macs, level,
                       channel_multiple=self.settings.channel_multiple, alive=alive)
 
-    def _config(self, kind: str, lam: float):
+    def _config(self, kind: str, lam: float) -> ScoreConfig:
         from optin_onnx.scoring.trajectory import ScoreConfig
 
         s = self.settings
@@ -79,17 +85,17 @@ class Importances:
         output term have one entry (lambda 1)."""
         if self.rounds(method):
             return {lam: (seconds, [lambda level, got=got: got[round(level, 6)]])
-                    for lam, (seconds, got) in self._chains(method).items()}
+                    for lam, (seconds, got) in self._rounds(method).items()}
         if method in SCORED:
-            kind = "local" if method == "local" else "trajectory"
-            if kind not in self._scores:
+            kind = _kind(method)
+            if kind not in self._one_shot:
                 from optin_onnx.scoring.trajectory import score_fast
 
                 t0 = time.perf_counter()
-                self._scores[kind] = score_fast(self.prep.model, self.prep.structure,
-                                                self.prep.cal, self._config(kind, 1.0))
-                self._seconds[kind] = time.perf_counter() - t0
-            raw, seconds = self._scores[kind], self._seconds[kind]
+                got = score_fast(self.prep.model, self.prep.structure, self.prep.cal,
+                                 self._config(kind, 1.0))
+                self._one_shot[kind] = (got, time.perf_counter() - t0)
+            raw, seconds = self._one_shot[kind]
             runs = {lam: [{k: v.copy() for k, v in raw.finalize(lam).importance.items()}]
                     for lam in self.settings.lams}
         else:
@@ -105,19 +111,20 @@ class Importances:
         return {lam: (seconds, [lambda level, imp=imp: self.select(imp, level) for imp in got])
                 for lam, got in runs.items()}
 
-    def _chains(self, method: str) -> dict[float, tuple[float, dict[float, SearchResult]]]:
+    def _rounds(self, method: str) -> dict[float, tuple[float, dict[float, SearchResult]]]:
         """{lambda: (scoring seconds, {level: selection})}: one chain of rounds per lambda."""
         from optin_onnx.iterate import at_levels
         from optin_onnx.scoring.trajectory import score_fast
 
-        kind = "local" if method == "local" else "trajectory"
+        kind = _kind(method)
         for lam in self.settings.lams:
-            if (kind, lam) in self._scores:
+            if (kind, lam) in self._chains:
                 continue
             cfg = self._config(kind, lam)
             spent = [0.0]
 
-            def score(base, cfg=cfg, spent=spent):
+            def score(base: Mapping[str, Sequence[int]] | None, cfg: ScoreConfig = cfg,
+                      spent: list[float] = spent) -> Scores:
                 t0 = time.perf_counter()
                 got = score_fast(self.prep.model, self.prep.structure, self.prep.cal, cfg,
                                  base=base)
@@ -126,8 +133,13 @@ class Importances:
                 return got
 
             picked = at_levels(score, self.select, self.settings.levels, self.settings.round_step)
-            self._scores[(kind, lam)] = (spent[0], picked)
-        return {lam: self._scores[(kind, lam)] for lam in self.settings.lams}
+            self._chains[(kind, lam)] = (spent[0], picked)
+        return {lam: self._chains[(kind, lam)] for lam in self.settings.lams}
+
+
+def _kind(method: str) -> str:
+    """The scores a scored method uses: ``local`` ablation scores, or trajectory scores."""
+    return "local" if method == "local" else "trajectory"
 
 
 def mean_row(per_seed: list[dict[str, float]], level: float) -> dict[str, float]:
