@@ -17,7 +17,7 @@ from optin_onnx.analysis.structure import Factor
 from optin_onnx.probe import PROBE_SEQ, dummy_feeds, run_all_values
 
 _HEAVY = {("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"),
-          ("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")}
+          ("", "Attention"), ("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")}
 
 
 @dataclass
@@ -87,13 +87,13 @@ def node_macs(model: ir.Model, seq_len: int, like: dict[str, np.ndarray] | None 
             a = shape(n.inputs[0])
             k = a[0] if (n.attributes.get("transA") and n.attributes["transA"].value) else a[1]
             out[n.name] = int(np.prod(o)) * k
-        elif n.op_type == "Attention":  # fused: x @ W_qkv, then Q K^T and P V per head
+        elif n.op_type == "Attention" and n.domain == "com.microsoft":  # x @ W_qkv, Q K^T, P V
             x, w = shape(n.inputs[0]), shape(n.inputs[1])
             sizes = n.attributes["qkv_hidden_sizes"].value if "qkv_hidden_sizes" in n.attributes \
                 else [w[1] // 3] * 3
             s = int(np.prod(x[:-1]))
             out[n.name] = s * x[-1] * w[1] + s * x[-2] * (sizes[0] + sizes[2])
-        elif n.op_type == "MultiHeadAttention":  # Q K^T and P V per head
+        elif n.op_type in ("MultiHeadAttention", "Attention"):  # Q K^T and P V per head
             q, k = shape(n.inputs[0]), shape(n.inputs[1])
             out[n.name] = int(np.prod(q)) * k[-2] + int(np.prod(o)) * k[-2]
         else:  # Conv / ConvTranspose: every output element sums Cin/group * kernel products

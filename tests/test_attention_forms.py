@@ -9,6 +9,9 @@ other tests export. Its exports differ where head pruning is delicate:
   the last target sliced out of ``Shape(k)``: batch and heads folded into one axis and split back.
 - A fresh initialisation's zero biases are one de-duplicated tensor, reached through ``Identity``
   nodes in the TorchScript export: a shared constant must not hide a structure.
+- At opset 23 the dynamo exporter writes the standard ONNX ``Attention`` op.
+- onnxruntime's transformer optimizer fuses the attention into ``com.microsoft`` ``Attention``
+  (packed QKV weight) or ``MultiHeadAttention``, with SkipLayerNormalization and BiasGelu around.
 
 Each form must be analysed into heads and neurons, pruned (heads included), verified against the
 masked dense graph, and keep its dynamic batch and sequence axes.
@@ -25,22 +28,23 @@ from onnx import TensorProto, helper, numpy_helper
 from optin_onnx.pipeline import PruneOptions, prune
 from tests.helpers import load_analyze, run, tiny_feeds
 
-#: (exporter, attention implementation, random biases, onnxsim'd)
+#: (exporter, attention implementation, random biases, onnxsim'd, opset)
 FORMS = [
-    ("torchscript", "sdpa", True, False),
-    ("dynamo", "sdpa", True, False),
-    ("torchscript", "sdpa", True, True),
-    ("dynamo", "sdpa", True, True),
-    ("torchscript", None, False, False),  # the library default, zero biases shared via Identity
-    ("dynamo", None, False, False),
-    ("torchscript", "eager", False, False),
+    ("torchscript", "sdpa", True, False, 17),
+    ("dynamo", "sdpa", True, False, 17),
+    ("torchscript", "sdpa", True, True, 17),
+    ("dynamo", "sdpa", True, True, 17),
+    ("torchscript", None, False, False, 17),  # the library default, zero biases via Identity
+    ("dynamo", None, False, False, 17),
+    ("torchscript", "eager", False, False, 17),
+    ("dynamo", "sdpa", True, False, 23),  # the standard ONNX Attention op
 ]
 
 
 def form_id(form) -> str:
-    exporter, attention, random_biases, sim = form
+    exporter, attention, random_biases, sim, opset = form
     return "-".join([exporter, attention or "default", "bias" if random_biases else "zero-bias"]
-                    + (["sim"] if sim else []))
+                    + (["sim"] if sim else []) + ([f"opset{opset}"] if opset != 17 else []))
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +56,10 @@ def exports(tmp_path_factory) -> dict[tuple, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for form in FORMS:
-            exporter, attention, random_biases, sim = form
+            exporter, attention, random_biases, sim, opset = form
             bert = te.tiny_bert(seed=0, attention=attention, random_biases=random_biases)
             path = te.export(te.EncoderWrapper(bert, head="pool"), root / f"{form_id(form)}.onnx",
-                             exporter=exporter)
+                             exporter=exporter, opset=opset)
             out[form] = te.simplify(path, root / f"{form_id(form)}_s.onnx") if sim else path
     return out
 
@@ -196,7 +200,7 @@ def test_fused_attention_heads_are_found_with_the_unfused_macs(fused, exports, o
         ("layer0.attention", 4, 8), ("layer0.mlp", 48, 1),
         ("layer1.attention", 4, 8), ("layer1.mlp", 48, 1)]
     # The fused node's products are counted: a head costs what it costs unfused.
-    ref_m, ref_s = load_analyze(exports[("torchscript", "sdpa", True, False)])
+    ref_m, ref_s = load_analyze(exports[FORMS[0]])
     unit = flops.mac_model(m, s, 16).unit
     ref = flops.mac_model(ref_m, ref_s, 16).unit
     assert unit["layer0.attention"] == pytest.approx(ref["layer0.attention"])

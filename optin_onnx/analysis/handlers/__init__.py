@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from optin_onnx.analysis.handlers import ort_contrib, sources
+from optin_onnx.analysis.handlers.attention import attention
 from optin_onnx.analysis.handlers.conv import batch_norm, conv, pad, pool, reduce
 from optin_onnx.analysis.handlers.elementwise import BROADCAST, UNARY, elementwise
 from optin_onnx.analysis.handlers.index_mapping import concat, split
@@ -36,6 +37,7 @@ _ONNX: dict[str, Handler] = {
     "Flatten": flatten,
     "Concat": concat,
     "Split": split,
+    "Attention": attention,
     **{op: pool for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
                             "GlobalMaxPool", "GlobalLpPool")},
     **{op: reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",

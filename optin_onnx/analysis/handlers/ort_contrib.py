@@ -40,14 +40,15 @@ def skip_layer_norm(p: Propagator, node: ir.Node) -> None:
 def heads_axis_inputs(p: Propagator, node: ir.Node, bias: int, past: tuple[int, ...]
                       ) -> str | None:
     """Why a fused attention's optional inputs stop head pruning, or None: a past key/value state
-    has a heads axis (its cache layout would change), and so may an attention bias
-    ``[B, H, S, L]`` (one broadcast over heads is harmless). Key padding masks have none."""
+    has a heads axis (its cache layout would change), and so may an attention bias or mask
+    ``[B, H, S, L]`` (one broadcast over heads, or one of rank 2, is harmless). Key padding masks
+    have none."""
     present = [i for i in past if i < len(node.inputs) and node.inputs[i] is not None]
     if present:
         return f"a past key/value state (inputs {present}): not pruned through yet"
     if bias < len(node.inputs) and node.inputs[bias] is not None:
         dims = p.shape(node.inputs[bias])
-        if dims is None or len(dims) != 4 or dims[1] != 1:
+        if dims is None or (len(dims) >= 3 and dims[-3] != 1):
             return "an attention bias with a heads axis: not pruned through yet"
     return None
 
