@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("model")
     a.add_argument("--calib", help="calibration .npz (probe shapes from real inputs)")
     a.add_argument("--seq-len", type=int, default=128, help="sequence length for MACs (default 128)")
+    a.add_argument("--verbose", action="store_true",
+                   help="also list the projections that end at the model width, with where")
 
     r = sub.add_parser("prune", help="prune a model to a FLOPs budget")
     r.add_argument("input")
@@ -154,6 +156,13 @@ def _analyze(args) -> None:
                   f"{macs.base / macs.total:.1%} of the MACs")
     for d in structure.declined:
         console.print(f"[yellow]declined[/] {d.name}: {'; '.join(d.reasons)}")
+    if structure.model_width:
+        console.print(f"{len(structure.model_width)} projection(s) end at the model width (a "
+                      f"residual add, a normalisation over the width, a graph output): not "
+                      f"prunable units" + ("" if args.verbose else "; --verbose lists them"))
+    if args.verbose:
+        for d in structure.model_width:
+            console.print(f"  model width {d.name}: {'; '.join(dict.fromkeys(d.reasons))}")
 
 
 def _names(names: list[str], most: int = 2) -> str:

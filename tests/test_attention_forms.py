@@ -73,6 +73,8 @@ def test_heads_and_neurons_are_found_in_every_layer(exports, form):
                    ("layer1.attention", 4, 8), ("layer1.mlp", 48, 1)]
     for b in s.blocks:
         assert len(b.sources) == (3 if b.kind == "attention" else 1)
+    # Every other projection is accounted for: W_O and W_2 of each layer end at the model width.
+    assert len(s.model_width) == 4
 
 
 def io_dims(proto: onnx.ModelProto) -> list[tuple]:

@@ -69,15 +69,22 @@ def _removal(node: ir.Node, probe: dict[str, np.ndarray]) -> Removal | None:
     return None
 
 
+class _Width(Declined):
+    """A group that ends at the model width (see ``Structure.model_width``)."""
+
+
 def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | None:
     """A group becomes a block when it ends in weight contractions with nothing in the way. A group
-    that never got there is reported only if an unknown op stopped it and nothing marks it as the
-    model width (the residual stream's projections end at a residual add or a LayerNorm by
-    design)."""
+    that never got there is declined if an unknown op stopped it and nothing marks it as the model
+    width; one that ended at the model width (the residual stream's projections end at a residual
+    add or a LayerNorm by design) is listed as such. Only a group stopped by nothing (its values
+    unused) is dropped."""
     name = f"group@{g.sources[0]}"
     reasons = list(dict.fromkeys(g.barriers))
     if not g.consumers:
-        return Declined(name, reasons) if g.hard and not g.natural else None
+        if g.hard and not g.natural:
+            return Declined(name, reasons)
+        return _Width(name, reasons) if g.natural else None
     unit = g.unit_size or 1
     if not reasons and g.width % unit:
         reasons.append(f"width {g.width} is not a multiple of unit size {unit}")
@@ -119,6 +126,8 @@ def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
         if isinstance(item, Block):
             structure.blocks.append(item)
             groups[id(item)] = g
+        elif isinstance(item, _Width):
+            structure.model_width.append(Declined(item.name, item.reasons))
         elif isinstance(item, Declined):
             structure.declined.append(item)
     structure.blocks.sort(key=lambda b: min(order[c.node] for c in b.consumers))

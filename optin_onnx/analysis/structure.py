@@ -168,7 +168,10 @@ class Block:
 
 @dataclass
 class Declined:
-    """A structure that looked prunable (it ends in a weight contraction) but is left alone."""
+    """A structure that looked prunable (it ends in a weight contraction) but is left alone; or,
+    in ``Structure.model_width``, a projection whose channels end where the model width does (a
+    residual add, a normalisation over the width, a graph output): not a prunable unit axis, and
+    listed so that no group is dropped without its reason."""
 
     name: str
     reasons: list[str]
@@ -183,6 +186,7 @@ Factor = tuple[tuple[str, ...], int]
 class Structure:
     blocks: list[Block] = field(default_factory=list)
     declined: list[Declined] = field(default_factory=list)
+    model_width: list[Declined] = field(default_factory=list)
     n_layers: int = 0
     # node -> the factors its MACs scale with (a conv between two groups: two; see flops.py)
     mac_factors: dict[str, list[Factor]] = field(default_factory=dict)
