@@ -39,6 +39,23 @@ def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, na
     node.replace_input_with(index, value)
 
 
+def _gather(graph: ir.Graph, node: ir.Node, index: int, axis: int, keep: np.ndarray,
+            namer: _Namer) -> None:
+    """Feed ``node.inputs[index]`` through a Gather of the ``keep`` positions on ``axis``: a
+    run-time value (shared with other uses, e.g. every layer's position bias) sliced for this
+    use alone."""
+    base = node.inputs[index].name or f"{node.name}_in"
+    name = namer(f"{base}__kept")
+    indices = ir.Value(name=f"{name}_idx", const_value=ir.tensor(keep.astype(np.int64),
+                                                                   name=f"{name}_idx"))
+    graph.register_initializer(indices)
+    gather = ir.Node("", "Gather", [node.inputs[index], indices], name=name,
+                     attributes=[ir.AttrInt64("axis", axis)])
+    gather.outputs[0].name = name
+    graph.insert_before(node, gather)
+    node.replace_input_with(index, gather.outputs[0])
+
+
 def _clone_producer(graph: ir.Graph, node: ir.Node, index: int, namer: _Namer) -> ir.Node | None:
     """Give ``node.inputs[index]`` a private producer (clone the producer if the value is shared)."""
     value = node.inputs[index]
@@ -63,13 +80,21 @@ def _slice_blocks(graph: ir.Graph, blocks: list[tuple[Block, list[int]]], namer:
     be made together (positions are those of the dense tensor)."""
     nodes = nodes_by_name(graph)
     cuts: dict[tuple[str, int, int], list[np.ndarray]] = {}
+    runtime: dict[tuple[str, int, int], int] = {}  # gathered run-time uses -> dense axis size
     for block, units in blocks:
         dropped = sorted(set(range(block.n_units)) - set(units))
         for s in block.slices:
             positions = block.indices(dropped, s.role, s.repeat, s.offset)
             cuts.setdefault((s.node, s.input_index, s.axis), []).append(positions)
+            if s.runtime:
+                runtime[(s.node, s.input_index, s.axis)] = block.width(s.role, s.repeat)
     for (node_name, index, axis), positions in cuts.items():
         node = nodes[node_name]
+        if (node_name, index, axis) in runtime:
+            keep = np.setdiff1d(np.arange(runtime[(node_name, index, axis)]),
+                                np.concatenate(positions))
+            _gather(graph, node, index, axis, keep, namer)
+            continue
         arr = const_array(node.inputs[index])
         if arr is None:
             raise OptinError(f"internal: {node_name} input {index} is no longer a constant")

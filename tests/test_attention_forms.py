@@ -220,3 +220,58 @@ def test_fused_attention_is_pruned_with_its_num_heads(fused, op, tmp_path):
     kept = [len(result.selection.keep[f"layer{i}.attention"]) for i in range(2)]
     assert heads == kept and sum(kept) < 8
     assert "com.microsoft" in {o.domain for o in out.opset_import}
+
+
+def _two_layers_sharing_a_runtime_head_bias() -> onnx.ModelProto:
+    """Two attention layers over x [B, S, 8] (4 heads of 2) whose scores both add one per-head
+    bias computed at run time (as T5 and MPNet compute their relative position bias once):
+    ``bias [1, 4, 1, 1] = ReduceMean(x) * table``."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(np.array([0, 0, 4, 2], np.int64), "split"),
+             numpy_helper.from_array(np.array([0, 0, -1], np.int64), "merge"),
+             numpy_helper.from_array(rng.standard_normal((1, 4, 1, 1)).astype(np.float32), "table")]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=0),
+             helper.make_node("Mul", ["mean", "table"], ["bias"])]
+    h = "x"
+    for layer in range(2):
+        def name(n):
+            return f"l{layer}_{n}"
+        for n in ("q", "k", "v", "o"):
+            inits.append(numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32),
+                                                 name(f"w{n}")))
+        for n in ("q", "k", "v"):
+            nodes += [helper.make_node("MatMul", [h, name(f"w{n}")], [name(f"{n}_p")]),
+                      helper.make_node("Reshape", [name(f"{n}_p"), "split"], [name(f"{n}_r")]),
+                      helper.make_node("Transpose", [name(f"{n}_r")], [name(f"{n}_h")],
+                                       perm=[0, 2, 1, 3])]
+        nodes += [helper.make_node("Transpose", [name("k_h")], [name("k_t")], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", [name("q_h"), name("k_t")], [name("s")]),
+                  helper.make_node("Add", [name("s"), "bias"], [name("sb")]),
+                  helper.make_node("Softmax", [name("sb")], [name("p")], axis=-1),
+                  helper.make_node("MatMul", [name("p"), name("v_h")], [name("c")]),
+                  helper.make_node("Transpose", [name("c")], [name("c_t")], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", [name("c_t"), "merge"], [name("c_m")]),
+                  helper.make_node("MatMul", [name("c_m"), name("wo")], [name("o")]),
+                  helper.make_node("Add", [h, name("o")], [name("y")])]
+        h = name("y")
+    g = helper.make_graph(nodes, "shared_bias",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 8])],
+                          [helper.make_tensor_value_info(h, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_runtime_head_bias_shared_by_layers_is_gathered_per_use(tmp_path):
+    from optin_onnx import instrument, rewrite
+
+    model = _two_layers_sharing_a_runtime_head_bias()
+    m, s = load_analyze(model)
+    assert [(b.kind, b.n_units) for b in s.blocks] == [("attention", 4), ("attention", 4)]
+    assert all(any(sl.runtime for sl in b.slices) for b in s.blocks)
+    keep = {"layer0.attention": [0, 2, 3], "layer1.attention": [1]}
+    slim = rewrite.rewrite(m, s, keep)
+    masked = instrument.masked_model(m, s, instrument.unit_masks(s, keep))
+    x = np.random.default_rng(2).standard_normal((3, 5, 8)).astype(np.float32)
+    (want,) = run(masked, {"x": x})
+    (got,) = run(slim, {"x": x})
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert sum(n.op_type == "Gather" for n in slim.graph) == 2

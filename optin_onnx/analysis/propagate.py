@@ -137,12 +137,18 @@ class Propagator(Groups):
             dims = self.shape(v)
             if dims is None or dims[a] == 1:
                 continue
+            if role is Role.INNER:
+                continue  # never sliced: rotary cos/sin, or any operand, fits every head
             if const_array(v) is not None:
-                if role is not Role.INNER:
-                    self.group(gid).slices.append(ParamSlice(node.name, i, a, role))
+                self.group(gid).slices.append(ParamSlice(node.name, i, a, role))
+            elif role is Role.HEAD and (v.name, a) not in self.lead:
+                # Per-head values computed at run time (a relative position bias shared by every
+                # layer, ALiBi): each use keeps the heads its group keeps.
+                self.group(gid).slices.append(ParamSlice(node.name, i, a, role, runtime=True))
             else:
                 self.barrier(gid, f"{node.op_type} '{node.name}' combines the axis with run-time "
-                                f"tensor '{v.name}' (a residual or another structure)", natural=True)
+                                  f"tensor '{v.name}' (a residual or another structure)",
+                             natural=role is Role.FLAT)
                 return
         if any((v.name, a) in self.lead for _, v, a, _ in tracked) and any(
                 a not in self.track(v) and (self.shape(v) or (1,) * (a + 1))[a] != 1

@@ -27,7 +27,8 @@ class Role(str, Enum):
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """Slice the constant feeding ``node.inputs[input_index]`` along ``axis``.
+    """Slice the constant feeding ``node.inputs[input_index]`` along ``axis`` (or, ``runtime``,
+    gather the kept positions of the run-time value there).
 
     ``repeat`` > 1: the axis is a flattened (channel, position) axis (``Flatten`` of an NCHW map
     before a classifier), element ``c * repeat + r`` belongs to channel ``c``. ``offset``: the
@@ -39,6 +40,9 @@ class ParamSlice:
     role: Role
     repeat: int = 1
     offset: int = 0
+    # A run-time operand on a head axis (a position bias [B, H, S, S] computed once and added in
+    # every layer): the rewrite gathers the kept heads at this use instead of slicing a constant.
+    runtime: bool = False
 
 
 @dataclass(frozen=True)

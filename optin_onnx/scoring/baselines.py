@@ -38,7 +38,7 @@ def _unit_sum_squares(block: Block, nodes: dict[str, ir.Node]) -> np.ndarray:
     seen: set[int] = set()
     for s in block.slices:
         value = nodes[s.node].inputs[s.input_index]
-        if value is None or id(value) in seen:
+        if value is None or id(value) in seen or s.runtime:
             continue
         seen.add(id(value))
         arr = const_array(value)

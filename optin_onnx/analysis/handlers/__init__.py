@@ -11,7 +11,7 @@ from optin_onnx.analysis.handlers.attention import attention
 from optin_onnx.analysis.handlers.conv import batch_norm, conv, pad, pool, reduce
 from optin_onnx.analysis.handlers.elementwise import BROADCAST, UNARY, elementwise
 from optin_onnx.analysis.handlers.index_mapping import concat, split
-from optin_onnx.analysis.handlers.layout import (flatten, reshape, shape, squeeze,
+from optin_onnx.analysis.handlers.layout import (flatten, reshape, shape, slice_, squeeze,
                                                  transpose, unsqueeze)
 from optin_onnx.analysis.handlers.linear import gemm, matmul
 from optin_onnx.analysis.handlers.normalization import layer_norm, softmax
@@ -31,6 +31,7 @@ _ONNX: dict[str, Handler] = {
     "Shape": shape,
     "Unsqueeze": unsqueeze,
     "Squeeze": squeeze,
+    "Slice": slice_,
     "Conv": conv,
     "BatchNormalization": batch_norm,
     "Pad": pad,
@@ -78,4 +79,4 @@ FOLDED_OK = UNARY | {"Gemm", "MatMul"}
 
 #: Ops that may read a folded (batch x units) axis: they keep axes whole, so the fold is carried.
 LEAD_OK = UNARY | BROADCAST | {"Transpose", "MatMul", "Reshape", "Softmax", "LogSoftmax",
-                               "Unsqueeze", "Squeeze"}
+                               "Unsqueeze", "Squeeze", "Slice"}

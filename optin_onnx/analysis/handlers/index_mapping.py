@@ -23,7 +23,15 @@ def concat(p: Propagator, node: ir.Node) -> None:
     data = [(i, v) for i, v in enumerate(node.inputs) if v is not None]
     out: Track = {}
     joined = [p.track(v).get(axis) for _, v in data]
-    if any(joined):
+    inner = [j for j in joined if j is not None and j[1] is Role.INNER]
+    if inner and len(inner) == len([j for j in joined if j]):
+        # Along the inner axis of a unit (rotary's rotate_half: Concat(-x2, x1) of head_dim
+        # halves): pruning never changes it, whatever joins it.
+        gid = inner[0][0]
+        for j in inner[1:]:
+            gid = p.union(gid, j[0])
+        out[axis] = (p.find(gid), Role.INNER)
+    elif any(joined):
         why = None
         if not all(joined):
             why = f"Concat '{node.name}' joins a channel group with an untracked tensor"

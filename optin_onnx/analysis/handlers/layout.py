@@ -1,5 +1,5 @@
 """Ops that move, split, merge or read axes without computing on them: Transpose, Reshape,
-(Un)Squeeze, Flatten, and Shape reads of a tracked tensor."""
+(Un)Squeeze, Flatten, Slice, and Shape reads of a tracked tensor."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -209,6 +209,33 @@ def _only_reshape_targets(value: ir.Value, depth: int = 0) -> bool:
         if not all(_only_reshape_targets(o, depth + 1) for o in user.outputs):
             return False
     return True
+
+
+def slice_(p: Propagator, node: ir.Node) -> None:
+    """Slicing other axes keeps the channel axes; slicing the inner axis of a unit is harmless
+    (rotary embeddings rotate halves of head_dim: ``Slice(q, 0, D/2, axes=[-1])``, the bounds
+    often read from ``Shape(q)`` at run time). Slicing a channel axis itself is a barrier: fused
+    projections split by Slices are split back before the analysis (see ``passes``)."""
+    t = p.track(node.inputs[0])
+    for v in node.inputs[1:]:
+        if v is not None:
+            p.barrier_all(p.track(v), f"Slice '{node.name}' takes the axis as a bound")
+    rank = len(p.shape(node.inputs[0]))
+    if len(node.inputs) > 1:  # opset 10+: starts, ends, axes?, steps?
+        axes_v = node.inputs[3] if len(node.inputs) > 3 else None
+        n = np.size(p.probe[node.inputs[1].name]) if node.inputs[1].name in p.probe else \
+            np.size(const_array(node.inputs[1]))
+        axes = p.static(axes_v) if axes_v is not None else np.arange(n)
+    else:
+        axes = attr(node, "axes", None)
+        axes = np.arange(len(attr(node, "starts", []))) if axes is None else axes
+    if axes is None:
+        return p.barrier_all(t, f"Slice '{node.name}' has run-time axes")
+    sliced = {int(a) % rank for a in np.reshape(axes, -1)}
+    for a, (gid, role) in t.items():
+        if a in sliced and role is not Role.INNER:
+            return p.barrier(gid, f"Slice '{node.name}' slices the channel axis")
+    p.tracks[node.outputs[0].name] = dict(t)
 
 
 def unsqueeze(p: Propagator, node: ir.Node) -> None:
