@@ -179,18 +179,15 @@ def pooled_embeddings(wrapper, texts: Sequence[str], max_length: int = 128, batc
 def onnx_logits(path: str | Path, texts: Sequence[str], max_length: int, batch: int = 32
                 ) -> np.ndarray:
     """Run an exported classifier with onnxruntime (CPU) on ``texts``."""
-    import onnxruntime as ort
-
     from models.text_encoders import minilm_dir
     from optin_onnx.calibdata import encode_texts
+    from optin_onnx.runtime import first_output, session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = session(path)
     names = [i.name for i in sess.get_inputs()]
-    out = []
-    for chunk in _batches(list(texts), batch):
-        arr = encode_texts(chunk, minilm_dir(), max_length=max_length, input_names=names)
-        out.append(sess.run(None, arr)[0])
-    return np.concatenate(out)
+    return first_output(sess, (encode_texts(chunk, minilm_dir(), max_length=max_length,
+                                            input_names=names)
+                               for chunk in _batches(list(texts), batch)))
 
 
 def build_bbc_classifier(out_path: str | Path, max_length: int = 128, head: str = "logistic",

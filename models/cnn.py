@@ -93,13 +93,9 @@ def export(module: nn.Module, path: str | Path, example: torch.Tensor,
 
 def onnx_logits(path: str | Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """Logits of the ONNX model at ``path`` on ``x`` (float32 NCHW), ``batch`` rows per run."""
-    import onnxruntime as ort
+    from optin_onnx.runtime import run_batched
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"input": x[i:i + batch]})[0]
-                           for i in range(0, len(x), batch)])
+    return run_batched(path, {"input": x}, batch)
 
 
 def torch_logits(module: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from optin_onnx import runtime
 from optin_onnx.errors import OptinError
-from optin_onnx.probe import run_all_values
 
 MASK_INPUT = "attention_mask"
 
@@ -78,26 +76,12 @@ def subset(cal: CalibrationSet, index: np.ndarray, chunk_size: int = 16) -> Cali
     return make_calibration({k: a[index] for k, a in cal.feeds.items()}, chunk_size)
 
 
-def session(model: onnx.ModelProto, outputs: list[str], providers: list[str] | None = None,
-            threads: int | None = None) -> ort.InferenceSession:
-    """A session returning ``outputs`` (any intermediate values) in that order."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    for name in outputs:
-        m.graph.output.append(onnx.ValueInfoProto(name=name))
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    return runtime.session(m, providers, so)
-
-
 def capture(model: onnx.ModelProto, cal: CalibrationSet, names: list[str],
             providers: list[str] | None = None, extra: dict[str, np.ndarray] | None = None
             ) -> list[dict[str, np.ndarray]]:
     """Dense activations ``names`` for every chunk of the calibration set (``extra``: inputs
     that are not calibration data, such as all-ones masks, fed to every chunk)."""
-    sess = session(model, names, providers)
+    sess = runtime.session(model, providers, outputs=names)
     out = []
     for chunk in cal.chunks:
         values = sess.run(names, {**chunk.feeds, **(extra or {})})
@@ -112,8 +96,8 @@ def batch_axes(model: onnx.ModelProto, cal: CalibrationSet, names: list[str]) ->
     """
     chunk = cal.chunks[0].feeds
     take = {k: np.concatenate([a[:1], a[:1]]) for k, a in chunk.items()}
-    one = run_all_values(model, {k: a[:1] for k, a in chunk.items()}, names=names)
-    two = run_all_values(model, take, names=names)
+    one = runtime.run_all_values(model, {k: a[:1] for k, a in chunk.items()}, names=names)
+    two = runtime.run_all_values(model, take, names=names)
     axes: dict[str, int | None] = {}
     for name in names:
         s1, s2 = np.shape(one[name]), np.shape(two[name])

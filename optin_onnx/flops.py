@@ -14,7 +14,8 @@ import onnx_ir as ir
 
 from optin_onnx.analysis import Structure
 from optin_onnx.analysis.structure import Factor
-from optin_onnx.probe import PROBE_SEQ, dummy_feeds, run_all_values
+from optin_onnx.probe import PROBE_SEQ, dummy_feeds
+from optin_onnx.runtime import run_all_values
 
 _HEAVY = {("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"),
           ("", "Attention"), ("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")}

@@ -23,9 +23,10 @@ from optin_onnx.flops import MacModel, mac_model, total_macs
 from optin_onnx.graph import copy_model, normalize
 from optin_onnx.iterate import budgets, rounds
 from optin_onnx.io import graph_input_names, load_calibration, load_model, save_model
+from optin_onnx.latency import compare_latency, latency_entry
+from optin_onnx.metrics import cosine_similarity, kl_divergence, top1_agreement
 from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
-from optin_onnx.report import (Report, compare_latency, cosine_similarity, count_parameters,
-                               kl_divergence, latency_entry, top1_agreement)
+from optin_onnx.report import Report, count_parameters
 from optin_onnx.reconstruct import reconstruct
 from optin_onnx.rewrite import rewrite
 from optin_onnx.scoring.baselines import score_magnitude, score_random

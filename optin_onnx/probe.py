@@ -94,34 +94,10 @@ def resize_sample_axes(arr: np.ndarray, batch: int, seq: int | None) -> np.ndarr
     return np.ascontiguousarray(out)
 
 
-def run_all_values(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                   names: list[str] | None = None,
-                   providers: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Run ``model`` returning the requested intermediate values (all node outputs by default).
-
-    Graph optimisations are disabled so that every value exists as written in the graph.
-    """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    wanted = names if names is not None else [o for n in m.graph.node for o in n.output if o]
-    for name in wanted:
-        if name not in existing:
-            m.graph.output.append(onnx.ValueInfoProto(name=name))
-            existing.add(name)
-    sess = runtime.session(m, providers, optimize=False)
-    try:
-        outs = sess.run(None, feeds)
-    except Exception as exc:  # onnxruntime raises several unrelated types
-        detail = " ".join(str(exc).split())[:400]
-        raise OptinError(f"onnxruntime could not run the model: {detail}") from exc
-    return {o.name: arr for o, arr in zip(sess.get_outputs(), outs)}
-
-
 def probe(model: ir.Model, feeds: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Every value of ``model`` (inputs, initializers used as data, node outputs) on a probe input."""
     proto = ir.to_proto(model)
     feeds = feeds if feeds is not None else dummy_feeds(model)
-    values = run_all_values(proto, feeds)
+    values = runtime.run_all_values(proto, feeds)
     values.update(feeds)
     return values

@@ -2,9 +2,9 @@
 
 A prune is only worth shipping if the user can see, in one place, what it bought (MACs, parameters,
 file size, latency) and what it cost (fidelity to the dense model, the numerical verification, and
-the structures the pruner chose to leave alone). This module holds the measurements that need the
-models themselves (parameter count, latency) or the outputs of both models (fidelity metrics), the
-:class:`Report` record the pipeline fills in, and the rendering of that record as a table.
+the structures the pruner chose to leave alone). This module holds the parameter count, the
+:class:`Report` record the pipeline fills in, and the rendering of that record as a table; latency
+is timed by :mod:`optin_onnx.latency` and fidelity measured with :mod:`optin_onnx.metrics`.
 """
 from __future__ import annotations
 
@@ -13,36 +13,29 @@ import io
 import json
 import math
 import os
-import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from optin_onnx import runtime
-from optin_onnx.errors import OptinError
-from optin_onnx.scoring.losses import as_pair, cosine_similarity, kl_divergence
+# Re-exported: the benchmarks in tools/ import the latency functions from here.
+from optin_onnx.latency import LatencyStats, compare_latency, latency_entry, measure_latency
 
 __all__ = [
     "LatencyStats",
     "Report",
     "compare_latency",
-    "cosine_similarity",
     "count_parameters",
-    "kl_divergence",
     "latency_entry",
     "measure_latency",
     "print_report",
     "render",
-    "top1_agreement",
 ]
 
 # Every floating-point element type, including the 8/6/4-bit float formats of newer opsets: a weight
@@ -92,156 +85,6 @@ def _constant_float_elements(attr: onnx.AttributeProto) -> int:
     else:
         return 0
     return n if n > 1 else 0
-
-
-# --------------------------------------------------------------------------------------------------
-# Latency
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    """Summary of timed runs of one session, in milliseconds.
-
-    The median is the headline figure because it ignores the occasional scheduler hiccup on a shared
-    machine; p90 shows how bad those hiccups are; the mean is kept for comparison with other tools.
-    """
-
-    median_ms: float
-    p90_ms: float
-    mean_ms: float
-    runs: int
-
-
-def measure_latency(
-    model: onnx.ModelProto | str | Path,
-    feeds: dict[str, np.ndarray],
-    *,
-    providers: list[str] | None = None,
-    warmup: int = 3,
-    repeats: int = 20,
-    max_seconds: float = 20.0,
-    threads: int | None = None,
-) -> LatencyStats:
-    """Time one model on ``feeds`` with onnxruntime at full graph optimisation.
-
-    ``warmup`` untimed runs let the allocator and thread pool settle; then up to ``repeats`` timed
-    runs follow. Measuring stops early once ``max_seconds`` (warm-up included) is spent, after at
-    least three timed runs, so a slow model on a small machine cannot stall the tool. Pass a path
-    rather than a ``ModelProto`` for models with external data, so onnxruntime can find it.
-    """
-    session = _session(model, providers, threads)
-    return _time_sessions([session], feeds, warmup, repeats, max_seconds)[0]
-
-
-def compare_latency(
-    dense: onnx.ModelProto | str | Path,
-    pruned: onnx.ModelProto | str | Path,
-    feeds: dict[str, np.ndarray],
-    *,
-    providers: list[str] | None = None,
-    warmup: int = 3,
-    repeats: int = 20,
-    max_seconds: float = 20.0,
-    threads: int | None = None,
-) -> tuple[LatencyStats, LatencyStats]:
-    """Time the dense and the pruned model against each other; returns ``(dense, pruned)``.
-
-    Runs alternate (dense, pruned, dense, pruned, ...) so that both models see the same machine
-    state: on a shared two-core box, load from other processes or CPU frequency changes would
-    otherwise land on whichever model happened to be timed second and bias the speed-up.
-    ``max_seconds`` bounds both models together; the other arguments are as for
-    :func:`measure_latency`.
-    """
-    sessions = [_session(m, providers, threads) for m in (dense, pruned)]
-    before, after = _time_sessions(sessions, feeds, warmup, repeats, max_seconds)
-    return before, after
-
-
-def latency_entry(before: LatencyStats, after: LatencyStats) -> dict[str, float]:
-    """The :attr:`Report.latency` value for one case: medians and their ratio.
-
-    The speed-up uses medians for the reason given on :class:`LatencyStats`.
-    """
-    return {
-        "before_ms": before.median_ms,
-        "after_ms": after.median_ms,
-        "speedup": before.median_ms / after.median_ms,
-    }
-
-
-def _session(
-    model: onnx.ModelProto | str | Path, providers: list[str] | None, threads: int | None
-) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
-        raise OptinError(f"model file not found: {model}")
-    return runtime.session(model, providers, options)
-
-
-def _time_sessions(
-    sessions: list[ort.InferenceSession],
-    feeds: dict[str, np.ndarray],
-    warmup: int,
-    repeats: int,
-    max_seconds: float,
-) -> list[LatencyStats]:
-    """Run ``sessions`` round-robin and summarise each one's timed runs."""
-    if warmup < 0 or repeats < 1 or not max_seconds > 0:
-        raise OptinError(
-            f"latency needs warmup >= 0, repeats >= 1 and max_seconds > 0 "
-            f"(got warmup={warmup}, repeats={repeats}, max_seconds={max_seconds})"
-        )
-    for session in sessions:
-        _check_feeds(session, feeds)
-    min_runs = min(3, repeats)
-    start = time.perf_counter()
-    for _ in range(warmup):
-        for session in sessions:
-            session.run(None, feeds)
-        if time.perf_counter() - start >= max_seconds:
-            break
-    times: list[list[float]] = [[] for _ in sessions]
-    for i in range(repeats):
-        for session, samples in zip(sessions, times):
-            t0 = time.perf_counter()
-            session.run(None, feeds)
-            samples.append((time.perf_counter() - t0) * 1e3)
-        if i + 1 >= min_runs and time.perf_counter() - start >= max_seconds:
-            break
-    return [
-        LatencyStats(
-            median_ms=statistics.median(samples),
-            p90_ms=float(np.percentile(samples, 90)),
-            mean_ms=statistics.fmean(samples),
-            runs=len(samples),
-        )
-        for samples in times
-    ]
-
-
-def _check_feeds(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> None:
-    """Fail with the expected and given input names rather than onnxruntime's bare message."""
-    expected = {i.name for i in session.get_inputs()}
-    if expected != set(feeds):
-        raise OptinError(
-            f"latency feeds {sorted(feeds)} do not match the model inputs {sorted(expected)}"
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# Fidelity
-
-
-def top1_agreement(teacher_logits: np.ndarray, student_logits: np.ndarray) -> float:
-    """Fraction of samples whose arg-max class (last axis) is the same in both models.
-
-    The figure a classifier's user cares about: how often the pruned model changes the answer.
-    """
-    t, s = as_pair(teacher_logits, student_logits, "top1_agreement")
-    return float(np.mean(np.argmax(t, axis=-1) == np.argmax(s, axis=-1)))
 
 
 # --------------------------------------------------------------------------------------------------

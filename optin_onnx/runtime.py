@@ -1,4 +1,10 @@
-"""onnxruntime sessions for every stage, from an in-memory model of any size.
+"""onnxruntime for every stage and every tool: the one place that opens and runs sessions.
+
+Callers differ in three settings, each an argument of :func:`session` rather than a helper of its
+own: ``outputs`` (the probe, the activation capture and the scorers read intermediate values, so
+the session returns those instead of the graph outputs), ``optimize`` (off where every value must
+exist as written in the graph, on where the model is timed or evaluated as a user would run it)
+and ``threads``.
 
 Protobuf cannot serialise a message over 2 GB, so a large model is written once to a private
 temporary directory with its weights as external data and the session is opened from that path.
@@ -7,9 +13,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -19,16 +26,40 @@ from optin_onnx.errors import OptinError
 SERIALIZE_LIMIT = 1_800_000_000
 
 
+def with_outputs(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs are ``outputs`` (any values), in that order; an
+    output the graph already declares keeps its declared type."""
+    declared = {o.name: o for o in model.graph.output}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    for name in outputs:
+        m.graph.output.append(declared.get(name) or onnx.ValueInfoProto(name=name))
+    return m
+
+
 def session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str] | None = None,
-            options: ort.SessionOptions | None = None, optimize: bool = True
-            ) -> ort.InferenceSession:
-    """Open ``model`` (a proto or a path). ``optimize=False`` keeps every value as written (the
-    probe and the activation capture need the unfused graph's intermediate values)."""
-    so = options or ort.SessionOptions()
+            *, outputs: Sequence[str] | None = None, optimize: bool = True,
+            threads: int | None = None) -> ort.InferenceSession:
+    """Open ``model`` (a proto or a path) on ``providers`` (default: CPU).
+
+    ``outputs``: return these values (any intermediate ones) instead of the graph outputs (a
+    proto only). ``optimize=False`` keeps every value as written (the probe and the batch-axis
+    measurement need the unfused graph's intermediate values); otherwise onnxruntime optimises
+    fully. ``threads``: intra-op threads (default: onnxruntime's choice)."""
+    so = ort.SessionOptions()
     so.log_severity_level = 3
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else
+                                   ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        so.intra_op_num_threads = threads
     providers = list(providers or ["CPUExecutionProvider"])
+    if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
+        raise OptinError(f"model file not found: {model}")
+    if outputs is not None:
+        if not isinstance(model, onnx.ModelProto):
+            raise OptinError("internal: choosing a session's outputs needs the model in memory")
+        model = with_outputs(model, outputs)
     try:
         if not isinstance(model, onnx.ModelProto):
             return ort.InferenceSession(str(model), so, providers=providers)
@@ -42,3 +73,42 @@ def session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str]
             return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as exc:  # onnxruntime raises several unrelated exception types
         raise OptinError(f"onnxruntime could not load the model: {str(exc).splitlines()[0]}") from exc
+
+
+def run_all_values(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                   names: Sequence[str] | None = None,
+                   providers: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Run ``model`` once returning its graph outputs and the requested intermediate values (all
+    node outputs by default), by name.
+
+    Graph optimisations are disabled so that every value exists as written in the graph, and a
+    run that fails says so as an :class:`OptinError` (this is the first run a user's model gets).
+    """
+    wanted = names if names is not None else [o for n in model.graph.node for o in n.output if o]
+    outputs = list(dict.fromkeys([o.name for o in model.graph.output] + list(wanted)))
+    sess = session(model, providers, outputs=outputs, optimize=False)
+    try:
+        values = sess.run(outputs, dict(feeds))
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        detail = " ".join(str(exc).split())[:400]
+        raise OptinError(f"onnxruntime could not run the model: {detail}") from exc
+    return dict(zip(outputs, values))
+
+
+def first_output(sess: ort.InferenceSession, batches: Iterable[Mapping[str, np.ndarray]]
+                 ) -> np.ndarray:
+    """``sess``'s first output on each feed dict of ``batches``, concatenated along axis 0.
+
+    Feeds the session does not take are left out, so one dict serves every variant of a model."""
+    names = {i.name for i in sess.get_inputs()}
+    return np.concatenate([sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+                           for feeds in batches])
+
+
+def run_batched(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray],
+                batch: int, providers: Sequence[str] | None = None) -> np.ndarray:
+    """``model``'s first output on ``feeds`` (first axis = sample), ``batch`` samples per run,
+    concatenated: evaluating a whole data set without holding all its activations at once."""
+    n = next(iter(feeds.values())).shape[0]
+    return first_output(session(model, providers),
+                        ({k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)))

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
+from optin_onnx.errors import OptinError
+from optin_onnx.latency import compare_latency
+
 #: Protobuf cannot serialise a single message over 2 GB; onnxsim needs to.
 _ONNXSIM_LIMIT = 2_000_000_000
 
@@ -39,16 +42,12 @@ def choose(raw: onnx.ModelProto, feeds: dict[str, np.ndarray], mode: str = "auto
     """Stage entry: ``mode`` "on" (always onnxsim), "off", or "auto" (the faster of the two on
     ``feeds``, timed interleaved). Returns the model and a note for the report."""
     if mode not in ("auto", "on", "off"):
-        from optin_onnx.errors import OptinError
-
         raise OptinError(f"--simplify must be auto, on or off, got '{mode}'")
     if mode == "off":
         return raw, None
     simplified, why = simplify(raw)
     if why or mode == "on":
         return simplified, why
-    from optin_onnx.report import compare_latency
-
     t_raw, t_sim = compare_latency(raw, simplified, feeds, providers=list(providers or []) or None,
                                    max_seconds=seconds)
     if t_sim.median_ms <= t_raw.median_ms:

@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from optin_onnx.analysis import Structure
 from optin_onnx.calibrate import CalibrationSet
-from optin_onnx.instrument import masked_model, unit_masks
 from optin_onnx.errors import OptinError
+from optin_onnx.instrument import masked_model, unit_masks
+from optin_onnx.metrics import max_abs_error
 from optin_onnx.probe import grow_images, image_inputs, sample_feeds, sequence_inputs
 from optin_onnx.runtime import session
 
@@ -70,8 +70,7 @@ def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
         if any(w.shape != g.shape for w, g in zip(want, got)):
             raise OptinError(f"verification failed: output shapes differ at case {batch}, "
                              f"{seq}, +{grow} px")
-        err = max(float(np.max(np.abs(w.astype(np.float64) - g))) if w.size else 0.0
-                  for w, g in zip(want, got))
+        err = max(max_abs_error(w, g) for w, g in zip(want, got))
         result.max_abs_err = max(result.max_abs_err, err)
         result.cases.append(f"{batch}x{seq}" if seq else
                             f"{batch}" + (f" +{grow}px" if grow else ""))

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from optin_onnx import graph, instrument
 from optin_onnx.calibrate import make_calibration
 from optin_onnx.pipeline import analyze
-from optin_onnx.probe import run_all_values
+from optin_onnx.runtime import run_all_values
 from optin_onnx.scoring.losses import TokenSample, rows
 from optin_onnx.scoring.trajectory import ScoreConfig, score_fast, score_naive
 from tests.helpers import form_id, tiny_feeds

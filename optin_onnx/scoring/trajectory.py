@@ -55,12 +55,12 @@ import onnx
 import onnx_ir as ir
 
 from optin_onnx.analysis import Block, Consumer, Structure, pre_layer_norm, residual_features
-from optin_onnx.calibrate import MASK_INPUT, CalibrationSet, batch_axes, capture, session
+from optin_onnx.calibrate import MASK_INPUT, CalibrationSet, batch_axes, capture
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, nodes_by_name
 from optin_onnx.instrument import (channel_mask, mask_input_name, masked_model, oriented,
                                    unit_masks)
-from optin_onnx.probe import run_all_values
+from optin_onnx.runtime import run_all_values, session
 from optin_onnx.scoring.losses import (TokenSample, cosine_loss, kl_loss, md_loss,
                                        normalised_gram, rows)
 from optin_onnx.scoring.suffix import build_suffix
@@ -415,7 +415,7 @@ def score_fast(model: ir.Model, structure: Structure, cal: CalibrationSet,
         sets = candidate_sets(b, cfg.neuron_group, proxy,
                               None if only is None else only.get(b.name, []),
                               None if base is None else base.get(b.name, range(b.n_units)))
-        sess = session(sfx.model, sfx.outputs, cfg.providers, None)
+        sess = session(sfx.model, cfg.providers, outputs=sfx.outputs)
         md, kd = np.zeros(len(sets)), np.zeros(len(sets))
         for first in range(0, len(sets), per_run):
             batch = sets[first:first + per_run]
@@ -524,7 +524,7 @@ def _score_masked(model: ir.Model, structure: Structure, cal: CalibrationSet, cf
         sets = candidate_sets(b, cfg.neuron_group, proxy,
                               None if only is None else only.get(b.name, []),
                               None if base is None else base.get(b.name, range(b.n_units)))
-        sess = session(sfx.model, sfx.outputs, cfg.providers, None)
+        sess = session(sfx.model, cfg.providers, outputs=sfx.outputs)
 
         def student(units: np.ndarray) -> list[dict[str, np.ndarray]]:
             out = []
@@ -572,7 +572,7 @@ def score_naive(model: ir.Model, structure: Structure, cal: CalibrationSet,
     base_loss = _anchor(obj, model, structure, cfg, base,
                         capture(mm.proto, cal, outputs, cfg.providers, masks),
                         lambda: capture(mm.proto, cal, outputs, cfg.providers, ones))
-    sess = session(mm.proto, outputs, cfg.providers)
+    sess = session(mm.proto, cfg.providers, outputs=outputs)
     nodes = nodes_by_name(model.graph)
     scores = Scores()
     for b in structure.blocks:

@@ -29,7 +29,7 @@ def neighbour_overlap(dense: np.ndarray, pruned: np.ndarray, k: int = NEIGHBOURS
 
 def embedding(out: np.ndarray, dense: np.ndarray) -> dict[str, float]:
     """Mean cosine to the dense embeddings and the overlap of nearest neighbours."""
-    from optin_onnx.scoring.losses import cosine_similarity
+    from optin_onnx.metrics import cosine_similarity
 
     return {"cosine": cosine_similarity(dense, out), "neighbour_overlap": neighbour_overlap(dense,
                                                                                          out)}
@@ -39,10 +39,10 @@ def classification(logits: np.ndarray, dense: np.ndarray, labels: np.ndarray | N
                    top5: bool = False) -> dict[str, float]:
     """Agreement with the dense top-1 (and, with ``top5``, the dense top-1 among the pruned
     model's 5 best), KL to the dense logits, and accuracy where ``labels`` exist."""
-    from optin_onnx.scoring.losses import kl_divergence
+    from optin_onnx.metrics import kl_divergence, top1_agreement
 
     top1 = dense.argmax(1)
-    out = {"agreement": float((logits.argmax(1) == top1).mean())}
+    out = {"agreement": top1_agreement(dense, logits)}
     if top5:
         out["top5_agreement"] = float(np.mean([t in row for t, row in
                                                zip(top1, np.argsort(-logits, 1)[:, :5])]))
