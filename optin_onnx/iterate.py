@@ -27,7 +27,7 @@ from itertools import pairwise
 import numpy as np
 
 from optin_onnx.errors import OptinError
-from optin_onnx.scoring.trajectory import Scores
+from optin_onnx.scoring.types import Scores
 from optin_onnx.search import SearchResult
 
 #: scores of the alive units given the current selection (None: the dense model)

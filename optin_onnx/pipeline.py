@@ -30,7 +30,8 @@ from optin_onnx.report import Report, count_parameters
 from optin_onnx.reconstruct import reconstruct
 from optin_onnx.rewrite import rewrite
 from optin_onnx.scoring.baselines import score_magnitude, score_random
-from optin_onnx.scoring.trajectory import ScoreConfig, Scores, output_kind, score_fast
+from optin_onnx.scoring.features import output_kind
+from optin_onnx.scoring.trajectory import ScoreConfig, Scores, score_fast
 from optin_onnx.search import SearchResult, search
 from optin_onnx.simplify import choose as choose_simplified
 from optin_onnx.verify import VerifyResult, verify

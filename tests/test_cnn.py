@@ -22,7 +22,10 @@ from optin_onnx.instrument import masked_model, unit_masks
 from optin_onnx.pipeline import analyze, prune
 from optin_onnx.rewrite import rewrite
 from optin_onnx.scoring.baselines import score_magnitude
-from optin_onnx.scoring.trajectory import ScoreConfig, block_points, score_fast, score_naive
+from optin_onnx.scoring.liveness import block_points
+from optin_onnx.scoring.fast import score_rank_k
+from optin_onnx.scoring.masked import score_masked
+from optin_onnx.scoring.trajectory import ScoreConfig, fast_scorer, score_fast, score_naive
 from optin_onnx.search import search
 from tests.helpers import run
 
@@ -282,14 +285,24 @@ def test_fast_scores_equal_naive_on_a_base_selection(tiny_cnns, group, teacher) 
         np.testing.assert_allclose(f[alive], n[alive], atol=1e-5 * top)
 
 
+def test_channel_groups_get_the_masked_scorer_and_the_rank_k_one_refuses_them(tiny_cnns) -> None:
+    """A channel group has several consumers, so no single output to apply a rank-k update to:
+    the masked scorer takes the structure, and the rank-k scorer says why it cannot."""
+    model, structure = analyze(tiny_cnns[("resnet", "torchscript", False)])
+    assert fast_scorer(structure) is score_masked
+    cal = make_calibration({"input": images(2)}, chunk_size=2)
+    with pytest.raises(OptinError, match="consumers"):
+        score_rank_k(model, structure, cal)
+
+
 def test_block_outputs_are_the_values_everything_passes_through(tiny_cnns) -> None:
     """ResNet: the input of every block (after the stem and after each residual Add's ReLU) and
     the pooled feature; never a value inside a block, where the shortcut runs beside it."""
-    from optin_onnx.scoring.trajectory import _Masked
+    from optin_onnx.scoring.masked import MaskedModel
 
     model, structure = analyze(tiny_cnns[("resnet", "torchscript", False)])
     cal = make_calibration({"input": images(2)}, chunk_size=2)
-    mm = _Masked(model, structure, cal, ScoreConfig())
+    mm = MaskedModel(model, structure, cal, ScoreConfig())
     points, first = block_points(mm.proto, structure, mm.dtypes)
     producers = {o: n for n in mm.proto.graph.node for o in n.output}
     inputs = [producers[producers[p.name].input[0]].op_type for p in points]
@@ -358,11 +371,11 @@ def test_channel_first_features_sample_the_same_rows_as_a_transpose(tiny_cnns) -
     """Token rows of an [N, C, H, W] feature are (sample, position) pairs with the C channels as
     the vector: picked without transposing the whole map, they equal the transposed rows."""
     from optin_onnx.scoring.losses import rows
-    from optin_onnx.scoring.trajectory import _Masked
+    from optin_onnx.scoring.masked import MaskedModel
 
     model, structure = analyze(tiny_cnns[("resnet", "torchscript", False)])
     cal = make_calibration({"input": images(5)}, chunk_size=2)
-    mm = _Masked(model, structure, cal, ScoreConfig(tokens=50))
+    mm = MaskedModel(model, structure, cal, ScoreConfig(tokens=50))
     name = mm.obj.points[0].name
     chunks = [{name: np.random.default_rng(c.start).standard_normal((c.stop - c.start, 8, 4, 3))
                .astype(np.float32)} for c in cal.chunks]
@@ -441,7 +454,7 @@ def test_reconstruct_corrects_channel_groups_read_by_one_matrix_product(tiny_cnn
 
 def test_a_cnn_with_a_hidden_classifier_layer_is_scored_by_block_outputs(tmp_path) -> None:
     """The digit CNNs end in Linear -> ReLU -> Linear: an MLP block, yet no transformer."""
-    from optin_onnx.scoring.trajectory import feature_kind
+    from optin_onnx.scoring.features import feature_kind
 
     middle = [helper.make_node("Relu", ["a"], ["b"], name="relu")]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", kernel_shape=[3, 3]),

@@ -14,7 +14,8 @@ from optin_onnx.calibrate import make_calibration
 from optin_onnx.pipeline import analyze
 from optin_onnx.runtime import run_all_values
 from optin_onnx.scoring.losses import TokenSample, rows
-from optin_onnx.scoring.trajectory import ScoreConfig, score_fast, score_naive
+from optin_onnx.scoring.fast import score_rank_k
+from optin_onnx.scoring.trajectory import ScoreConfig, fast_scorer, score_fast, score_naive
 from tests.helpers import form_id, tiny_feeds
 
 #: Both exporters, raw and onnxsim'd, with a logits head and with the token-output head (the
@@ -160,6 +161,23 @@ def test_raw_terms_match_the_definition_written_out(tiny_exports, form):
             assert naive.kd[b.name][u] == pytest.approx(kd, rel=1e-3), (b.name, u)
             checked += 1
     assert checked == 4 + 2 + 4 + 2
+
+
+def test_heads_and_neurons_get_the_rank_k_scorer(tiny_exports):
+    _, s = analyze(tiny_exports[SCORE_FORMS[0]])
+    assert fast_scorer(s) is score_rank_k
+
+
+def test_finalize_returns_new_scores_and_leaves_these_alone(tiny_exports):
+    """One scoring serves several lambdas (the accuracy benchmark): finalizing at another
+    lambda must not change the scores it started from."""
+    fast = fast_and_naive(tiny_exports[SCORE_FORMS[0]])[2]
+    before = {k: v.copy() for k, v in fast.importance.items()}
+    heavy = fast.finalize(5.0)
+    assert heavy is not fast
+    for k, v in before.items():
+        np.testing.assert_array_equal(fast.importance[k], v)
+    assert any(not np.allclose(heavy.importance[k], v) for k, v in before.items())
 
 
 def test_lambda_weighs_the_output_term(tiny_exports):

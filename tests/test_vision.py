@@ -16,7 +16,8 @@ from optin_onnx.report import render
 from optin_onnx import analysis, graph, instrument, probe, rewrite
 from optin_onnx.calibrate import make_calibration
 from optin_onnx.pipeline import PruneOptions, analyze, prune
-from optin_onnx.scoring.trajectory import Objective, ScoreConfig, score_fast, score_naive
+from optin_onnx.scoring.teacher import Objective
+from optin_onnx.scoring.trajectory import ScoreConfig, score_fast, score_naive
 from tests.helpers import load_analyze, run
 
 FAMILIES = ("vit", "vit-classifier", "deit-classifier", "dinov2")

@@ -1,6 +1,6 @@
 """Baseline importance scores that share OPTIN's search and rewrite (for the accuracy benchmark).
 
-Both return the same :class:`~optin_onnx.scoring.trajectory.Scores` (one importance array per
+Both return the same :class:`~optin_onnx.scoring.types.Scores` (one importance array per
 block, higher = keep), so :func:`~optin_onnx.search.search` uses them unchanged.
 
 - :func:`score_magnitude`: data-free weight magnitude. A unit's score is the squared L2 norm of
@@ -29,7 +29,7 @@ from optin_onnx.analysis import Block, Structure
 from optin_onnx.analysis.structure import Role
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, nodes_by_name
-from optin_onnx.scoring.trajectory import Scores
+from optin_onnx.scoring.types import Scores
 
 
 def _unit_sum_squares(block: Block, nodes: dict[str, ir.Node]) -> np.ndarray:
@@ -63,22 +63,16 @@ def score_magnitude(model: ir.Model, structure: Structure) -> Scores:
     """Weight-magnitude importance of every unit (see the module doc for the exact definition)."""
     t0 = time.perf_counter()
     nodes = nodes_by_name(model.graph)
-    scores = Scores()
-    for b in structure.blocks:
-        scores.importance[b.name] = _unit_sum_squares(b, nodes)
-    scores.seconds = time.perf_counter() - t0
-    return scores
+    importance = {b.name: _unit_sum_squares(b, nodes) for b in structure.blocks}
+    return Scores(importance=importance, seconds=time.perf_counter() - t0)
 
 
 def score_random(structure: Structure, seed: int = 0) -> Scores:
     """Uniform random importances in [0, 1), one per unit; the same ``seed`` gives the same scores."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    scores = Scores()
-    for b in structure.blocks:
-        scores.importance[b.name] = rng.random(b.n_units)
-    scores.seconds = time.perf_counter() - t0
-    return scores
+    importance = {b.name: rng.random(b.n_units) for b in structure.blocks}
+    return Scores(importance=importance, seconds=time.perf_counter() - t0)
 
 
 __all__ = ["score_magnitude", "score_random"]

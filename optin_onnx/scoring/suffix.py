@@ -11,13 +11,27 @@ it. Every other value it needs is either
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.errors import OptinError
+from optin_onnx.runtime import run_all_values
+
+
+def value_dtypes(proto: onnx.ModelProto, cal: CalibrationSet,
+                 extra: Mapping[str, np.ndarray] | None = None) -> dict[str, np.dtype]:
+    """The element type of every value of ``proto`` (what :func:`build_suffix` needs), from one
+    run on the first calibration sample (``extra``: inputs that are not calibration data)."""
+    feeds = {**{k: a[:1] for k, a in cal.chunks[0].feeds.items()}, **(extra or {})}
+    values = run_all_values(proto, feeds)
+    out = {k: v.dtype for k, v in values.items()}
+    out.update({k: a.dtype for k, a in feeds.items()})
+    return out
 
 
 @dataclass

@@ -96,8 +96,7 @@ class Importances:
                                  self._config(kind, 1.0))
                 self._one_shot[kind] = (got, time.perf_counter() - t0)
             raw, seconds = self._one_shot[kind]
-            runs = {lam: [{k: v.copy() for k, v in raw.finalize(lam).importance.items()}]
-                    for lam in self.settings.lams}
+            runs = {lam: [raw.finalize(lam).importance] for lam in self.settings.lams}
         else:
             from optin_onnx.scoring.baselines import score_magnitude, score_random
 

@@ -1,0 +1,68 @@
+"""What every scorer takes and returns: :class:`ScoreConfig` in, :class:`Scores` out.
+
+Kept apart from the scorers so that the pipeline, the rounds (``optin_onnx.iterate``) and the
+baseline criteria can use these types without importing any scorer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+#: Called with the number of units just scored (a progress bar advances by it).
+Progress = Callable[[int], None]
+#: Values captured from a run, one dict (value name -> array) per calibration chunk.
+Captured = list[dict[str, np.ndarray]]
+#: Block name -> unit indices (kept units of a base selection, or the units to score).
+Units = Mapping[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """The settings of the trajectory scorers (frozen: a default instance is shared by every call
+    that omits it, and a variant is made with :func:`dataclasses.replace`)."""
+
+    lam: float = 1.0
+    tokens: int = 768
+    seed: int = 0
+    # Candidates stacked into one suffix run: more amortise each run's fixed cost, too many
+    # outgrow the caches; the default is the fastest per candidate (docs/RESULTS.md, "One-off
+    # measurements").
+    candidates_per_run: int = 4
+    neuron_group: int = 1  # 1 = exact per-neuron scores
+    output_kind: str = "auto"  # auto | logits | embedding | tokens
+    features: str = "trajectory"  # trajectory | local (ablation: the unit's own layer only)
+    # With a base selection (pruning in rounds): "current" makes the base model the teacher
+    # (OPTIN's score on the pruned model as if it were the dense one); "dense" keeps the original
+    # model (a score is the loss a unit adds to the base's). current is the default, chosen on
+    # validation data (docs/DESIGN.md, "Pruning in rounds").
+    teacher: str = "current"
+    feature_kind: str = "auto"  # what F_z is: auto | ffn | residual-ln | blocks (features.py)
+    providers: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-block importance (higher = keep), with the two raw loss terms behind it.
+
+    ``md`` and ``kd`` are what a trajectory scorer measured; ``importance`` is what the search
+    reads (the baselines fill only it)."""
+
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
+    md: dict[str, np.ndarray] = field(default_factory=dict)
+    kd: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def finalize(self, lam: float) -> Scores:
+        """New scores whose importance is ``md / mean(md) + lam * kd / mean(kd)``, both means over
+        every candidate, so ``lam`` is the relative weight of the output term whatever the feature
+        scale. A new object, so one scoring serves several values of ``lam``."""
+        md_all = np.concatenate(list(self.md.values())) if self.md else np.zeros(0)
+        kd_all = np.concatenate(list(self.kd.values())) if self.kd else np.zeros(0)
+        md_mean = np.nanmean(md_all) if md_all.size else 0.0
+        kd_mean = np.nanmean(kd_all) if kd_all.size else 0.0
+        md_scale = md_mean if md_mean > 0 else 1.0
+        kd_scale = kd_mean if kd_mean > 0 else 1.0
+        return replace(self, importance={name: self.md[name] / md_scale
+                                         + lam * self.kd[name] / kd_scale for name in self.md})
