@@ -29,17 +29,17 @@ from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
 from optin_onnx.report import Report, count_parameters
 from optin_onnx.reconstruct import reconstruct
 from optin_onnx.rewrite import rewrite
-from optin_onnx.scoring.baselines import score_magnitude, score_random
 from optin_onnx.scoring.features import output_kind
-from optin_onnx.scoring.trajectory import ScoreConfig, Scores, score_fast
+from optin_onnx.scoring.importance import IMPORTANCES, make_importance
+from optin_onnx.scoring.types import ScoreConfig, Scores
 from optin_onnx.search import SearchResult, search
 from optin_onnx.simplify import choose as choose_simplified
 from optin_onnx.verify import VerifyResult, verify
 
-#: Importance criteria; all share the search, rewrite and verify stages (the accuracy benchmark):
-#: optin (trajectory scores), local (the ablation: the unit's own layer only), magnitude (squared
-#: L2 norm of the unit's weights), random (seeded by ``seed``).
-METHODS = ("optin", "local", "magnitude", "random")
+#: Importance criteria (optin_onnx.scoring.importance); all share the search, rewrite and verify
+#: stages (the accuracy benchmark): optin (trajectory scores), local (the ablation: the unit's own
+#: layer only), magnitude (squared L2 norm of the unit's weights), random (seeded by ``seed``).
+METHODS = tuple(IMPORTANCES)
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -198,7 +198,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
     if opt.method not in METHODS:
         raise OptinError(f"--method must be one of {', '.join(METHODS)}, got '{opt.method}'")
     schedule = budgets(opt.flops, opt.steps)
-    if opt.steps > 1 and opt.method not in ("optin", "local"):
+    if opt.steps > 1 and not IMPORTANCES[opt.method].rescores:
         raise OptinError(f"--steps re-scores between rounds; {opt.method} scores do not depend "
                          f"on what is pruned, so use --steps 1 with it")
     providers = providers_for(opt.provider)
@@ -239,16 +239,12 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
     cfg = ScoreConfig(lam=opt.lam, tokens=opt.tokens, seed=opt.seed,
                       candidates_per_run=opt.candidates_per_run,
                       neuron_group=opt.neuron_group, feature_kind=opt.feature_kind,
-                      features="local" if opt.method == "local" else "trajectory",
                       teacher=opt.round_teacher, providers=providers)
+    criterion = make_importance(opt.method, cfg)
 
     def score(base) -> Scores:
         """This round's importances (``base``: the previous round's selection, None at first)."""
         with _timed(stages, "score"):
-            if opt.method == "magnitude":
-                return score_magnitude(m, structure)
-            if opt.method == "random":
-                return score_random(structure, opt.seed)
             total = sum(b.n_units if base is None else len(base[b.name])
                         for b in structure.blocks)
             done = [0]
@@ -258,7 +254,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
                 if progress:
                     progress(done[0], total)
 
-            return score_fast(m, structure, cal, cfg, tick, base=base)
+            return criterion.score(m, structure, cal, base=base, progress=tick)
 
     def select(importance, flops: float, alive) -> SearchResult:
         with _timed(stages, "search"):

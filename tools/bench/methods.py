@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from optin_onnx.scoring.trajectory import ScoreConfig, Scores
+    from optin_onnx.scoring.importance import Importance
+    from optin_onnx.scoring.types import Scores
     from optin_onnx.search import SearchResult
     from tools.bench.prepare import Prepared
 
@@ -73,12 +74,16 @@ class Importances:
         return search(self.prep.structure, importance, self.prep.macs, level,
                       channel_multiple=self.settings.channel_multiple, alive=alive)
 
-    def _config(self, kind: str, lam: float) -> ScoreConfig:
-        from optin_onnx.scoring.trajectory import ScoreConfig
+    def _importance(self, method: str, lam: float = 1.0, seed: int = 0) -> Importance:
+        """``method``'s criterion from the package's registry (``optin+ls`` scores as ``optin``),
+        with this run's settings."""
+        from optin_onnx.scoring.importance import make_importance
+        from optin_onnx.scoring.types import ScoreConfig
 
         s = self.settings
-        return ScoreConfig(neuron_group=s.neuron_group, features=kind, lam=lam,
-                           feature_kind=s.feature, teacher=s.round_teacher)
+        return make_importance("optin" if method == "optin+ls" else method,
+                               ScoreConfig(neuron_group=s.neuron_group, lam=lam, seed=seed,
+                                           feature_kind=s.feature, teacher=s.round_teacher))
 
     def pickers(self, method: str) -> dict[float, tuple[float, list[Picker]]]:
         """{lambda: (scoring seconds, one picker per seed)} of ``method``; methods that use no
@@ -89,23 +94,17 @@ class Importances:
         if method in SCORED:
             kind = _kind(method)
             if kind not in self._one_shot:
-                from optin_onnx.scoring.trajectory import score_fast
-
                 t0 = time.perf_counter()
-                got = score_fast(self.prep.model, self.prep.structure, self.prep.cal,
-                                 self._config(kind, 1.0))
+                got = self._importance(method).score(self.prep.model, self.prep.structure,
+                                                     self.prep.cal)
                 self._one_shot[kind] = (got, time.perf_counter() - t0)
             raw, seconds = self._one_shot[kind]
             runs = {lam: [raw.finalize(lam).importance] for lam in self.settings.lams}
         else:
-            from optin_onnx.scoring.baselines import score_magnitude, score_random
-
             t0 = time.perf_counter()
-            if method == "magnitude":
-                runs = {1.0: [score_magnitude(self.prep.model, self.prep.structure).importance]}
-            else:
-                runs = {1.0: [score_random(self.prep.structure, seed).importance
-                              for seed in SEEDS]}
+            runs = {1.0: [self._importance(method, seed=seed).score(
+                self.prep.model, self.prep.structure, self.prep.cal).importance
+                for seed in (SEEDS if method == "random" else (0,))]}
             seconds = time.perf_counter() - t0
         return {lam: (seconds, [lambda level, imp=imp: self.select(imp, level) for imp in got])
                 for lam, got in runs.items()}
@@ -113,22 +112,21 @@ class Importances:
     def _rounds(self, method: str) -> dict[float, tuple[float, dict[float, SearchResult]]]:
         """{lambda: (scoring seconds, {level: selection})}: one chain of rounds per lambda."""
         from optin_onnx.iterate import at_levels
-        from optin_onnx.scoring.trajectory import score_fast
 
         kind = _kind(method)
         for lam in self.settings.lams:
             if (kind, lam) in self._chains:
                 continue
-            cfg = self._config(kind, lam)
+            criterion = self._importance(method, lam)
             spent = [0.0]
 
-            def score(base: Mapping[str, Sequence[int]] | None, cfg: ScoreConfig = cfg,
-                      spent: list[float] = spent) -> Scores:
+            def score(base: Mapping[str, Sequence[int]] | None, criterion: Importance = criterion,
+                      lam: float = lam, spent: list[float] = spent) -> Scores:
                 t0 = time.perf_counter()
-                got = score_fast(self.prep.model, self.prep.structure, self.prep.cal, cfg,
-                                 base=base)
+                got = criterion.score(self.prep.model, self.prep.structure, self.prep.cal,
+                                      base=base)
                 spent[0] += time.perf_counter() - t0
-                print(f"{method} lam {cfg.lam:g}: {spent[0]:.0f} s of scoring", flush=True)
+                print(f"{method} lam {lam:g}: {spent[0]:.0f} s of scoring", flush=True)
                 return got
 
             picked = at_levels(score, self.select, self.settings.levels, self.settings.round_step)
