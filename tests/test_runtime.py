@@ -1,0 +1,50 @@
+"""optin_onnx.runtime: the one place sessions are opened and run."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from optin_onnx.errors import OptinError
+from optin_onnx.runtime import first_output, run_all_values, run_batched, session
+
+
+def _model() -> onnx.ModelProto:
+    """X [N, 4] -> Y = X @ W -> Z = Relu(Y)."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"]), helper.make_node("Relu", ["Y"], ["Z"])],
+        "m", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["N", 3])], initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+X = np.random.default_rng(1).standard_normal((10, 4)).astype(np.float32)
+
+
+def test_outputs_chooses_what_a_session_returns_without_touching_the_model():
+    model = _model()
+    y, z = session(model, outputs=["Y", "Z"]).run(None, {"X": X})
+    np.testing.assert_allclose(np.maximum(y, 0), z)
+    assert [o.name for o in model.graph.output] == ["Z"]
+
+
+def test_run_all_values_returns_every_value_by_name():
+    values = run_all_values(_model(), {"X": X})
+    assert set(values) == {"Y", "Z"}
+    assert set(run_all_values(_model(), {"X": X}, names=["Y"])) == {"Y", "Z"}
+
+
+def test_a_failed_run_or_a_missing_file_is_an_optin_error(tmp_path):
+    with pytest.raises(OptinError, match="could not run"):
+        run_all_values(_model(), {"X": X[:, :2]})
+    with pytest.raises(OptinError, match="not found"):
+        session(tmp_path / "missing.onnx")
+
+
+def test_batched_runs_equal_one_run_and_ignore_feeds_the_model_does_not_take():
+    whole = session(_model()).run(None, {"X": X})[0]
+    np.testing.assert_allclose(run_batched(_model(), {"X": X}, 3), whole, rtol=1e-6)
+    batches = ({"X": X[i:i + 4], "unused": X} for i in range(0, len(X), 4))
+    np.testing.assert_allclose(first_output(session(_model()), batches), whole, rtol=1e-6)
