@@ -63,6 +63,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     is too slow on large models, and onnxruntime validates the graph when a session is built.
     """
     path = os.fspath(path)
+    # Everything reads from the absolute path, so that external data is resolved against (and
+    # contained in) the model's folder even when the path is a bare file name.
+    source = os.path.abspath(path)
     if not os.path.exists(path):
         raise OptinError(f"model file {path} does not exist")
     if os.path.isdir(path):
@@ -70,7 +73,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if os.path.getsize(path) == 0:
         raise OptinError(f"model file {path} is empty")
     try:
-        model = ir.load(path)
+        model = ir.load(source)
     except DecodeError:
         raise OptinError(_diagnose_unparsable(path)) from None
     except OSError as exc:
@@ -84,6 +87,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     evidence = _quantisation_evidence(model)
     if evidence is not None:
         raise OptinError(f"{_QUANTISED_HINT} ({path}: {evidence})")
+    _contain_external_data(model, source, path)
     _check_external_data(model, path)
     if _initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES:
         # Weights kept beside the file (the dynamo exporter's default, at any size) are read now:
@@ -326,6 +330,80 @@ def _skip_casts(value: ir.Value | None) -> ir.Value | None:
         if producer is None or producer.op_type != "Cast":
             return value
         value = producer.inputs[0]
+    return None
+
+
+def _contain_external_data(model: ir.Model, source: str, shown: str) -> None:
+    """Refuse external data outside the model's folder, and pin each reference to its real file.
+
+    A model is a file anyone can hand over; its external-data ``location`` must not make the tool
+    read (and copy into OUT) a file beside or above it, such as ``../../etc/passwd``. onnx-ir
+    checks this only when the model path has a directory part, and only when a tensor is read,
+    as a ``ValueError``. Here every form is refused up front, for initializers, tensor attributes
+    and function bodies alike. Each reference is then replaced by one naming the resolved file
+    directly, so nothing later resolves the location again against a different base, and a
+    symlink swapped after this check is not followed.
+
+    A Hugging Face cache (``<cache>/snapshots/<rev>/...``, files symlinked into
+    ``<cache>/blobs``) is a legitimate layout: a target directly in that same cache's ``blobs``
+    folder is accepted.
+    """
+    folder = os.path.dirname(source)
+    real_folder = os.path.realpath(folder)
+    blobs = _hf_cache_blobs(folder)
+    for tensor, put, _ in _external_tensor_sites(model):
+        location = os.fspath(tensor.location)
+        where = f"model {shown}: external data of tensor '{tensor.name}' at '{location}'"
+        if not location or "\0" in location or os.path.isabs(location) or not _within(
+            os.path.normpath(os.path.join(folder, location)), folder
+        ):
+            raise OptinError(f"{where} is outside the model's folder {folder}: refusing to read it")
+        real = os.path.realpath(os.path.join(folder, location))
+        if not _within(real, real_folder) and not (blobs and os.path.dirname(real) == blobs):
+            raise OptinError(
+                f"{where} resolves through a symlink to {real}, outside the model's folder"
+                f" {folder}: refusing to read it"
+            )
+        if os.path.isfile(real) and os.stat(real).st_nlink > 1:
+            raise OptinError(
+                f"{where}: {real} has other hard links, so it may be a file from outside the"
+                " model's folder: refusing to read it (replace it with a copy of itself)"
+            )
+        put(
+            ir.ExternalTensor(
+                os.path.basename(real),
+                offset=tensor.offset,
+                length=tensor.length,
+                dtype=tensor.dtype,
+                shape=tensor.shape,
+                name=tensor.name,
+                doc_string=tensor.doc_string,
+                metadata_props=dict(tensor.metadata_props),
+                base_dir=os.path.dirname(real),
+            )
+        )
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether ``path`` lies strictly inside ``folder`` (both absolute and normalised)."""
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _hf_cache_blobs(folder: str) -> str | None:
+    """The real ``blobs`` folder of the Hugging Face cache ``folder`` is a snapshot in, if any.
+
+    The cache stores each repository as ``<cache>/blobs/<hash>`` and shows each revision as
+    ``<cache>/snapshots/<rev>/<file>`` symlinks into it (``../../blobs/<hash>``, one ``..`` more
+    per subfolder), so ``folder`` is in a snapshot when one of its ancestors is a direct child
+    of a folder named ``snapshots`` that has a sibling ``blobs``.
+    """
+    ancestor = folder
+    while os.path.dirname(ancestor) != ancestor:
+        parent = os.path.dirname(ancestor)
+        if os.path.basename(parent) == "snapshots":
+            blobs = os.path.join(os.path.dirname(parent), "blobs")
+            return os.path.realpath(blobs) if os.path.isdir(blobs) else None
+        ancestor = parent
     return None
 
 

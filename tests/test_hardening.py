@@ -1,0 +1,164 @@
+"""Hostile and careless input (issue 10): each case is built here, small, and must end in one
+``optin-onnx: error:`` line with exit status 2, the inputs byte-identical and nothing left behind.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from optin_onnx import io
+from optin_onnx.errors import OptinError
+from tests.test_cli import call, check_one_error_line
+
+#: The bytes planted outside the model's folder; they must never be read.
+SECRET = b"TOP-SECRET" * 205
+WEIGHT_BYTES = 16 * 32 * 4
+
+
+def external_model(path: Path, location: str) -> Path:
+    """x @ W with W's 16x32 float32 data declared to live at ``location`` (nothing is written
+    there: each test puts there what it wants the tool to find)."""
+    w = numpy_helper.from_array(np.zeros((16, 32), np.float32), "W")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(WEIGHT_BYTES))):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [w])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under ``root``: file bytes, or where a symlink points (not followed)."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+# -- external data stays inside the model's folder -----------------------------------------------
+
+def plant(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """A model folder ``tmp_path/d`` whose external data reaches the secret ``tmp_path/secret``
+    by ``case``; returns (model path, a substring the refusal names)."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    d = tmp_path / "d"
+    if case == "dotdot":
+        return external_model(d / "m.onnx", "../secret"), "outside the model's folder"
+    if case == "deep-dotdot":
+        return external_model(d / "m.onnx", "sub/../../secret"), "outside the model's folder"
+    if case == "absolute":
+        return external_model(d / "m.onnx", str(secret)), "outside the model's folder"
+    if case == "symlink-out":
+        model = external_model(d / "m.onnx", "m.data")
+        (d / "m.data").symlink_to(secret)
+        return model, "resolves through a symlink"
+    if case == "symlinked-subfolder-out":
+        model = external_model(d / "m.onnx", "sub/secret")
+        (d / "sub").symlink_to(tmp_path)
+        return model, "resolves through a symlink"
+    if case == "hard-link":
+        model = external_model(d / "m.onnx", "m.data")
+        os.link(secret, d / "m.data")
+        return model, "other hard links"
+    raise AssertionError(case)
+
+
+ESCAPES = ["dotdot", "deep-dotdot", "absolute", "symlink-out", "symlinked-subfolder-out",
+           "hard-link"]
+#: How the model path is spelled on the command line, run from the working directory named.
+FORMS = {"bare": ("d", "m.onnx"), "dot": ("d", "./m.onnx"), "relative": (".", "d/m.onnx"),
+         "absolute": (".", None), "symlinked-folder": (".", "link/m.onnx")}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("case", ESCAPES)
+@pytest.mark.parametrize("command", ["prune", "analyze"])
+def test_external_data_outside_the_model_folder_is_refused(command, case, form, tmp_path,
+                                                           capsys, monkeypatch):
+    model, wanted = plant(tmp_path, case)
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    np.savez(tmp_path / "calib.npz", x=np.ones((4, 16), np.float32))
+    cwd, spelled = FORMS[form]
+    monkeypatch.chdir(tmp_path / cwd)
+    argv = [command, spelled or model]
+    if command == "prune":
+        argv += [tmp_path / "out.onnx", "--calib", tmp_path / "calib.npz"]
+    before = snapshot(tmp_path)
+    code, out, err = call(argv, capsys)
+    check_one_error_line(code, out, err, ["tensor 'W'", wanted, "refusing to read it"])
+    assert snapshot(tmp_path) == before, "an input changed or an output was written"
+    assert SECRET[:10].decode() not in out + err
+
+
+@pytest.mark.parametrize("case", ESCAPES)
+def test_load_model_never_reads_the_secret(case, tmp_path, monkeypatch):
+    model, _ = plant(tmp_path, case)
+    monkeypatch.chdir(model.parent)
+    with pytest.raises(OptinError, match="refusing to read it"):
+        io.load_model(model.name)
+
+
+def weights(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((16, 32)).astype(np.float32)
+
+
+def test_symlink_inside_the_folder_and_a_symlinked_folder_are_read(tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    model = external_model(d / "m.onnx", "m.data")
+    (d / "weights").mkdir()
+    (d / "weights" / "real.data").write_bytes(weights().tobytes())
+    (d / "m.data").symlink_to("weights/real.data")
+    (tmp_path / "link").symlink_to(d)
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("d/m.onnx", "link/m.onnx", str(model)):
+        loaded = io.load_model(spelled)
+        np.testing.assert_array_equal(loaded.graph.initializers["W"].const_value.numpy(),
+                                      weights())
+
+
+def hf_cache(root: Path, subfolder: str = "") -> Path:
+    """A Hugging Face cache repository: the model and its data as blobs, shown in a snapshot
+    through relative symlinks (``subfolder`` like ``onnx/`` as in many ONNX repositories)."""
+    blobs, snap = root / "blobs", root / "snapshots" / "0123abc" / subfolder
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    external_model(blobs / "tmp.onnx", "model.onnx_data").rename(blobs / "aaaa")
+    (blobs / "bbbb").write_bytes(weights().tobytes())
+    up = os.path.relpath(blobs, snap)
+    (snap / "model.onnx").symlink_to(f"{up}/aaaa")
+    (snap / "model.onnx_data").symlink_to(f"{up}/bbbb")
+    return snap / "model.onnx"
+
+
+@pytest.mark.parametrize("subfolder", ["", "onnx"])
+def test_hugging_face_cache_layout_is_read(subfolder, tmp_path):
+    model = hf_cache(tmp_path / "models--org--name", subfolder)
+    loaded = io.load_model(model)
+    np.testing.assert_array_equal(loaded.graph.initializers["W"].const_value.numpy(), weights())
+
+
+def test_hugging_face_snapshot_reaching_another_cache_is_refused(tmp_path):
+    model = hf_cache(tmp_path / "models--org--name")
+    other = tmp_path / "models--evil--other" / "blobs"
+    other.mkdir(parents=True)
+    (other / "cccc").write_bytes(SECRET[:WEIGHT_BYTES])
+    data = model.parent / "model.onnx_data"
+    data.unlink()
+    data.symlink_to(os.path.relpath(other / "cccc", model.parent))
+    with pytest.raises(OptinError, match="resolves through a symlink"):
+        io.load_model(model)
