@@ -9,6 +9,7 @@ Errors in the input are printed as one line (``optin-onnx: error: ...``) with ex
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,21 @@ def _cases(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"expected BATCHxSEQ[,BATCHxSEQ...], got '{text}'")
 
 
+def _limit_flag(parser: argparse.ArgumentParser) -> None:
+    from optin_onnx.io import CALIBRATION_LIMIT_BYTES
+
+    parser.add_argument("--max-calib-gib", type=float, default=CALIBRATION_LIMIT_BYTES / 2**30,
+                        help="refuse a calibration file whose arrays declare more than this many "
+                             "GiB once inflated (default %(default)g)")
+
+
+def _gib(value: float) -> int:
+    """``--max-calib-gib`` in bytes; non-finite or non-positive values are refused."""
+    if not math.isfinite(value) or value <= 0:
+        raise OptinError(f"--max-calib-gib must be a positive number, got {value}")
+    return int(value * 2**30)
+
+
 def _parser() -> argparse.ArgumentParser:
     from optin_onnx.pipeline import PruneOptions
 
@@ -41,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--seq-len", type=int, default=128, help="sequence length for MACs (default 128)")
     a.add_argument("--verbose", action="store_true",
                    help="also list the projections that end at the model width, with where")
+    _limit_flag(a)
 
     r = sub.add_parser("prune", help="prune a model to a FLOPs budget")
     r.add_argument("input")
@@ -98,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--latency", type=_cases, default=list(d.latency_cases),
                    help="latency cases BATCHxSEQ,... ('' to skip; default 1x128,32x128)")
     r.add_argument("--latency-seconds", type=float, default=d.latency_seconds)
+    _limit_flag(r)
     r.add_argument("--report", help="also write the report as JSON here")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -115,13 +133,11 @@ def _analyze(args) -> None:
     from rich.table import Table
 
     from optin_onnx.flops import mac_model
-    from optin_onnx.io import graph_input_names, load_calibration
-    from optin_onnx.pipeline import analyze, as_model
+    from optin_onnx.pipeline import analyze, as_calibration, as_model
 
-    calib = None
-    if args.calib:
-        calib = load_calibration(args.calib, graph_input_names(as_model(args.model)))
-    model, structure = analyze(args.model, calib)
+    loaded = as_model(args.model)
+    calib = as_calibration(loaded, args.calib, _gib(args.max_calib_gib)) if args.calib else None
+    model, structure = analyze(loaded, calib)
     console = Console(width=max(100, Console().width))
     if not structure.blocks:
         console.print(f"[bold red]no prunable structure found[/] in {args.model}")
@@ -214,7 +230,8 @@ def _prune(args) -> None:
                        provider=args.provider,
                        canonicalize=args.canonicalize, simplify=args.simplify,
                        tolerance=args.tolerance,
-                       latency_cases=args.latency, latency_seconds=args.latency_seconds)
+                       latency_cases=args.latency, latency_seconds=args.latency_seconds,
+                       max_calib_bytes=_gib(args.max_calib_gib))
     if args.quiet:
         result = prune(args.input, args.calib, opt, output=args.output)
     else:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO
 
 import numpy as np
 import onnx
@@ -49,6 +51,9 @@ _WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Conv"})
 _LOW_BIT_TYPES = frozenset(
     {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
 )
+
+#: Default bound on the bytes a calibration file's arrays may take once inflated (--max-calib-gib).
+CALIBRATION_LIMIT_BYTES = 4 * 2**30
 
 _QUANTISED_HINT = "quantised models are not supported: prune the fp32 model, then quantise"
 
@@ -166,13 +171,21 @@ def model_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
-def load_calibration(path: str | os.PathLike, input_names: list[str]) -> dict[str, np.ndarray]:
+def load_calibration(
+    path: str | os.PathLike,
+    input_names: list[str],
+    max_bytes: int = CALIBRATION_LIMIT_BYTES,
+) -> dict[str, np.ndarray]:
     """Load calibration samples: an ``.npz`` with one array per graph input, first axis = sample.
 
     Arrays are returned unchanged (no dtype cast): a mismatch with the model's input types should
     surface as a clear error where the model is run, not be hidden by a silent conversion here.
     Arrays for names that are not graph inputs are ignored, so one file can serve several variants
     of a model.
+
+    Pickles are never loaded, and a small file cannot make the tool inflate gigabytes: the arrays'
+    sizes are read from the archive's own headers (the zip's declared sizes and each ``.npy``
+    header's shape and dtype) and refused above ``max_bytes`` in all before any array is inflated.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -184,30 +197,104 @@ def load_calibration(path: str | os.PathLike, input_names: list[str]) -> dict[st
             " write it with np.savez"
         )
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            available = list(archive.files)
+        with zipfile.ZipFile(path) as archive:
+            # The names np.load gives the members: "x.npy" is array "x".
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
             for name in input_names:
-                if name not in available:
+                if name not in members:
                     raise OptinError(
                         f"calibration file {path} has no array for graph input '{name}'"
-                        f" (it has: {', '.join(available) or 'no arrays'})"
+                        f" (it has: {', '.join(members) or 'no arrays'})"
                     )
+            _check_declared_sizes(archive, {n: members[n] for n in input_names}, path, max_bytes)
+        with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in input_names}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise OptinError(f"calibration file {path} is corrupt: {exc}") from None
+    return check_calibration(arrays, f"calibration file {path}")
 
+
+def check_calibration(arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Refuse calibration arrays no model run could use, naming ``source``, the array and sample.
+
+    Shared by the ``.npz`` loader and in-memory arrays given to the Python API, so both get the
+    same one-line errors. Non-finite values are refused because they pass silently otherwise: a
+    NaN input makes every score and the verify difference NaN, and NaN compares as "not worse".
+    """
+    arrays = {name: np.asarray(array) for name, array in arrays.items()}
     for name, array in arrays.items():
         if array.ndim == 0:
             raise OptinError(
-                f"calibration file {path}: array '{name}' is a scalar; the first axis must index samples"
+                f"{source}: array '{name}' is a scalar; the first axis must index samples"
             )
     counts = {name: array.shape[0] for name, array in arrays.items()}
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{name}: {count}" for name, count in counts.items())
-        raise OptinError(f"calibration file {path}: arrays have different sample counts ({listing})")
+        raise OptinError(f"{source}: arrays have different sample counts ({listing})")
     if any(count == 0 for count in counts.values()):
-        raise OptinError(f"calibration file {path} has zero samples")
+        raise OptinError(f"{source} has zero samples")
+    for name, array in arrays.items():
+        if array.dtype.kind in "fc":
+            bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+            if bad.any():
+                raise OptinError(
+                    f"{source}: array '{name}' has NaN or Inf values in {int(bad.sum())} of"
+                    f" {len(array)} samples (first: sample {int(np.argmax(bad))}):"
+                    " calibration data must be finite"
+                )
     return arrays
+
+
+def _check_declared_sizes(
+    archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], path: str, max_bytes: int
+) -> None:
+    """Refuse arrays whose headers declare more than ``max_bytes`` in all, before inflating them.
+
+    Both sizes are bounded because either can lie: the zip entry's uncompressed size caps what
+    ``zipfile`` inflates, and the ``.npy`` header's shape and dtype decide what numpy allocates
+    before reading. Only the few header bytes of each member are inflated here.
+    """
+    declared = 0
+    needed = 0
+    for name, info in members.items():
+        declared += info.file_size
+        with archive.open(info) as member:
+            shape, dtype = _npy_header(member, path, name)
+            offset = member.tell()
+        nbytes = math.prod(shape) * dtype.itemsize
+        needed += nbytes
+        if max(declared, needed) > max_bytes:
+            raise OptinError(
+                f"calibration file {path}: its arrays declare {max(declared, needed)} bytes once"
+                f" inflated (array '{name}' has shape {shape}, {dtype}), over the limit of"
+                f" {max_bytes} bytes: raise it with --max-calib-gib if the data is genuine"
+            )
+        if offset + nbytes > info.file_size:
+            raise OptinError(
+                f"calibration file {path} is corrupt: array '{name}' declares shape {shape}"
+                f" ({nbytes} bytes) but its member holds {max(info.file_size - offset, 0)}"
+            )
+
+
+def _npy_header(member: IO[bytes], path: str, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an ``.npy`` stream declares, read from its header alone."""
+    try:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        else:  # 2.0 and 3.0 share the layout; 3.0 only allows UTF-8 in field names
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    except ValueError:
+        raise OptinError(
+            f"calibration file {path}: member '{name}' is not a numpy array (.npy):"
+            " write the file with np.savez"
+        ) from None
+    if dtype.hasobject:
+        raise OptinError(
+            f"calibration file {path}: array '{name}' holds Python objects ({dtype});"
+            " calibration arrays must be numeric"
+        )
+    return shape, dtype
 
 
 def graph_input_names(model: ir.Model) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,8 @@ from optin_onnx.errors import OptinError
 from optin_onnx.flops import MacModel, mac_model, total_macs
 from optin_onnx.graph import copy_model, normalize
 from optin_onnx.iterate import budgets, rounds
-from optin_onnx.io import graph_input_names, load_calibration, load_model, save_model
+from optin_onnx.io import (CALIBRATION_LIMIT_BYTES, check_calibration, graph_input_names,
+                           load_calibration, load_model, save_model)
 from optin_onnx.latency import compare_latency, latency_entry
 from optin_onnx.metrics import cosine_similarity, kl_divergence, top1_agreement
 from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
@@ -83,6 +84,8 @@ class PruneOptions:
     latency_seconds: float = 20.0
     candidates_per_run: int = 4  # fastest per candidate (docs/RESULTS.md, "One-off measurements")
     chunk_size: int = 16
+    # Calibration arrays may declare at most this many bytes once inflated (io.load_calibration).
+    max_calib_bytes: int = CALIBRATION_LIMIT_BYTES
 
 
 @dataclass
@@ -117,23 +120,31 @@ def as_model(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
     return normalize(load_model(model))
 
 
-def as_calibration(model: ir.Model, calib: str | os.PathLike | dict[str, np.ndarray]
-                   ) -> dict[str, np.ndarray]:
+def as_calibration(model: ir.Model, calib: str | os.PathLike | Mapping[str, np.ndarray],
+                   max_bytes: int = CALIBRATION_LIMIT_BYTES) -> dict[str, np.ndarray]:
+    """The calibration arrays for ``model``'s inputs, from an ``.npz`` path or a mapping of arrays
+    (a dict, or what ``np.load`` returns), checked alike either way."""
     names = graph_input_names(model)
-    if isinstance(calib, dict):
+    if isinstance(calib, Mapping):
         missing = [n for n in names if n not in calib]
         if missing:
             raise OptinError(f"calibration data has no array for graph input '{missing[0]}'")
-        return {n: np.asarray(calib[n]) for n in names}
-    return load_calibration(calib, names)
+        return check_calibration({n: calib[n] for n in names}, "calibration data")
+    if not isinstance(calib, (str, os.PathLike)):
+        raise OptinError(f"calibration must be an .npz path or a mapping of arrays, "
+                         f"got {type(calib).__name__}")
+    return load_calibration(calib, names, max_bytes)
 
 
 def analyze(model: str | os.PathLike | ir.Model | onnx.ModelProto,
-            calib: dict[str, np.ndarray] | None = None) -> tuple[ir.Model, Structure]:
-    """Stage *analyse* on its own: the prunable blocks and what was declined."""
+            calib: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+            max_calib_bytes: int = CALIBRATION_LIMIT_BYTES) -> tuple[ir.Model, Structure]:
+    """Stage *analyse* on its own: the prunable blocks and what was declined. ``calib`` (as for
+    :func:`prune`) only sets the probe's input shapes."""
     m = as_model(model)
     split_fused_projections(m)
-    feeds = dummy_feeds(m, like=calib) if calib is not None else None
+    feeds = None if calib is None else dummy_feeds(m, like=as_calibration(m, calib,
+                                                                          max_calib_bytes))
     return m, analyze_graph(m, probe(m, feeds))
 
 
@@ -213,7 +224,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
     with _timed(stages, "load"):
         m = as_model(model)
         original = ir.to_proto(m)  # the baseline the report compares against
-        arrays = as_calibration(m, calib)
+        arrays = as_calibration(m, calib, opt.max_calib_bytes)
     with _timed(stages, "analyse"):
         n_unfused = split_fused_projections(m)
         if n_unfused:

@@ -162,3 +162,145 @@ def test_hugging_face_snapshot_reaching_another_cache_is_refused(tmp_path):
     data.symlink_to(os.path.relpath(other / "cccc", model.parent))
     with pytest.raises(OptinError, match="resolves through a symlink"):
         io.load_model(model)
+
+
+# -- calibration archives are bounded by their own headers ---------------------------------------
+
+def plain_model(d: Path) -> Path:
+    """x [batch, 5, 8] -> MatMul -> Add -> LayerNormalization: loads, has one input 'x'."""
+    from tests.test_cli import matmul_add_layernorm
+
+    matmul_add_layernorm(d / "plain.onnx")
+    return d / "plain.onnx"
+
+
+def npy_bytes(shape: tuple[int, ...], body: bytes = b"") -> bytes:
+    """An ``.npy`` header declaring float32 ``shape``, followed by ``body`` (not the data)."""
+    import io as stdio
+
+    buffer = stdio.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + body
+
+
+def patch_declared_size(path: Path, size: int) -> None:
+    """Make the zip's local and central headers claim ``size`` uncompressed bytes for its member
+    (what a zip bomb does: a small file whose entries inflate to gigabytes)."""
+    data = bytearray(path.read_bytes())
+    local, central = data.index(b"PK\x03\x04"), data.index(b"PK\x01\x02")
+    data[local + 22:local + 26] = size.to_bytes(4, "little")
+    data[central + 24:central + 28] = size.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def calib_case(name: str, d: Path) -> tuple[list, list[str]]:
+    """Write calibration file ``d/c.npz`` for case ``name``; return (extra argv, wanted)."""
+    import zipfile
+
+    c = d / "c.npz"
+    x = np.random.default_rng(0).standard_normal((4, 5, 8)).astype(np.float32)
+    if name == "npy-claims-1e12-elements":
+        with zipfile.ZipFile(c, "w") as z:
+            z.writestr("x.npy", npy_bytes((10**12,), b"\0" * 64))
+        return [], ["'x' has shape (1000000000000,)", "over the limit", "--max-calib-gib"]
+    if name == "zip-declares-3-gib":
+        with zipfile.ZipFile(c, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("x.npy", npy_bytes((4, 5, 8), x.tobytes()))
+        patch_declared_size(c, 3 * 2**30)
+        return ["--max-calib-gib", "1"], [f"declare {3 * 2**30} bytes", "over the limit"]
+    if name == "deflated-zeros-over-a-lowered-limit":
+        np.savez_compressed(c, x=np.zeros((4, 256, 256), np.float32))  # 1 MiB in a few KiB
+        return ["--max-calib-gib", str(0.5 / 1024)], ["over the limit of 524288 bytes"]
+    if name == "npy-header-longer-than-member":
+        with zipfile.ZipFile(c, "w") as z:
+            z.writestr("x.npy", npy_bytes((4, 5, 8), b"\0" * 16))
+        return [], ["corrupt", "declares shape (4, 5, 8) (640 bytes)"]
+    if name == "member-not-an-array":
+        with zipfile.ZipFile(c, "w") as z:
+            z.writestr("x.npy", "just some text, not an array")
+        return [], ["member 'x' is not a numpy array"]
+    if name == "object-array":
+        np.savez(c, x=np.array([{"a": 1}] * 4, dtype=object))
+        return [], ["'x' holds Python objects"]
+    if name == "nan-in-one-sample":
+        x[2, 1, 3] = np.nan
+        np.savez(c, x=x)
+        return [], ["array 'x' has NaN or Inf values in 1 of 4 samples (first: sample 2)"]
+    if name == "inf-in-two-samples":
+        x[1, 0, 0] = np.inf
+        x[3, 0, 0] = -np.inf
+        np.savez(c, x=x)
+        return [], ["in 2 of 4 samples (first: sample 1)"]
+    raise AssertionError(name)
+
+
+CALIB_CASES = ["npy-claims-1e12-elements", "zip-declares-3-gib",
+               "deflated-zeros-over-a-lowered-limit", "npy-header-longer-than-member",
+               "member-not-an-array", "object-array", "nan-in-one-sample", "inf-in-two-samples"]
+
+
+@pytest.mark.parametrize("command", ["prune", "analyze"])
+@pytest.mark.parametrize("case", CALIB_CASES)
+def test_bad_calibration_archive_is_refused_before_inflating(case, command, tmp_path, capsys,
+                                                             monkeypatch):
+    model = plain_model(tmp_path)
+    extra, wanted = calib_case(case, tmp_path)
+    if "nan" not in case and "inf" not in case:
+        def inflate(*args, **kwargs):
+            raise AssertionError("an array was inflated before the headers were checked")
+        monkeypatch.setattr(np, "load", inflate)
+    argv = [command, model, *([tmp_path / "o.onnx"] if command == "prune" else []),
+            "--calib", tmp_path / "c.npz", *extra]
+    before = snapshot(tmp_path)
+    code, out, err = call(argv, capsys)
+    check_one_error_line(code, out, err, ["c.npz", *wanted])
+    assert snapshot(tmp_path) == before
+
+
+def test_raising_the_limit_admits_the_same_archive(tmp_path, capsys):
+    model = plain_model(tmp_path)
+    np.savez_compressed(tmp_path / "c.npz", x=np.zeros((4, 5, 8), np.float32))
+    low = str(100 / 2**30)  # under the archive's 640 bytes of array data
+    code, out, err = call(["analyze", model, "--calib", tmp_path / "c.npz",
+                           "--max-calib-gib", low], capsys)
+    check_one_error_line(code, out, err, ["over the limit of 100 bytes"])
+    code, out, err = call(["analyze", model, "--calib", tmp_path / "c.npz"], capsys)
+    assert "over the limit" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_calibration_limit_must_be_positive_and_finite(value, tmp_path, capsys):
+    model = plain_model(tmp_path)
+    np.savez(tmp_path / "c.npz", x=np.zeros((4, 5, 8), np.float32))
+    code, out, err = call(["analyze", model, "--calib", tmp_path / "c.npz",
+                           "--max-calib-gib", value], capsys)
+    check_one_error_line(code, out, err, ["--max-calib-gib must be a positive number"])
+
+
+# -- the Python API checks calibration like the CLI -----------------------------------------------
+
+@pytest.mark.parametrize("arrays, wanted", [
+    ({"x": np.zeros((0, 5, 8), np.float32)}, "calibration data has zero samples"),
+    ({"x": np.float32(1.0)}, "array 'x' is a scalar"),
+    ({"x": np.full((3, 5, 8), np.nan, np.float32)}, "NaN or Inf values in 3 of 3 samples"),
+])
+def test_api_calibration_mapping_gets_the_npz_errors(arrays, wanted, tmp_path):
+    from optin_onnx.pipeline import analyze
+
+    with pytest.raises(OptinError, match=wanted.replace("(", r"\(")):
+        analyze(plain_model(tmp_path), arrays)
+
+
+def test_api_reads_a_calibration_path_and_accepts_np_load(tmp_path):
+    from optin_onnx.pipeline import analyze
+
+    model = plain_model(tmp_path)
+    with pytest.raises(OptinError, match="calibration file .*missing.npz does not exist"):
+        analyze(model, tmp_path / "missing.npz")
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 7, 8), np.float32))
+    with np.load(tmp_path / "c.npz") as archive:
+        _, structure = analyze(model, archive)
+    assert structure is not None
+    with pytest.raises(OptinError, match="an .npz path or a mapping of arrays, got list"):
+        analyze(model, [np.zeros((2, 7, 8), np.float32)])
