@@ -17,6 +17,9 @@ import numpy as np
 
 from optin_onnx.errors import OptinError
 
+#: The files of a tokenizer folder this module reads: tokenizer.json, then the pad-token configs.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
 #: The arrays :func:`encode_texts` can produce, in the order BERT-style exports declare them.
 PRODUCIBLE = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -28,7 +31,7 @@ def _load_tokenizer(tokenizer_dir: str | Path) -> Any:
     except ImportError:
         raise OptinError("building calibration data from text needs the 'tokenizers' package: "
                          "pip install optin-onnx[text]") from None
-    path = Path(tokenizer_dir) / "tokenizer.json"
+    path = Path(tokenizer_dir) / TOKENIZER_FILES[0]
     if not path.is_file():
         raise OptinError(f"no tokenizer.json in {tokenizer_dir}")
     try:
@@ -50,7 +53,7 @@ def _pad_settings(tok: Any, tokenizer_dir: Path) -> tuple[int, int, str, str]:
         return (int(existing["pad_id"]), int(existing.get("pad_type_id", 0)),
                 str(existing["pad_token"]), existing.get("direction", "right"))
     token = "[PAD]"
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES[1:]:
         cfg = tokenizer_dir / name
         if cfg.is_file():
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -233,21 +234,24 @@ def _prune(args) -> None:
                        latency_cases=args.latency, latency_seconds=args.latency_seconds,
                        max_calib_bytes=_gib(args.max_calib_gib))
     if args.quiet:
-        result = prune(args.input, args.calib, opt, output=args.output)
+        result = prune(args.input, args.calib, opt, output=args.output, report_path=args.report)
     else:
         with Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeRemainingColumn(), transient=True) as bar:
             task = bar.add_task("score", total=None)
-            result = prune(args.input, args.calib, opt, output=args.output,
+            result = prune(args.input, args.calib, opt, output=args.output, report_path=args.report,
                            progress=lambda done, total: bar.update(task, completed=done, total=total))
     print_report(result.report)
-    if args.report:
-        result.report.to_json(args.report)
 
 
 def _make_calib(args) -> None:
-    from optin_onnx.calibdata import encode_texts, read_texts, write_calibration
+    from optin_onnx.calibdata import TOKENIZER_FILES, encode_texts, read_texts, write_calibration
+    from optin_onnx.guard import refuse_unsafe_writes
 
+    tokenizer = [("tokenizer file", os.path.join(args.tokenizer_dir, name))
+                 for name in TOKENIZER_FILES]
+    refuse_unsafe_writes([("output path", args.output)], [("texts file", args.texts), *tokenizer],
+                         create_folders=True)
     texts = read_texts(args.texts)
     if args.samples:
         texts = texts[:args.samples]

@@ -24,6 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from optin_onnx.errors import OptinError
+from optin_onnx.guard import same_file
 
 # A serialized ModelProto cannot exceed 2 GiB (protobuf's limit). Above this many bytes of
 # initializers the weights go to an external data file, leaving headroom for the graph itself.
@@ -54,6 +55,9 @@ _LOW_BIT_TYPES = frozenset(
 
 #: Default bound on the bytes a calibration file's arrays may take once inflated (--max-calib-gib).
 CALIBRATION_LIMIT_BYTES = 4 * 2**30
+
+# Key of ir.Model.meta (kept in memory, never serialised) under which load_model records its files.
+_FILES_READ = "optin_onnx.files_read"
 
 _QUANTISED_HINT = "quantised models are not supported: prune the fp32 model, then quantise"
 
@@ -94,12 +98,23 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise OptinError(f"{_QUANTISED_HINT} ({path}: {evidence})")
     _contain_external_data(model, source, path)
     _check_external_data(model, path)
+    data_files = dict.fromkeys(tensor.path for tensor, _, _ in _external_tensor_sites(model))
+    model.meta[_FILES_READ] = [source, *data_files]
     if _initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES:
         # Weights kept beside the file (the dynamo exporter's default, at any size) are read now:
         # a lazy reference is relative to this file's directory, and serialised for onnxruntime
         # it would be looked up relative to the working directory instead.
         ir.external_data.load_to_model(model)
     return model
+
+
+def files_read(model: ir.Model) -> list[tuple[str, str]]:
+    """The files :func:`load_model` read ``model`` from, labelled for error messages: the model
+    file, then each external-data file (resolved). Empty for a model that was not loaded from a
+    file. Outputs are checked against these before any work, so none can replace an input."""
+    paths = model.meta.get(_FILES_READ, [])
+    return [("input path" if i == 0 else "input model's external data file", path)
+            for i, path in enumerate(paths)]
 
 
 def save_model(
@@ -571,21 +586,14 @@ def _refuse_overwriting_inputs(
 ) -> None:
     """Raise if writing ``outputs`` would replace the input model or a data file it reads from."""
     for output in outputs:
-        if input_path is not None and _same_file(output, os.fspath(input_path)):
+        if input_path is not None and same_file(output, os.fspath(input_path)):
             raise OptinError(f"output path {output} is the input path: refusing to overwrite the input")
         for data_path in data_paths:
-            if _same_file(output, data_path):
+            if same_file(output, data_path):
                 raise OptinError(
                     f"output {output} is the external data file {data_path} the model reads its weights"
                     " from: refusing to overwrite the input"
                 )
-
-
-def _same_file(a: str, b: str) -> bool:
-    """Whether two paths name the same file, through symlinks and hard links."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def _fsync(path: str) -> None:

@@ -22,8 +22,9 @@ from optin_onnx.errors import OptinError
 from optin_onnx.flops import MacModel, mac_model, total_macs
 from optin_onnx.graph import copy_model, normalize
 from optin_onnx.iterate import budgets, rounds
-from optin_onnx.io import (CALIBRATION_LIMIT_BYTES, check_calibration, graph_input_names,
-                           load_calibration, load_model, save_model)
+from optin_onnx.guard import refuse_unsafe_writes
+from optin_onnx.io import (CALIBRATION_LIMIT_BYTES, check_calibration, files_read,
+                           graph_input_names, load_calibration, load_model, save_model)
 from optin_onnx.latency import compare_latency, latency_entry
 from optin_onnx.metrics import cosine_similarity, kl_divergence, top1_agreement
 from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
@@ -191,12 +192,14 @@ def _fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, kind: str, cal: Cal
 def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
           calib: str | os.PathLike | dict[str, np.ndarray],
           options: PruneOptions | None = None, *, output: str | os.PathLike | None = None,
+          report_path: str | os.PathLike | None = None,
           progress: Callable[[int, int], None] | None = None, **overrides) -> PruneResult:
     """Prune ``model`` to ``flops`` of its MACs using OPTIN trajectory scores.
 
     ``calib``: an .npz path or a dict of arrays, one per graph input, first axis = sample.
     Options come from ``options`` and/or keyword overrides (``flops=0.6, prune="heads"``, ...).
-    With ``output`` the pruned model is written there (atomically; never over the input).
+    With ``output`` the pruned model is written there, and with ``report_path`` the report as
+    JSON (both atomically; both checked before any work: never over an input or each other).
     ``progress(done, total)`` is called while scoring.
     """
     opt = options or PruneOptions()
@@ -215,14 +218,15 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
     providers = providers_for(opt.provider)
     stages: dict[str, float] = {}
     input_path = None if isinstance(model, (ir.Model, onnx.ModelProto)) else Path(model)
-    # save_model refuses this too, but only after minutes of scoring: say it up front.
-    if output is not None and input_path is not None and \
-            Path(output).resolve() == input_path.resolve():
-        raise OptinError("output path is the input path: refusing to overwrite the input")
 
     notes: list[str] = []
     with _timed(stages, "load"):
         m = as_model(model)
+        # Before any work: no output may replace an input or another output, and each can be
+        # written (save_model checks again, as the last line of defence).
+        calib_path = calib if isinstance(calib, (str, os.PathLike)) else None
+        refuse_unsafe_writes([("output path", output), ("--report path", report_path)],
+                             [*files_read(m), ("calibration file", calib_path)])
         original = ir.to_proto(m)  # the baseline the report compares against
         arrays = as_calibration(m, calib, opt.max_calib_bytes)
     with _timed(stages, "analyse"):
@@ -343,6 +347,8 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
                 for b in structure.blocks],
         latency=latency, fidelity=fidelity, verify=result.to_dict(), stage_seconds=stages,
         declined=[f"{d.name}: {'; '.join(d.reasons)}" for d in structure.declined], notes=notes)
+    if report_path is not None:
+        report.to_json(report_path)
     return PruneResult(slim, report, structure, scores, selection, result, stages)
 
 

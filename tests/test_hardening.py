@@ -49,6 +49,15 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     return out
 
 
+def assert_refused(argv: list, wanted: list[str], root: Path, capsys) -> str:
+    """Run the CLI: one error line naming ``wanted``, exit 2, nothing under ``root`` changed."""
+    before = snapshot(root)
+    code, out, err = call(argv, capsys)
+    check_one_error_line(code, out, err, wanted)
+    assert snapshot(root) == before, "an input changed or an output was written"
+    return out + err
+
+
 # -- external data stays inside the model's folder -----------------------------------------------
 
 def plant(tmp_path: Path, case: str) -> tuple[Path, str]:
@@ -98,11 +107,8 @@ def test_external_data_outside_the_model_folder_is_refused(command, case, form, 
     argv = [command, spelled or model]
     if command == "prune":
         argv += [tmp_path / "out.onnx", "--calib", tmp_path / "calib.npz"]
-    before = snapshot(tmp_path)
-    code, out, err = call(argv, capsys)
-    check_one_error_line(code, out, err, ["tensor 'W'", wanted, "refusing to read it"])
-    assert snapshot(tmp_path) == before, "an input changed or an output was written"
-    assert SECRET[:10].decode() not in out + err
+    text = assert_refused(argv, ["tensor 'W'", wanted, "refusing to read it"], tmp_path, capsys)
+    assert SECRET[:10].decode() not in text
 
 
 @pytest.mark.parametrize("case", ESCAPES)
@@ -252,10 +258,7 @@ def test_bad_calibration_archive_is_refused_before_inflating(case, command, tmp_
         monkeypatch.setattr(np, "load", inflate)
     argv = [command, model, *([tmp_path / "o.onnx"] if command == "prune" else []),
             "--calib", tmp_path / "c.npz", *extra]
-    before = snapshot(tmp_path)
-    code, out, err = call(argv, capsys)
-    check_one_error_line(code, out, err, ["c.npz", *wanted])
-    assert snapshot(tmp_path) == before
+    assert_refused(argv, ["c.npz", *wanted], tmp_path, capsys)
 
 
 def test_raising_the_limit_admits_the_same_archive(tmp_path, capsys):
@@ -304,3 +307,131 @@ def test_api_reads_a_calibration_path_and_accepts_np_load(tmp_path):
     assert structure is not None
     with pytest.raises(OptinError, match="an .npz path or a mapping of arrays, got list"):
         analyze(model, [np.zeros((2, 7, 8), np.float32)])
+
+
+# -- what the tool writes never replaces what it reads --------------------------------------------
+
+def model_with_data(d: Path) -> Path:
+    """A loadable model ``d/m.onnx`` whose weights live in ``d/m.data``."""
+    model = external_model(d / "m.onnx", "m.data")
+    (d / "m.data").write_bytes(weights().tobytes())
+    return model
+
+
+def write_case(name: str, d: Path) -> tuple[list, list[str]]:
+    """Files for one unsafe ``prune`` write in ``d`` (run from ``d``); (argv, wanted)."""
+    model_with_data(d)
+    np.savez(d / "c.npz", x=np.ones((4, 2, 16), np.float32))
+    base = ["prune", "m.onnx"]
+    if name == "report-is-model":
+        return base + ["o.onnx", "--calib", "c.npz", "--report", "m.onnx"], \
+            ["--report path is the input path"]
+    if name == "report-is-model-via-dotdot":
+        (d / "sub").mkdir()
+        return base + ["o.onnx", "--calib", "c.npz", "--report", "sub/../m.onnx"], \
+            ["--report path is the input path"]
+    if name == "report-is-calib":
+        return base + ["o.onnx", "--calib", "c.npz", "--report", "./c.npz"], \
+            ["--report path is the calibration file"]
+    if name == "out-is-calib":
+        return base + ["c.npz", "--calib", "c.npz"], ["output path is the calibration file"]
+    if name == "report-is-out":
+        return base + ["o.onnx", "--calib", "c.npz", "--report", d / "o.onnx"], \
+            ["--report path is the output path"]
+    if name == "out-is-symlink-to-model":
+        (d / "link.onnx").symlink_to("m.onnx")
+        return base + ["link.onnx", "--calib", "c.npz"], ["output path is the input path"]
+    if name == "out-is-hard-link-of-calib":
+        os.link(d / "c.npz", d / "hard.npz")
+        return base + ["hard.npz", "--calib", "c.npz"], ["output path is the calibration file"]
+    if name == "out-is-external-data":
+        return base + ["m.data", "--calib", "c.npz"], \
+            ["output path is the input model's external data file"]
+    if name == "report-is-external-data":
+        return base + ["o.onnx", "--calib", "c.npz", "--report", "m.data"], \
+            ["--report path is the input model's external data file"]
+    if name == "out-is-a-directory":
+        (d / "dir").mkdir()
+        return base + ["dir", "--calib", "c.npz"], ["output path dir is a directory"]
+    if name == "out-folder-missing":
+        return base + ["missing/o.onnx", "--calib", "c.npz"], ["missing is not an existing folder"]
+    if name == "report-folder-missing":
+        return base + ["o.onnx", "--calib", "c.npz", "--report", "missing/r.json"], \
+            ["cannot write --report path", "missing is not an existing folder"]
+    if name == "out-folder-is-a-file":
+        (d / "file.txt").write_text("x")
+        return base + ["file.txt/o.onnx", "--calib", "c.npz"], ["file.txt is not an existing folder"]
+    raise AssertionError(name)
+
+
+WRITE_CASES = ["report-is-model", "report-is-model-via-dotdot", "report-is-calib", "out-is-calib",
+               "report-is-out", "out-is-symlink-to-model", "out-is-hard-link-of-calib",
+               "out-is-external-data", "report-is-external-data", "out-is-a-directory",
+               "out-folder-missing", "report-folder-missing", "out-folder-is-a-file"]
+
+
+@pytest.mark.parametrize("case", WRITE_CASES)
+def test_unsafe_write_is_refused_before_any_work(case, tmp_path, capsys, monkeypatch):
+    argv, wanted = write_case(case, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert_refused(argv, wanted, tmp_path, capsys)
+
+
+def test_unwritable_output_folder_is_refused(tmp_path, capsys, monkeypatch):
+    from optin_onnx import guard
+
+    argv, _ = write_case("report-is-model", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(guard.os, "access",
+                        lambda p, mode: False if Path(p).name == "ro" else real_access(p, mode))
+    assert_refused(["prune", "m.onnx", "ro/o.onnx", "--calib", "c.npz"], ["ro is not writable"],
+                   tmp_path, capsys)
+
+
+def test_api_refuses_output_over_the_calibration_file(tmp_path):
+    from optin_onnx.pipeline import prune
+
+    model_with_data(tmp_path)
+    np.savez(tmp_path / "c.npz", x=np.ones((4, 2, 16), np.float32))
+    before = snapshot(tmp_path)
+    with pytest.raises(OptinError, match="output path is the calibration file"):
+        prune(tmp_path / "m.onnx", tmp_path / "c.npz", output=tmp_path / "c.npz")
+    with pytest.raises(OptinError, match="--report path is the output path"):
+        prune(tmp_path / "m.onnx", tmp_path / "c.npz", output=tmp_path / "o.onnx",
+              report_path=tmp_path / "o.onnx")
+    assert snapshot(tmp_path) == before
+
+
+def make_calib_case(name: str, d: Path) -> tuple[list, list[str]]:
+    """Files for one unsafe ``make-calib`` write in ``d``; (argv, wanted)."""
+    (d / "texts.txt").write_text("one text\nanother text\n")
+    (d / "tok").mkdir()
+    (d / "tok" / "tokenizer.json").write_text("{}")
+    if name == "out-is-texts":
+        return ["make-calib", "texts.txt", "tok", "./texts.txt"], \
+            ["output path is the texts file"]
+    if name == "out-is-tokenizer-json":
+        return ["make-calib", "texts.txt", "tok", "tok/tokenizer.json"], \
+            ["output path is the tokenizer file"]
+    if name == "out-is-tokenizer-config":
+        (d / "tok" / "tokenizer_config.json").write_text("{}")
+        return ["make-calib", "texts.txt", "tok", "tok/../tok/tokenizer_config.json"], \
+            ["output path is the tokenizer file"]
+    if name == "out-is-symlink-to-texts":
+        (d / "c.npz").symlink_to("texts.txt")
+        return ["make-calib", "texts.txt", "tok", "c.npz"], ["output path is the texts file"]
+    if name == "out-under-a-file":
+        return ["make-calib", "texts.txt", "tok", "texts.txt/sub/c.npz"], \
+            ["texts.txt is not an existing folder"]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("case", ["out-is-texts", "out-is-tokenizer-json",
+                                  "out-is-tokenizer-config", "out-is-symlink-to-texts",
+                                  "out-under-a-file"])
+def test_make_calib_never_overwrites_its_inputs(case, tmp_path, capsys, monkeypatch):
+    argv, wanted = make_calib_case(case, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert_refused(argv, wanted, tmp_path, capsys)
