@@ -8,14 +8,13 @@ Hugging Face tokenizer directory works and the core package stays light.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from optin_onnx.errors import OptinError
+from optin_onnx.guard import write_atomically
 
 #: The files of a tokenizer folder this module reads: tokenizer.json, then the pad-token configs.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -116,24 +115,19 @@ def encode_texts(texts: Sequence[str], tokenizer_dir: str | Path, max_length: in
 def write_calibration(arrays: Mapping[str, np.ndarray], path: str | Path) -> Path:
     """Save ``arrays`` with :func:`numpy.savez`, atomically.
 
-    The file is written next to the target and moved into place with :func:`os.replace`, so an
+    The file is written next to the target and moved into place (:func:`write_atomically`), so an
     interrupted run never leaves a truncated ``.npz`` that a later pruning run would trust.
+    Missing parent folders are created.
     """
     if not arrays:
         raise OptinError("no arrays to write")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:  # a file object: savez would append .npz to a str name
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptinError(f"cannot create folder {path.parent}: {e.strerror or e}") from None
+    # A file object: savez would append .npz to a str name.
+    write_atomically(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
     return path
 
 

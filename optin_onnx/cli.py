@@ -11,10 +11,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 from optin_onnx.errors import OptinError
+from optin_onnx.guard import Terminated
 
 
 def _cases(text: str) -> list[tuple[int, int]]:
@@ -261,16 +266,42 @@ def _make_calib(args) -> None:
     print(f"wrote {args.output}: {shapes}")
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def _terminate_like_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like SIGINT while a command runs, so every ``finally`` and
+    temporary-file cleanup on the way runs (the default handlers kill the process on the spot,
+    leaving a hidden temporary copy of the model next to OUT). Signal handlers can only be set
+    from the main thread; elsewhere the defaults stay."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _terminate)
+                for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"analyze": _analyze, "prune": _prune, "make-calib": _make_calib}[args.command](args)
+        with _terminate_like_interrupt():
+            {"analyze": _analyze, "prune": _prune, "make-calib": _make_calib}[args.command](args)
     except OptinError as exc:
         print(f"optin-onnx: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("optin-onnx: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except Terminated as exc:
+        print(f"optin-onnx: terminated by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        return 128 + exc.signum
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Checks on the paths a run writes, made before any work starts.
+"""Writing safely: checks on the paths a run writes, made before any work starts, and the
+atomic write every small output goes through.
 
 A pruning run reads a model (and its external-data files) and a calibration file, and writes a
 model and a report; ``make-calib`` reads texts and tokenizer files and writes an ``.npz``. A
@@ -9,8 +10,11 @@ symlink and a hard link all name the same file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import IO
 
 from optin_onnx.errors import OptinError
 
@@ -59,3 +63,50 @@ def _check_writable(label: str, path: str, create_folders: bool) -> None:
         raise OptinError(f"cannot write {label} {path}: {folder} is not an existing folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OptinError(f"cannot write {label} {path}: folder {folder} is not writable")
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(handle)`` into a temporary file beside it, then rename it.
+
+    A crash, a full disk or a signal leaves the old file or the new one, never a truncated one,
+    and no temporary file: it is removed on any exception, including the ``KeyboardInterrupt``
+    and :class:`Terminated` that SIGINT, SIGTERM and SIGHUP raise. ``mkstemp`` creates the file
+    private (0600); it gets the mode any new file of the user gets (``0666`` less the umask).
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OptinError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is put straight back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+class Terminated(BaseException):
+    """Raised by the CLI's SIGTERM and SIGHUP handlers, so they unwind (and clean up) like SIGINT.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the way
+    mistakes it for an error of the stage it interrupts.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

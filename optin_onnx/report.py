@@ -12,8 +12,6 @@ import dataclasses
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 # Re-exported: the benchmarks in tools/ import the latency functions from here.
+from optin_onnx.guard import write_atomically
 from optin_onnx.latency import LatencyStats, compare_latency, latency_entry, measure_latency
 
 __all__ = [
@@ -133,18 +132,8 @@ class Report:
 
     def to_json(self, path: str | Path) -> None:
         """Write the report atomically, so a crash never leaves a truncated report behind."""
-        path = Path(path)
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _jsonable(value: Any) -> Any:

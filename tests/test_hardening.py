@@ -435,3 +435,68 @@ def test_make_calib_never_overwrites_its_inputs(case, tmp_path, capsys, monkeypa
     argv, wanted = make_calib_case(case, tmp_path)
     monkeypatch.chdir(tmp_path)
     assert_refused(argv, wanted, tmp_path, capsys)
+
+
+# -- signals clean up, outputs get the user's mode ------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ("torchscript", "classifier", False)
+
+#: Runs the CLI, sending itself ``signal.<name>`` once the staged model is on disk, just before
+#: it would be moved over OUT: the moment a killed run leaves the most behind.
+SIGNAL_DURING_SAVE = """
+import os, signal, sys
+from optin_onnx import cli, io
+flush = io._fsync
+def flush_then_signal(path):
+    flush(path)
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+io._fsync = flush_then_signal
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def tiny_run(d: Path, tiny: Path) -> list:
+    """Files for a quick prune of the tiny BERT in ``d``; its argv (model, OUT, options)."""
+    from tests.helpers import tiny_feeds
+
+    (d / "in.onnx").write_bytes(tiny.read_bytes())
+    np.savez(d / "c.npz", **tiny_feeds(8, 12))
+    return ["prune", d / "in.onnx", d / "out.onnx", "--calib", d / "c.npz", "--latency", "",
+            "--simplify", "off", "--samples", "8", "--quiet"]
+
+
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 130)])
+def test_signal_while_saving_leaves_nothing_behind(name, status, tiny_exports, tmp_path):
+    import subprocess
+    import sys
+
+    argv = tiny_run(tmp_path, tiny_exports[TINY])
+    before = snapshot(tmp_path)
+    p = subprocess.run([sys.executable, "-c", SIGNAL_DURING_SAVE, name, *map(str, argv)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == status, p.stderr
+    assert p.stderr.splitlines()[-1] in (f"optin-onnx: terminated by {name}",
+                                         "optin-onnx: interrupted")
+    assert "Traceback" not in p.stderr
+    assert snapshot(tmp_path) == before, "a temporary copy or a partial output was left"
+    assert sorted(os.listdir(tmp_path)) == ["c.npz", "in.onnx"]
+
+
+def test_outputs_get_the_umask_mode(tiny_exports, tmp_path, capsys):
+    import stat
+
+    from optin_onnx.calibdata import write_calibration
+
+    argv = tiny_run(tmp_path, tiny_exports[TINY]) + ["--report", tmp_path / "r.json"]
+    old = os.umask(0o027)
+    try:
+        code, out, err = call(argv, capsys)
+        write_calibration({"x": np.zeros((2, 3))}, tmp_path / "made.npz")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    for name in ("out.onnx", "r.json", "made.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
