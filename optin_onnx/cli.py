@@ -9,7 +9,6 @@ Errors in the input are printed as one line (``optin-onnx: error: ...``) with ex
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
+from typing import NoReturn
 
 from optin_onnx.errors import OptinError
 from optin_onnx.guard import Terminated
@@ -44,16 +44,26 @@ def _limit_flag(parser: argparse.ArgumentParser) -> None:
 
 def _gib(value: float) -> int:
     """``--max-calib-gib`` in bytes; non-finite or non-positive values are refused."""
-    if not math.isfinite(value) or value <= 0:
-        raise OptinError(f"--max-calib-gib must be a positive number, got {value}")
-    return int(value * 2**30)
+    from optin_onnx.validate import check_number
+
+    check_number("--max-calib-gib", value, False, 0.0, False)
+    return max(1, int(value * 2**30))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the one ``optin-onnx: error:`` line every other error is (argparse prints
+    the usage block first); subcommand parsers are made of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"optin-onnx: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     from optin_onnx.pipeline import PruneOptions
+    from optin_onnx.validate import CHOICES
 
     d = PruneOptions()
-    p = argparse.ArgumentParser(prog="optin-onnx", description="Retraining-free structured "
+    p = _Parser(prog="optin-onnx", description="Retraining-free structured "
                                 "pruning of ONNX models with OPTIN trajectory scores.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -73,14 +83,14 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"fraction of the MACs to keep, in (0, 1] (default {d.flops})")
     r.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for counting FLOPs (default: mean real calibration length)")
-    r.add_argument("--method", choices=["optin", "local", "magnitude", "random"],
+    r.add_argument("--method", choices=CHOICES["method"],
                    default=d.method,
                    help="importance criterion: optin (trajectory), local (own layer only), "
                         f"magnitude (weight L2 norm), random (seeded by --seed) (default {d.method})")
     r.add_argument("--samples", type=int, default=d.samples,
                    help=f"calibration samples used for scoring; the rest are held out for fidelity "
                         f"(default {d.samples})")
-    r.add_argument("--prune", choices=["heads", "neurons", "both"], default=d.prune)
+    r.add_argument("--prune", choices=CHOICES["prune"], default=d.prune)
     r.add_argument("--lam", type=float, default=d.lam, help="weight of the logit/output term")
     r.add_argument("--seed", type=int, default=d.seed, help="seed for the sampled tokens")
     r.add_argument("--tokens", type=int, default=d.tokens, help="tokens K in the MD Gram matrices")
@@ -93,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="score neurons (and conv channels) in groups of N adjacent by a local "
                         f"proxy (approximate; default {d.neuron_group}; 1 = exact)")
     r.add_argument("--feature", dest="feature_kind",
-                   choices=["auto", "ffn", "residual-ln", "blocks"], default=d.feature_kind,
+                   choices=CHOICES["feature_kind"], default=d.feature_kind,
                    help="trajectory feature: FFN outputs (post-LN, BERT), the LayerNorm'ed residual "
                         "stream entering each later layer (pre-LN, ViT), the block outputs (CNNs), "
                         "or auto (by graph; default)")
@@ -101,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="prune in N rounds, re-scoring the units left after each (budgets fall "
                         "linearly to --flops; optin and local only; N times the scoring time; "
                         f"default {d.steps} = one shot, as in the paper)")
-    r.add_argument("--round-teacher", choices=["dense", "current"], default=d.round_teacher,
+    r.add_argument("--round-teacher", choices=CHOICES["round_teacher"], default=d.round_teacher,
                    help="with --steps: what later rounds compare against, the previous round's "
                         "pruned model (as if it were the dense one) or the input model (a score is "
                         f"the loss a unit adds; default {d.round_teacher})")
@@ -113,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--provider", choices=["cpu", "cuda"], default=d.provider)
     r.add_argument("--no-canonicalize", dest="canonicalize", action="store_false",
                    help="keep run-time Reshape targets as exported")
-    r.add_argument("--simplify", choices=["auto", "on", "off"], default=d.simplify,
+    r.add_argument("--simplify", choices=CHOICES["simplify"], default=d.simplify,
                    help="onnxsim on the result: auto keeps it only if onnxruntime runs it at least "
                         "as fast (default auto)")
     r.add_argument("--tolerance", type=float, default=d.tolerance,
@@ -140,9 +150,12 @@ def _analyze(args) -> None:
 
     from optin_onnx.flops import mac_model
     from optin_onnx.pipeline import analyze, as_calibration, as_model
+    from optin_onnx.validate import check_number
 
+    check_number("--seq-len", args.seq_len, True, 1, True)
+    limit = _gib(args.max_calib_gib)
     loaded = as_model(args.model)
-    calib = as_calibration(loaded, args.calib, _gib(args.max_calib_gib)) if args.calib else None
+    calib = as_calibration(loaded, args.calib, limit) if args.calib else None
     model, structure = analyze(loaded, calib)
     console = Console(width=max(100, Console().width))
     if not structure.blocks:
@@ -252,13 +265,16 @@ def _prune(args) -> None:
 def _make_calib(args) -> None:
     from optin_onnx.calibdata import TOKENIZER_FILES, encode_texts, read_texts, write_calibration
     from optin_onnx.guard import refuse_unsafe_writes
+    from optin_onnx.validate import check_number
 
+    if args.samples is not None:
+        check_number("--samples", args.samples, True, 1, True)
     tokenizer = [("tokenizer file", os.path.join(args.tokenizer_dir, name))
                  for name in TOKENIZER_FILES]
     refuse_unsafe_writes([("output path", args.output)], [("texts file", args.texts), *tokenizer],
                          create_folders=True)
     texts = read_texts(args.texts)
-    if args.samples:
+    if args.samples is not None:
         texts = texts[:args.samples]
     arrays = encode_texts(texts, args.tokenizer_dir, max_length=args.max_length)
     write_calibration(arrays, args.output)

@@ -3,6 +3,7 @@ simplify -> verify -> report. Each stage is a plain function of its own module; 
 wires them together, times them and fills the report."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from optin_onnx.scoring.features import output_kind
 from optin_onnx.scoring.importance import IMPORTANCES, make_importance
 from optin_onnx.scoring.types import ScoreConfig, Scores
 from optin_onnx.search import SearchResult, search
+from optin_onnx.validate import check_options
 from optin_onnx.simplify import choose as choose_simplified
 from optin_onnx.verify import VerifyResult, verify
 
@@ -202,15 +204,12 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
     JSON (both atomically; both checked before any work: never over an input or each other).
     ``progress(done, total)`` is called while scoring.
     """
-    opt = options or PruneOptions()
-    for k, v in overrides.items():
-        if not hasattr(opt, k):
+    for k in overrides:
+        if not hasattr(PruneOptions, k):
             raise TypeError(f"unknown option {k!r}")
-        setattr(opt, k, v)
-    if not 0.0 < opt.flops <= 1.0:
-        raise OptinError(f"--flops must be in (0, 1], got {opt.flops}")
-    if opt.method not in METHODS:
-        raise OptinError(f"--method must be one of {', '.join(METHODS)}, got '{opt.method}'")
+    # A copy: the caller's options object is left as given.
+    opt = dataclasses.replace(options or PruneOptions(), **overrides)
+    check_options(opt)
     schedule = budgets(opt.flops, opt.steps)
     if opt.steps > 1 and not IMPORTANCES[opt.method].rescores:
         raise OptinError(f"--steps re-scores between rounds; {opt.method} scores do not depend "
@@ -315,8 +314,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         onnx.checker.check_model(slim, full_check=True)
         result = verify(m, slim, structure, selection.keep, full, opt.tolerance, providers)
         if not result.passed:
-            raise OptinError(f"verification failed: the slim graph differs from the masked dense "
-                             f"graph by {result.max_abs_err:.2e} (> {opt.tolerance:g})")
+            raise OptinError(result.failure())
     with _timed(stages, "report"):
         dense_proto = original
         slim_model = ir.from_proto(slim)

@@ -6,6 +6,7 @@ a model with a dynamic image size on larger images too, for every output. A fail
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,11 +30,26 @@ class VerifyResult:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_err <= self.tolerance
+        """A NaN or infinite difference fails at any tolerance: it is no evidence of equality."""
+        return math.isfinite(self.max_abs_err) and self.max_abs_err <= self.tolerance
+
+    def failure(self) -> str:
+        """The one-line reason a failed result fails."""
+        if not math.isfinite(self.max_abs_err):
+            return ("verification failed: the slim graph and the masked dense graph give "
+                    "non-finite outputs or differences (NaN or Inf) on the check inputs")
+        return (f"verification failed: the slim graph differs from the masked dense graph by "
+                f"{self.max_abs_err:.2e} (> {self.tolerance:g})")
 
     def to_dict(self) -> dict:
         return {"max_abs_err": self.max_abs_err, "tolerance": self.tolerance,
                 "cases": self.cases, "passed": self.passed}
+
+
+def worst(*errors: float) -> float:
+    """The largest error, NaN if any is NaN: ``max`` would skip a NaN that is not first (NaN
+    compares false), turning "no comparison possible" into a pass."""
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
 
 #: A model with a dynamic image size is also checked on images this much taller and wider.
@@ -70,8 +86,8 @@ def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
         if any(w.shape != g.shape for w, g in zip(want, got)):
             raise OptinError(f"verification failed: output shapes differ at case {batch}, "
                              f"{seq}, +{grow} px")
-        err = max(max_abs_error(w, g) for w, g in zip(want, got))
-        result.max_abs_err = max(result.max_abs_err, err)
+        errors = [max_abs_error(w, g) for w, g in zip(want, got)]
+        result.max_abs_err = worst(result.max_abs_err, *errors)
         result.cases.append(f"{batch}x{seq}" if seq else
                             f"{batch}" + (f" +{grow}px" if grow else ""))
     return result

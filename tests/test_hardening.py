@@ -278,7 +278,7 @@ def test_calibration_limit_must_be_positive_and_finite(value, tmp_path, capsys):
     np.savez(tmp_path / "c.npz", x=np.zeros((4, 5, 8), np.float32))
     code, out, err = call(["analyze", model, "--calib", tmp_path / "c.npz",
                            "--max-calib-gib", value], capsys)
-    check_one_error_line(code, out, err, ["--max-calib-gib must be a positive number"])
+    check_one_error_line(code, out, err, ["--max-calib-gib must be", f"got {float(value)}"])
 
 
 # -- the Python API checks calibration like the CLI -----------------------------------------------
@@ -500,3 +500,104 @@ def test_outputs_get_the_umask_mode(tiny_exports, tmp_path, capsys):
     for name in ("out.onnx", "r.json", "made.npz"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+# -- every option is checked up front; nothing non-finite passes --------------------------------
+
+OPTION_CASES = [
+    (["--lam", "nan"], "--lam must be finite, got nan"),
+    (["--lam", "inf"], "--lam must be finite, got inf"),
+    (["--lam", "-1"], "--lam must be at least 0, got -1.0"),
+    (["--tolerance", "nan"], "--tolerance must be finite, got nan"),
+    (["--tolerance", "inf"], "--tolerance must be finite, got inf"),
+    (["--tolerance=-1e-4"], "--tolerance must be at least 0, got -0.0001"),
+    (["--flops", "nan"], "--flops must be in (0, 1], got nan"),
+    (["--samples", "0"], "--samples must be at least 1, got 0"),
+    (["--samples", "-3"], "--samples must be at least 1, got -3"),
+    (["--samples", "1.5"], "argument --samples: invalid int value: '1.5'"),
+    (["--tokens", "0"], "--tokens must be at least 1, got 0"),
+    (["--neuron-group", "0"], "--neuron-group must be at least 1, got 0"),
+    (["--round", "-2"], "--round must be at least 1, got -2"),
+    (["--channel-multiple", "0"], "--channel-multiple must be at least 1, got 0"),
+    (["--seq-len", "0"], "--seq-len must be at least 1, got 0"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--latency", "0x128"], "--latency batch size must be at least 1, got 0"),
+    (["--latency", "1x-5"], "--latency sequence length must be at least 1, got -5"),
+    (["--latency", "16by1"], "expected BATCHxSEQ"),
+    (["--latency-seconds", "0"], "--latency-seconds must be above 0, got 0.0"),
+    (["--latency-seconds", "nan"], "--latency-seconds must be finite, got nan"),
+    (["--max-calib-gib", "inf"], "--max-calib-gib must be finite, got inf"),
+]
+
+
+@pytest.mark.parametrize("extra, wanted", OPTION_CASES, ids=[" ".join(c[0]) for c in OPTION_CASES])
+def test_bad_option_is_one_line_before_any_work(extra, wanted, tmp_path, capsys, monkeypatch):
+    from optin_onnx import pipeline
+
+    model_with_data(tmp_path)
+    np.savez(tmp_path / "c.npz", x=np.ones((4, 2, 16), np.float32))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "as_model", lambda *a: pytest.fail("the model was loaded"))
+    assert_refused(["prune", "m.onnx", "o.onnx", "--calib", "c.npz", *extra], [wanted], tmp_path,
+                   capsys)
+
+
+@pytest.mark.parametrize("argv, wanted", [
+    (["analyze", "m.onnx", "--seq-len", "0"], "--seq-len must be at least 1, got 0"),
+    (["analyze", "m.onnx", "--seq-len", "x"], "argument --seq-len: invalid int value: 'x'"),
+    (["make-calib", "t.txt", "tok", "c.npz", "--samples", "0"], "--samples must be at least 1"),
+    (["make-calib", "t.txt", "tok", "c.npz", "--samples", "-1"], "--samples must be at least 1"),
+])
+def test_bad_option_of_analyze_and_make_calib(argv, wanted, tmp_path, capsys, monkeypatch):
+    model_with_data(tmp_path)
+    (tmp_path / "t.txt").write_text("a text\n")
+    monkeypatch.chdir(tmp_path)
+    assert_refused(argv, [wanted], tmp_path, capsys)
+
+
+@pytest.mark.parametrize("override, wanted", [
+    ({"flops": "0.6"}, "--flops must be in (0, 1], got '0.6'"),
+    ({"samples": True}, "--samples must be an integer, got True"),
+    ({"tokens": 7.5}, "--tokens must be an integer, got 7.5"),
+    ({"lam": float("nan")}, "--lam must be finite, got nan"),
+    ({"prune": "all"}, "--prune must be one of heads, neurons, both, got 'all'"),
+    ({"feature_kind": "x"}, "--feature must be one of auto, ffn, residual-ln, blocks, got 'x'"),
+    ({"reconstruct": "yes"}, "reconstruct must be True or False, got 'yes'"),
+    ({"latency_cases": [(1, 2, 3)]}, "--latency must be (batch, sequence) pairs, got (1, 2, 3)"),
+])
+def test_api_options_are_checked_like_the_cli(override, wanted, tmp_path):
+    from optin_onnx.pipeline import PruneOptions, prune
+
+    options = PruneOptions()
+    with pytest.raises(OptinError, match=wanted.replace("(", r"\(").replace(")", r"\)")):
+        prune(tmp_path / "never-loaded.onnx", {}, options, **override)
+    assert options == PruneOptions(), "the caller's options object was modified"
+
+
+def test_a_nan_difference_fails_verification():
+    import math
+
+    from optin_onnx.verify import VerifyResult, worst
+
+    assert math.isnan(worst(0.0, 1e-6, math.nan))
+    assert math.isnan(worst(math.nan, 0.0))
+    assert worst(0.0, 2e-5, 1e-6) == 2e-5
+    for error in (math.nan, math.inf):
+        result = VerifyResult(error, 1e-4)
+        assert not result.passed and "non-finite" in result.failure()
+    assert VerifyResult(5e-5, 1e-4).passed
+
+
+def test_model_giving_nan_fails_verification_and_writes_nothing(tiny_exports, tmp_path, capsys):
+    """A NaN weight makes every output NaN, dense and slim alike; ``max(0.0, nan)`` used to
+    report that as a 0 difference and write the model."""
+    argv = tiny_run(tmp_path, tiny_exports[TINY])
+    proto = onnx.load(str(tmp_path / "in.onnx"))
+    weight = next(t for t in proto.graph.initializer if t.name == "classifier.weight")
+    array = numpy_helper.to_array(weight).copy()
+    array[0, 0] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    onnx.save(proto, str(tmp_path / "in.onnx"))
+    assert_refused(argv, ["verification failed", "non-finite outputs or differences"], tmp_path,
+                   capsys)
