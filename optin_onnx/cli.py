@@ -304,9 +304,20 @@ def _terminate_like_interrupt() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def _quiet_onnxruntime() -> None:
+    """Only errors from onnxruntime's own logger: its coloured warnings (an unused initializer, a
+    declared shape it overrides) are printed by sessions not built by this package (onnxsim's),
+    ahead of the one line the CLI promises; every failure still surfaces as an exception."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("analyze", "prune"):
+            _quiet_onnxruntime()
         with _terminate_like_interrupt():
             {"analyze": _analyze, "prune": _prune, "make-calib": _make_calib}[args.command](args)
     except OptinError as exc:

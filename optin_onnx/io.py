@@ -60,6 +60,11 @@ CALIBRATION_LIMIT_BYTES = 4 * 2**30
 _FILES_READ = "optin_onnx.files_read"
 
 _QUANTISED_HINT = "quantised models are not supported: prune the fp32 model, then quantise"
+_HALF_TYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+_HALF_HINT = (
+    "float16/bfloat16 models are not supported: prune the fp32 model, then convert the result"
+    " (e.g. onnxconverter_common.float16.convert_float_to_float16)"
+)
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -87,6 +92,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise OptinError(_diagnose_unparsable(path)) from None
     except OSError as exc:
         raise OptinError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    except ir.serde.SerdeError as exc:
+        # e.g. a value name produced twice; the cause says which, the wrapper only names the graph
+        cause = exc.__cause__ or exc
+        raise OptinError(f"model {path} is not a valid ONNX graph: {_first_line(cause)}") from None
 
     _check_complete(model, path)
     if model.graph.num_nodes() == 0:
@@ -96,6 +105,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     evidence = _quantisation_evidence(model)
     if evidence is not None:
         raise OptinError(f"{_QUANTISED_HINT} ({path}: {evidence})")
+    half = _half_precision_evidence(model)
+    if half is not None:
+        raise OptinError(f"{_HALF_HINT} ({path}: {half})")
+    _check_inline_data(model, path)
     _contain_external_data(model, source, path)
     _check_external_data(model, path)
     data_files = dict.fromkeys(tensor.path for tensor, _, _ in _external_tensor_sites(model))
@@ -229,6 +242,31 @@ def load_calibration(
     return check_calibration(arrays, f"calibration file {path}")
 
 
+def calibration_for(
+    model: ir.Model,
+    calib: str | os.PathLike | Mapping[str, np.ndarray],
+    max_bytes: int = CALIBRATION_LIMIT_BYTES,
+) -> dict[str, np.ndarray]:
+    """The calibration arrays for ``model``'s inputs, from an ``.npz`` path or a mapping of arrays
+    (a dict, or what ``np.load`` returns), checked alike either way, and against the model."""
+    names = graph_input_names(model)
+    if isinstance(calib, Mapping):
+        missing = [n for n in names if n not in calib]
+        if missing:
+            raise OptinError(f"calibration data has no array for graph input '{missing[0]}'")
+        source = "calibration data"
+        arrays = check_calibration({n: calib[n] for n in names}, source)
+    elif isinstance(calib, (str, os.PathLike)):
+        source = f"calibration file {os.fspath(calib)}"
+        arrays = load_calibration(calib, names, max_bytes)
+    else:
+        raise OptinError(
+            f"calibration must be an .npz path or a mapping of arrays, got {type(calib).__name__}"
+        )
+    _check_token_inputs(model, arrays, source)
+    return arrays
+
+
 def check_calibration(arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """Refuse calibration arrays no model run could use, naming ``source``, the array and sample.
 
@@ -258,6 +296,67 @@ def check_calibration(arrays: Mapping[str, np.ndarray], source: str) -> dict[str
                     " calibration data must be finite"
                 )
     return arrays
+
+
+def _check_token_inputs(model: ir.Model, arrays: dict[str, np.ndarray], source: str) -> None:
+    """Refuse token arrays the model cannot run on, naming the array and the first bad sample.
+
+    Samples with no positions, an attention mask that is not 0/1 or masks out a whole sample
+    (every softmax over it is 0/0), and token ids outside the embedding table that reads them
+    (onnxruntime fails, or a negative id silently wraps to the table's end) would otherwise fail
+    deep inside scoring or give meaningless scores.
+    """
+    for name, array in arrays.items():
+        if array.ndim > 1 and 0 in array.shape[1:]:
+            raise OptinError(
+                f"{source}: array '{name}' has shape {array.shape}: every sample is empty"
+            )
+    mask = arrays.get("attention_mask")
+    if mask is not None:
+        flat = mask.reshape(len(mask), -1)
+        bad = ~np.isin(flat, (0, 1)).all(axis=1)
+        if bad.any():
+            raise OptinError(
+                f"{source}: array 'attention_mask' holds values other than 0 and 1 (first in"
+                f" sample {int(np.argmax(bad))})"
+            )
+        empty = ~flat.any(axis=1)
+        if empty.any():
+            raise OptinError(
+                f"{source}: array 'attention_mask' is all zeros in {int(empty.sum())} samples"
+                f" (first: sample {int(np.argmax(empty))}): every sample needs a real token"
+            )
+    for name, rows in _embedding_rows(model).items():
+        ids = arrays.get(name)
+        if ids is None or ids.dtype.kind not in "iu":
+            continue
+        flat = ids.reshape(len(ids), -1)
+        bad = ((flat < 0) | (flat >= rows)).any(axis=1)
+        if bad.any():
+            first = int(np.argmax(bad))
+            value = flat[first][(flat[first] < 0) | (flat[first] >= rows)][0]
+            raise OptinError(
+                f"{source}: array '{name}' has id {value} in sample {first}, outside the"
+                f" embedding table it indexes (ids must be in [0, {rows}))"
+            )
+
+
+def _embedding_rows(model: ir.Model) -> dict[str, int]:
+    """Graph inputs used directly as ``Gather`` indices into a constant table: name -> rows."""
+    rows: dict[str, int] = {}
+    for value in model.graph.inputs:
+        for node, index in value.uses():
+            if node.op_type != "Gather" or index != 1 or node.inputs[0] is None:
+                continue
+            table = node.inputs[0].const_value
+            attr = node.attributes.get("axis")
+            axis = attr.value if attr is not None else 0
+            if table is None or not table.shape.is_static():
+                continue
+            if -len(table.shape) <= axis < len(table.shape):
+                size = table.shape[axis]
+                rows[value.name] = min(rows.get(value.name, size), size)
+    return rows
 
 
 def _check_declared_sizes(
@@ -423,6 +522,45 @@ def _quantisation_evidence(model: ir.Model) -> str | None:
                         f" feeds {node.op_type} '{node.name}'"
                     )
     return None
+
+
+def _half_precision_evidence(model: ir.Model) -> str | None:
+    """Describe the first float16/bfloat16 graph input, output or initializer, if any.
+
+    The masks and constants the scoring stage inserts are float32, and onnxruntime refuses to mix
+    them with half-precision values, minutes into scoring; refusing at load says so at once.
+    """
+    for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs),
+                         ("initializer", model.graph.initializers.values())):
+        for value in values:
+            if value.dtype in _HALF_TYPES:
+                return f"{kind} '{value.name}' is {value.dtype.name}"
+    return None
+
+
+def _check_inline_data(model: ir.Model, path: str) -> None:
+    """Every initializer stored in the file holds exactly the data its shape and type need.
+
+    A tensor whose bytes were cut short parses fine and fails only when a stage reads it, as a
+    numpy reshape error. External tensors are checked against their files separately.
+    """
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor):
+                continue
+            try:
+                tensor.numpy()
+            except ValueError as exc:
+                raise OptinError(
+                    f"model {path} is corrupt: initializer '{value.name}' ({tensor.dtype.name},"
+                    f" shape {list(tensor.shape)}) does not hold the data its shape needs"
+                    f" ({_first_line(exc)})"
+                ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _skip_casts(value: ir.Value | None) -> ir.Value | None:

@@ -24,8 +24,9 @@ from optin_onnx.flops import MacModel, mac_model, total_macs
 from optin_onnx.graph import copy_model, normalize
 from optin_onnx.iterate import budgets, rounds
 from optin_onnx.guard import refuse_unsafe_writes
-from optin_onnx.io import (CALIBRATION_LIMIT_BYTES, check_calibration, files_read,
-                           graph_input_names, load_calibration, load_model, save_model)
+from optin_onnx.io import CALIBRATION_LIMIT_BYTES, files_read, load_model, save_model
+# Re-exported: the name callers (the CLI, tools) know it by.
+from optin_onnx.io import calibration_for as as_calibration
 from optin_onnx.latency import compare_latency, latency_entry
 from optin_onnx.metrics import cosine_similarity, kl_divergence, top1_agreement
 from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
@@ -121,22 +122,6 @@ def as_model(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
     if isinstance(model, ir.Model):
         return normalize(copy_model(model))
     return normalize(load_model(model))
-
-
-def as_calibration(model: ir.Model, calib: str | os.PathLike | Mapping[str, np.ndarray],
-                   max_bytes: int = CALIBRATION_LIMIT_BYTES) -> dict[str, np.ndarray]:
-    """The calibration arrays for ``model``'s inputs, from an ``.npz`` path or a mapping of arrays
-    (a dict, or what ``np.load`` returns), checked alike either way."""
-    names = graph_input_names(model)
-    if isinstance(calib, Mapping):
-        missing = [n for n in names if n not in calib]
-        if missing:
-            raise OptinError(f"calibration data has no array for graph input '{missing[0]}'")
-        return check_calibration({n: calib[n] for n in names}, "calibration data")
-    if not isinstance(calib, (str, os.PathLike)):
-        raise OptinError(f"calibration must be an .npz path or a mapping of arrays, "
-                         f"got {type(calib).__name__}")
-    return load_calibration(calib, names, max_bytes)
 
 
 def analyze(model: str | os.PathLike | ir.Model | onnx.ModelProto,

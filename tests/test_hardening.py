@@ -601,3 +601,100 @@ def test_model_giving_nan_fails_verification_and_writes_nothing(tiny_exports, tm
     onnx.save(proto, str(tmp_path / "in.onnx"))
     assert_refused(argv, ["verification failed", "non-finite outputs or differences"], tmp_path,
                    capsys)
+
+
+# -- models the tool cannot take are refused at load ----------------------------------------------
+
+def save_graph(path: Path, nodes, inits, dtype=TensorProto.FLOAT, out_shape=(2, 32)) -> Path:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, [2, 16])],
+                              [helper.make_tensor_value_info("y", dtype, list(out_shape))], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def bad_model_case(name: str, d: Path) -> tuple[Path, list[str]]:
+    matmul = helper.make_node("MatMul", ["x", "W"], ["y"], name="a")
+    w = numpy_helper.from_array(np.ones((16, 32), np.float32), "W")
+    if name == "float16":
+        w16 = numpy_helper.from_array(np.ones((16, 32), np.float16), "W")
+        return save_graph(d / "m.onnx", [matmul], [w16], TensorProto.FLOAT16), \
+            ["float16/bfloat16 models are not supported", "input 'x' is FLOAT16"]
+    if name == "duplicate-value-name":
+        twice = helper.make_node("MatMul", ["x", "W"], ["y"], name="b")
+        return save_graph(d / "m.onnx", [matmul, twice], [w]), \
+            ["is not a valid ONNX graph", "'y' is redeclared"]
+    if name == "weight-data-short":
+        w.raw_data = w.raw_data[:100]
+        return save_graph(d / "m.onnx", [matmul], [w]), \
+            ["is corrupt: initializer 'W' (FLOAT, shape [16, 32]) does not hold the data"]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("command", ["prune", "analyze"])
+@pytest.mark.parametrize("case", ["float16", "duplicate-value-name", "weight-data-short"])
+def test_model_the_tool_cannot_take_is_one_line(case, command, tmp_path, capsys):
+    model, wanted = bad_model_case(case, tmp_path)
+    np.savez(tmp_path / "c.npz", x=np.ones((4, 16), np.float32))
+    argv = [command, model, *([tmp_path / "o.onnx", "--calib", tmp_path / "c.npz"]
+                              if command == "prune" else [])]
+    assert_refused(argv, ["m.onnx", *wanted], tmp_path, capsys)
+
+
+# -- token calibration the model cannot run on ----------------------------------------------------
+
+def token_case(name: str, feeds: dict[str, np.ndarray]) -> str:
+    """Spoil ``feeds`` (tiny BERT inputs, 8 samples) for case ``name``; return what is named."""
+    if name == "id-past-the-vocabulary-in-a-later-sample":
+        feeds["input_ids"][5, 3] = 100
+        return "array 'input_ids' has id 100 in sample 5, outside the embedding table"
+    if name == "negative-id":
+        feeds["input_ids"][2, 0] = -7
+        return "array 'input_ids' has id -7 in sample 2"
+    if name == "token-type-past-its-table":
+        feeds["token_type_ids"][6, 1] = 2
+        return "array 'token_type_ids' has id 2 in sample 6, outside the embedding table it " \
+            "indexes (ids must be in [0, 2))"
+    if name == "mask-not-zero-one":
+        feeds["attention_mask"][4, 0] = 2
+        return "array 'attention_mask' holds values other than 0 and 1 (first in sample 4)"
+    if name == "all-zero-mask":
+        feeds["attention_mask"][3] = 0
+        return "array 'attention_mask' is all zeros in 1 samples (first: sample 3)"
+    if name == "zero-tokens":
+        for key in feeds:
+            feeds[key] = feeds[key][:, :0]
+        return "has shape (8, 0): every sample is empty"
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("case", ["id-past-the-vocabulary-in-a-later-sample", "negative-id",
+                                  "token-type-past-its-table", "mask-not-zero-one",
+                                  "all-zero-mask", "zero-tokens"])
+def test_token_calibration_the_model_cannot_run_is_one_line(case, tiny_exports, tmp_path, capsys):
+    from tests.helpers import tiny_feeds
+
+    feeds = tiny_feeds(8, 12)
+    wanted = token_case(case, feeds)
+    np.savez(tmp_path / "c.npz", **feeds)
+    assert_refused(["prune", tiny_exports[TINY], tmp_path / "o.onnx", "--calib",
+                    tmp_path / "c.npz"], ["c.npz", wanted], tmp_path, capsys)
+
+
+def test_onnxruntime_warnings_never_reach_stderr(tmp_path):
+    """After the CLI has run, a session built with default options (as onnxsim builds them) on a
+    graph onnxruntime warns about prints nothing: its default logger was set to errors only."""
+    import subprocess
+    import sys
+
+    w = numpy_helper.from_array(np.ones((16, 32), np.float32), "W")
+    unused = numpy_helper.from_array(np.ones(3, np.float32), "unused")
+    model = save_graph(tmp_path / "m.onnx", [helper.make_node("MatMul", ["x", "W"], ["y"])],
+                       [w, unused], out_shape=(2, 99))
+    script = ("import contextlib, sys, onnxruntime as ort\nfrom optin_onnx import cli\n"
+              "with contextlib.suppress(SystemExit):\n"
+              "    cli.main(['analyze', sys.argv[1]])  # 'no prunable structure': exit 1\n"
+              "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n")
+    p = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr
+    assert "onnxruntime" not in p.stderr, p.stderr
