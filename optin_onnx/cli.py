@@ -127,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="onnxsim on the result: auto keeps it only if onnxruntime runs it at least "
                         "as fast (default auto)")
     r.add_argument("--tolerance", type=float, default=d.tolerance,
-                   help="max |slim - masked dense| accepted by the verify stage")
+                   help="max |slim - masked dense| / max(1, max |masked dense|), per output, "
+                        "accepted by the verify stage: absolute for outputs within [-1, 1], "
+                        f"relative above (default {d.tolerance:g})")
     r.add_argument("--latency", type=_cases, default=list(d.latency_cases),
                    help="latency cases BATCHxSEQ,... ('' to skip; default 1x128,32x128)")
     r.add_argument("--latency-seconds", type=float, default=d.latency_seconds)
@@ -305,12 +307,13 @@ def _terminate_like_interrupt() -> Iterator[None]:
 
 
 def _quiet_onnxruntime() -> None:
-    """Only errors from onnxruntime's own logger: its coloured warnings (an unused initializer, a
-    declared shape it overrides) are printed by sessions not built by this package (onnxsim's),
-    ahead of the one line the CLI promises; every failure still surfaces as an exception."""
+    """Nothing but fatal errors from onnxruntime's own logger: its coloured warnings (an unused
+    initializer, a declared shape it overrides) and error lines are printed by sessions not built
+    by this package (onnxsim's), ahead of the one line the CLI promises; every failure still
+    surfaces as an exception, which is what the CLI reports."""
     import onnxruntime
 
-    onnxruntime.set_default_logger_severity(3)
+    onnxruntime.set_default_logger_severity(4)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from optin_onnx.errors import OptinError
+from optin_onnx.errors import OptinError, first_line
 from optin_onnx.guard import same_file
 
 # A serialized ModelProto cannot exceed 2 GiB (protobuf's limit). Above this many bytes of
@@ -95,7 +95,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except ir.serde.SerdeError as exc:
         # e.g. a value name produced twice; the cause says which, the wrapper only names the graph
         cause = exc.__cause__ or exc
-        raise OptinError(f"model {path} is not a valid ONNX graph: {_first_line(cause)}") from None
+        raise OptinError(f"model {path} is not a valid ONNX graph: {first_line(cause)}") from None
 
     _check_complete(model, path)
     if model.graph.num_nodes() == 0:
@@ -555,12 +555,8 @@ def _check_inline_data(model: ir.Model, path: str) -> None:
                 raise OptinError(
                     f"model {path} is corrupt: initializer '{value.name}' ({tensor.dtype.name},"
                     f" shape {list(tensor.shape)}) does not hold the data its shape needs"
-                    f" ({_first_line(exc)})"
+                    f" ({first_line(exc)})"
                 ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _skip_casts(value: ir.Value | None) -> ir.Value | None:

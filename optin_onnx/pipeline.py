@@ -19,7 +19,7 @@ from optin_onnx.analysis import Structure, analyze_graph
 from optin_onnx.passes.unfuse_projections import split_fused_projections
 from optin_onnx.calibrate import CalibrationSet, capture, make_calibration, subset
 from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
-from optin_onnx.errors import OptinError
+from optin_onnx.errors import OptinError, first_line
 from optin_onnx.flops import MacModel, mac_model, total_macs
 from optin_onnx.graph import copy_model, normalize
 from optin_onnx.iterate import budgets, rounds
@@ -39,7 +39,7 @@ from optin_onnx.scoring.types import ScoreConfig, Scores
 from optin_onnx.search import SearchResult, search
 from optin_onnx.validate import check_options
 from optin_onnx.simplify import choose as choose_simplified
-from optin_onnx.verify import VerifyResult, verify
+from optin_onnx.verify import RUN_ERRORS, VerifyResult, verify
 
 #: Importance criteria (optin_onnx.scoring.importance); all share the search, rewrite and verify
 #: stages (the accuracy benchmark): optin (trajectory scores), local (the ablation: the unit's own
@@ -300,6 +300,7 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         result = verify(m, slim, structure, selection.keep, full, opt.tolerance, providers)
         if not result.passed:
             raise OptinError(result.failure())
+        notes.extend(f"verify case {case} skipped" for case in result.skipped)
     with _timed(stages, "report"):
         dense_proto = original
         slim_model = ir.from_proto(slim)
@@ -312,8 +313,13 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         latency = {}
         for batch, seq in opt.latency_cases:
             feeds = sample_feeds(arrays, batch, seq, sequence_inputs(m))
-            before, after = compare_latency(dense_proto, slim, feeds, providers=providers,
-                                            max_seconds=opt.latency_seconds)
+            try:
+                before, after = compare_latency(dense_proto, slim, feeds, providers=providers,
+                                                max_seconds=opt.latency_seconds)
+            except RUN_ERRORS as exc:  # a shape the model cannot take: the prune stands
+                notes.append(f"latency case b{batch} s{seq} skipped: onnxruntime cannot run the "
+                             f"model at that shape ({first_line(exc)})")
+                continue
             latency[f"{opt.provider} b{batch} s{seq}"] = latency_entry(before, after)
     if output is not None:
         save_model(slim, output, input_path=input_path)

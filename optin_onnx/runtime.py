@@ -48,7 +48,9 @@ def session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str]
     measurement need the unfused graph's intermediate values); otherwise onnxruntime optimises
     fully. ``threads``: intra-op threads (default: onnxruntime's choice)."""
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    # Fatal only: a failed run raises with the same message, which the caller words (or skips, as
+    # verify does for shapes the input model cannot take); a logged copy would precede it on stderr.
+    so.log_severity_level = 4
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else
                                    ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:

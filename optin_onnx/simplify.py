@@ -48,8 +48,15 @@ def choose(raw: onnx.ModelProto, feeds: dict[str, np.ndarray], mode: str = "auto
     simplified, why = simplify(raw)
     if why or mode == "on":
         return simplified, why
-    t_raw, t_sim = compare_latency(raw, simplified, feeds, providers=list(providers or []) or None,
-                                   max_seconds=seconds)
+    from optin_onnx.errors import first_line
+    from optin_onnx.verify import RUN_ERRORS
+
+    try:
+        t_raw, t_sim = compare_latency(raw, simplified, feeds,
+                                       providers=list(providers or []) or None, max_seconds=seconds)
+    except RUN_ERRORS as exc:
+        return raw, (f"onnxsim result dropped: it could not be timed at the last latency case's "
+                     f"shape ({first_line(exc)})")
     if t_sim.median_ms <= t_raw.median_ms:
         return simplified, (f"onnxsim kept: {t_sim.median_ms:.2f} ms vs {t_raw.median_ms:.2f} ms "
                             f"unsimplified")

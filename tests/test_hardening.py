@@ -584,9 +584,9 @@ def test_a_nan_difference_fails_verification():
     assert math.isnan(worst(math.nan, 0.0))
     assert worst(0.0, 2e-5, 1e-6) == 2e-5
     for error in (math.nan, math.inf):
-        result = VerifyResult(error, 1e-4)
+        result = VerifyResult(error, error, 1e-4)
         assert not result.passed and "non-finite" in result.failure()
-    assert VerifyResult(5e-5, 1e-4).passed
+    assert VerifyResult(5e-5, 5e-5, 1e-4).passed
 
 
 def test_model_giving_nan_fails_verification_and_writes_nothing(tiny_exports, tmp_path, capsys):
@@ -698,3 +698,43 @@ def test_onnxruntime_warnings_never_reach_stderr(tmp_path):
                        timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr
     assert "onnxruntime" not in p.stderr, p.stderr
+
+
+# -- shapes the model cannot take never throw a finished prune away -------------------------------
+
+def test_latency_and_verify_shapes_past_the_position_table_are_skipped(tiny_exports, tmp_path,
+                                                                      capsys):
+    """The tiny BERT has 256 positions: calibration 250 tokens long makes verify's longer case
+    (258) impossible, and a 1x300 latency case too; both are reported as skipped and the pruned
+    model is written."""
+    import json
+
+    from tests.helpers import tiny_feeds
+
+    (tmp_path / "in.onnx").write_bytes(tiny_exports[TINY].read_bytes())
+    np.savez(tmp_path / "c.npz", **tiny_feeds(4, 250))
+    code, out, err = call(["prune", tmp_path / "in.onnx", tmp_path / "out.onnx", "--calib",
+                           tmp_path / "c.npz", "--latency", "1x300,1x16", "--latency-seconds",
+                           "0.5", "--samples", "4", "--quiet", "--report", tmp_path / "r.json"],
+                          capsys)
+    assert code == 0, err
+    assert "onnxruntime" not in err, "onnxruntime's log lines reached stderr"
+    report = json.loads((tmp_path / "r.json").read_text())
+    cases = report["verify"]["cases"]  # batch 1 and 3 at the mean real length
+    assert report["verify"]["passed"] and [c.split("x")[0] for c in cases] == ["1", "3"]
+    assert [s.split(":")[0] for s in report["verify"]["skipped"]] == ["1x258", "3x258"]
+    assert list(report["latency"]) == ["cpu b1 s16"]
+    assert any(n.startswith("latency case b1 s300 skipped: onnxruntime cannot run the model")
+               for n in report["notes"])
+    assert "verify case 1x258: the input model cannot run at this shape" in " ".join(
+        report["notes"])
+    onnx.checker.check_model(onnx.load(str(tmp_path / "out.onnx")), full_check=True)
+
+
+def test_tolerance_is_relative_to_the_output_scale():
+    from optin_onnx.verify import VerifyResult
+
+    # An error of 2.3e-3 on outputs in the hundreds is float32 rounding, not a wrong prune.
+    assert VerifyResult(2.3e-3, 2.3e-3 / 300, 1e-4).passed
+    assert not VerifyResult(2.3e-3, 2.3e-3, 1e-4).passed
+    assert "relative to the output's scale" in VerifyResult(2.3e-3, 2.3e-3, 1e-4).failure()
