@@ -246,8 +246,10 @@ def _verify_text(verify: dict[str, Any]) -> Text:
     return Text.assemble(
         "Verify: ",
         ("PASSED" if passed else "FAILED", "bold green" if passed else "bold red"),
-        f"  max |err| {verify['max_abs_err']:.3g} (tolerance {verify['tolerance']:.3g})"
-        f" over {len(verify['cases'])} case(s): {cases}",
+        f"  max |err| {verify['max_abs_err']:.3g}"
+        + (f", {verify['max_scaled_err']:.3g} scaled by max(1, |output|)"
+           if "max_scaled_err" in verify else "")
+        + f" (tolerance {verify['tolerance']:.3g}) over {len(verify['cases'])} case(s): {cases}",
     )
 
 

@@ -738,3 +738,32 @@ def test_tolerance_is_relative_to_the_output_scale():
     assert VerifyResult(2.3e-3, 2.3e-3 / 300, 1e-4).passed
     assert not VerifyResult(2.3e-3, 2.3e-3, 1e-4).passed
     assert "relative to the output's scale" in VerifyResult(2.3e-3, 2.3e-3, 1e-4).failure()
+
+
+def test_correct_prune_of_a_wide_mlp_with_large_outputs_passes_verify(tmp_path, capsys):
+    """Random-weight MLP of width 3072: outputs in the tens to hundreds, so float32 rounding
+    alone differs by more than the absolute 1e-4 a correct prune was once refused for."""
+    import json
+
+    rng = np.random.default_rng(0)
+    d, h = 64, 3072
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"], name="fc1"),
+             helper.make_node("Add", ["a", "b1"], ["ab"], name="add1"),
+             helper.make_node("Relu", ["ab"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["m"], name="fc2"),
+             helper.make_node("Add", ["m", "b2"], ["y"], name="add2")]
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("W1", (d, h)), ("b1", (h,)), ("W2", (h, d)), ("b2", (d,)))]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", d])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "mlp.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 8, d)).astype(np.float32))
+    code, out, err = call(["prune", tmp_path / "mlp.onnx", tmp_path / "o.onnx", "--calib",
+                           tmp_path / "c.npz", "--latency", "", "--simplify", "off", "--quiet",
+                           "--samples", "16", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    verify = json.loads((tmp_path / "r.json").read_text())["verify"]
+    assert verify["passed"] and verify["max_scaled_err"] < verify["max_abs_err"]
+    assert verify["tolerance_rule"] == "max |slim - dense| / max(1, max |dense|), per output"
