@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     from optin_onnx.validate import CHOICES
 
     d = PruneOptions()
-    p = _Parser(prog="optin-onnx", description="Retraining-free structured "
-                                "pruning of ONNX models with OPTIN trajectory scores.")
+    p = _Parser(prog="optin-onnx", description="Retraining-free structured pruning of ONNX "
+                "models with OPTIN trajectory scores.")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("analyze", help="print the prunable structure of a model")
