@@ -72,9 +72,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 
     ``ir.load`` maps external data lazily, so models over 2 GB load without reading their weights.
     The checks here are the cheap ones that turn a later, confusing failure into a clear message:
-    the file parses and is complete, every external data file exists and is long enough, the graph
-    has nodes and inputs, and it is not quantised. ``onnx.checker`` is deliberately not run: it
-    is too slow on large models, and onnxruntime validates the graph when a session is built.
+    the file parses and is complete, the graph has nodes and inputs, it is neither quantised nor
+    half precision, every initializer stored in the file holds the data its shape needs, and every
+    external data file lies inside the model's folder, exists and is long enough (nothing is read
+    from a file before its location is checked). ``onnx.checker`` is deliberately not run: it is
+    too slow on large models, and onnxruntime validates the graph when a session is built.
     """
     path = os.fspath(path)
     # Everything reads from the absolute path, so that external data is resolved against (and

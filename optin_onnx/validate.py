@@ -89,4 +89,5 @@ def check_options(opt: Any) -> None:
         if len(case) != 2:
             raise OptinError(f"--latency must be (batch, sequence) pairs, got {case!r}")
         check_number("--latency batch size", case[0], True, 1, True)
-        check_number("--latency sequence length", case[1], True, 1, True)
+        if case[1] is not None:  # None or 0: a model without a sequence axis
+            check_number("--latency sequence length", case[1], True, 0, True)

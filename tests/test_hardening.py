@@ -523,7 +523,7 @@ OPTION_CASES = [
     (["--seed", "-1"], "--seed must be at least 0, got -1"),
     (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--latency", "0x128"], "--latency batch size must be at least 1, got 0"),
-    (["--latency", "1x-5"], "--latency sequence length must be at least 1, got -5"),
+    (["--latency", "1x-5"], "--latency sequence length must be at least 0, got -5"),
     (["--latency", "16by1"], "expected BATCHxSEQ"),
     (["--latency-seconds", "0"], "--latency-seconds must be above 0, got 0.0"),
     (["--latency-seconds", "nan"], "--latency-seconds must be finite, got nan"),
