@@ -16,10 +16,11 @@ from optin_onnx.analysis import Block, Consumer, Role, Structure
 from optin_onnx.graph import copy_model, nodes_by_name
 
 
-def channel_mask(block: Block, unit_mask: np.ndarray, role: Role) -> np.ndarray:
-    """Expand a per-unit 0/1 mask to the consumer's channels (FLAT: ``unit_size`` each)."""
+def channel_mask(block: Block, unit_mask: np.ndarray, role: Role, group: int = 1) -> np.ndarray:
+    """Expand a per-unit 0/1 mask to the consumer's channels (FLAT: ``unit_size`` each, times the
+    ``group`` sub-units of a unit: the query heads of one key/value head)."""
     unit_mask = np.asarray(unit_mask, dtype=np.float32)
-    return np.repeat(unit_mask, block.unit_size) if role is Role.FLAT else unit_mask
+    return np.repeat(unit_mask, (block.unit_size if role is Role.FLAT else 1) * group)
 
 
 def unit_masks(structure: Structure, keep: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
@@ -65,7 +66,8 @@ def masked_model(model: ir.Model, structure: Structure,
         if masks is None:
             inputs[block.name] = ir.Value(
                 name=mask_input_name(block), type=ir.TensorType(ir.DataType.FLOAT),
-                shape=ir.Shape([block.width(block.consumers[0].role)]))
+                shape=ir.Shape([block.width(block.consumers[0].role,
+                                            group=block.consumers[0].group)]))
             graph.inputs.append(inputs[block.name])
         for i, c in enumerate(block.consumers):
             uses.setdefault((c.node, c.data_index), []).append((block, c, i))
@@ -83,7 +85,8 @@ def masked_model(model: ir.Model, structure: Structure,
                 mask = _channel_first(graph, node, mask, c.trailing)
         else:
             arr = np.concatenate([np.ones(width, np.float32) if b is None else
-                                  channel_mask(b, masks[b.name], c.role) for b, width in segments])
+                                  channel_mask(b, masks[b.name], c.role, c.group)
+                                  for b, width in segments])
             arr = np.repeat(arr, c.repeat).reshape((-1,) + (1,) * c.trailing)
             mask = ir.Value(name=f"{mask_input_name(block)}_{i}", const_value=ir.tensor(arr))
             graph.register_initializer(mask)
@@ -103,8 +106,8 @@ def _segments(parts: list[tuple[Block, Consumer]]) -> list[tuple[Block | None, i
     for b, k in parts:
         if k.offset > at:
             out.append((None, k.offset - at))
-        out.append((b, b.width(k.role)))
-        at = k.offset + b.width(k.role)
+        out.append((b, b.width(k.role, group=k.group)))
+        at = k.offset + b.width(k.role, group=k.group)
     if parts[0][1].span > at:
         out.append((None, parts[0][1].span - at))
     return out

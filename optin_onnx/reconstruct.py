@@ -117,7 +117,8 @@ def reconstruct(model: ir.Model, structure: Structure, keep: Mapping[str, Sequen
         why = (f"{len(b.consumers)} consumers" if len(b.consumers) != 1 else
                "its consumer reads a flattened feature map" if b.consumers[0].repeat != 1 else
                "its consumer reads it with other groups (Concat)"
-               if b.consumers[0].offset or b.consumers[0].span else "")
+               if b.consumers[0].offset or b.consumers[0].span else
+               "its units are grouped query heads" if b.consumers[0].group != 1 else "")
         if why:
             result.corrections.append(Correction(b.name, 0.0, 0.0, False, why))
             continue

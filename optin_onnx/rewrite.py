@@ -84,10 +84,10 @@ def _slice_blocks(graph: ir.Graph, blocks: list[tuple[Block, list[int]]], namer:
     for block, units in blocks:
         dropped = sorted(set(range(block.n_units)) - set(units))
         for s in block.slices:
-            positions = block.indices(dropped, s.role, s.repeat, s.offset)
+            positions = block.indices(dropped, s.role, s.repeat, s.offset, s.group)
             cuts.setdefault((s.node, s.input_index, s.axis), []).append(positions)
             if s.runtime:
-                runtime[(s.node, s.input_index, s.axis)] = block.width(s.role, s.repeat)
+                runtime[(s.node, s.input_index, s.axis)] = block.width(s.role, s.repeat, s.group)
     for (node_name, index, axis), positions in cuts.items():
         node = nodes[node_name]
         if (node_name, index, axis) in runtime:
@@ -109,11 +109,12 @@ def _slice_blocks(graph: ir.Graph, blocks: list[tuple[Block, list[int]]], namer:
                 node = _clone_producer(graph, node, slot, namer)
             slot = e.path[-1]
             arr = np.array(const_array(node.inputs[slot]), copy=True)
-            arr.reshape(-1)[e.offset] -= len(block.indices(dropped, e.role, e.repeat))
+            arr.reshape(-1)[e.offset] -= len(block.indices(dropped, e.role, e.repeat,
+                                                            group=e.group))
             base = node.inputs[slot].name or f"{node.name}_shape"
             _set_const(graph, node, slot, arr, namer(f"{base}__{block.name}"))
         for e in block.attr_edits:  # num_heads of a fused attention, a depthwise conv's group
-            node, n = nodes[e.node], len(block.indices(dropped, e.role))
+            node, n = nodes[e.node], len(block.indices(dropped, e.role, group=e.group))
             value = node.attributes[e.name].value
             if e.index < 0:
                 node.attributes[e.name] = ir.AttrInt64(e.name, value - n)

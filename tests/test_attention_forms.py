@@ -275,3 +275,71 @@ def test_a_runtime_head_bias_shared_by_layers_is_gathered_per_use(tmp_path):
     (got,) = run(slim, {"x": x})
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert sum(n.op_type == "Gather" for n in slim.graph) == 2
+
+
+# -- grouped-query attention (decoders) ------------------------------------------------------------
+
+class _Decoder:
+    """A tiny Llama (4 query heads sharing 2 key/value heads, rotary embeddings, SwiGLU MLP,
+    RMSNorm), called with keyword arguments and returning the last hidden state."""
+
+    @staticmethod
+    def build():
+        import torch
+        from transformers import LlamaConfig, LlamaModel
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64, use_cache=False)
+        model = LlamaModel(cfg).eval()
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask):
+                return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
+
+        return Wrapper().eval()
+
+
+@pytest.fixture(scope="module")
+def llama_dynamo(tmp_path_factory):
+    import torch
+
+    path = tmp_path_factory.mktemp("gqa") / "llama.onnx"
+    ids = torch.randint(1, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.int64)
+    b, s = torch.export.Dim("batch"), torch.export.Dim("sequence", max=64)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(_Decoder.build(), (ids, mask),
+                                 input_names=["input_ids", "attention_mask"],
+                                 output_names=["output"], dynamo=True, opset_version=18,
+                                 dynamic_shapes={"input_ids": {0: b, 1: s},
+                                                 "attention_mask": {0: b, 1: s}})
+        prog.save(str(path))
+    return path
+
+
+def test_grouped_query_heads_are_one_unit_per_key_value_head(llama_dynamo, tmp_path):
+    _, s = load_analyze(llama_dynamo)
+    assert s.declined == []
+    attention = [b for b in s.blocks if b.kind == "attention"]
+    # 2 units per layer: one key/value head with the 2 query heads that read it.
+    assert [(b.n_units, b.unit_size) for b in attention] == [(2, 8), (2, 8)]
+    assert all(c.group == 2 for b in attention for c in b.consumers)
+    feeds = {k: v for k, v in tiny_feeds(12, 12, seed=3).items() if k != "token_type_ids"}
+    result = prune(llama_dynamo, feeds, PruneOptions(flops=0.85, prune="heads", samples=8,
+                                                     latency_cases=[]), output=tmp_path / "o.onnx")
+    assert result.report.verify["passed"] is True
+    kept = [len(result.selection.keep[b.name]) for b in attention]
+    assert sum(kept) < 4
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    shapes = {t.name: tuple(t.dims) for t in out.graph.initializer}
+    o_rows = sorted(d[0] for n, d in shapes.items() if len(d) == 2 and d[1] == 32 and d[0] < 32)
+    # o_proj keeps 2 query heads of 8 per kept key/value head.
+    assert o_rows == sorted(16 * k for k in kept if k < 2)

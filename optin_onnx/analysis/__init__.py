@@ -86,11 +86,11 @@ def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | 
             return Declined(name, reasons)
         return _Width(name, reasons) if g.natural else None
     unit = g.unit_size or 1
-    if not reasons and g.width % unit:
-        reasons.append(f"width {g.width} is not a multiple of unit size {unit}")
+    if not reasons and g.width % (unit * g.grouping):
+        reasons.append(f"width {g.width} is not a multiple of unit size {unit * g.grouping}")
     if reasons:
         return Declined(name, reasons)
-    n_units = g.width // unit
+    n_units = g.width // (unit * g.grouping)
     if n_units < 2:
         return None
     consumer = nodes[g.consumers[0].node]

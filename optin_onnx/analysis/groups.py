@@ -18,6 +18,10 @@ class Group:
     id: int
     width: int
     unit_size: int | None = None
+    # Sub-units per unit on the group's own (FLAT) width: the query heads that share one key/value
+    # head in grouped-query attention (see :meth:`Groups.regroup`); units = width / (unit_size *
+    # grouping).
+    grouping: int = 1
     has_head: bool = False
     sources: list[str] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
@@ -68,7 +72,7 @@ class Groups:
         if ga.parts and gb.parts and self.layout(ga) != self.layout(gb):
             ga.barriers.append("two channel Concats of different layouts are coupled")
         self.parent[b] = a
-        if ga.width != gb.width:
+        if ga.width // ga.grouping != gb.width // gb.grouping:
             ga.barriers.append(f"groups of widths {ga.width} and {gb.width} are coupled")
         if ga.unit_size is None:
             ga.unit_size = gb.unit_size
@@ -81,6 +85,16 @@ class Groups:
                      "attr_edits"):
             getattr(ga, name).extend(getattr(gb, name))
         return a
+
+    def regroup(self, gid: int, factor: int) -> None:
+        """Make every unit of ``gid`` a bundle of ``factor`` of its current units: its query heads
+        met a key/value head axis that serves ``factor`` of them (grouped-query attention). What
+        the group recorded so far is re-stamped; :class:`Propagator` re-stamps its tracks."""
+        g = self.groups[self.find(gid)]
+        g.grouping *= factor
+        for name in ("consumers", "slices", "shape_edits", "attr_edits"):
+            setattr(g, name, [r if r.role is Role.INNER else replace(r, group=r.group * factor)
+                              for r in getattr(g, name)])
 
     def composite(self, parts: list[tuple[int, int]], width: int) -> int:
         """A new group made of ``parts`` (none: a plain group without a source)."""

@@ -64,6 +64,9 @@ class Propagator(Groups):
         # (value, axis) -> B where a Reshape folded a batch-like axis in front of the units
         # (``[B, H, S, D] -> [B*H, S, D]``): still the units' axis, element b*H + h
         self.lead: dict[tuple[str, int], int] = {}
+        # (value, axis) -> sub-units per unit on that axis (grouped-query attention: the query
+        # heads of one key/value head, see :meth:`Groups.regroup`); 1 where absent
+        self.grouping: dict[tuple[str, int], int] = {}
 
     # -- helpers ----------------------------------------------------------------------------
     def shape(self, v: ir.Value) -> tuple[int, ...] | None:
@@ -101,6 +104,18 @@ class Propagator(Groups):
         g.hard |= not natural
         g.natural |= natural
 
+    def regroup(self, gid: int, factor: int) -> None:
+        root = self.find(gid)
+        super().regroup(root, factor)
+        for name, track in self.tracks.items():
+            for a, (g, role) in track.items():
+                if role is not Role.INNER and self.find(g) == root:
+                    self.grouping[(name, a)] = self.grouping.get((name, a), 1) * factor
+
+    def group_of(self, v: ir.Value, axis: int) -> int:
+        """Sub-units per unit on ``axis`` of ``v`` (1 unless grouped-query heads)."""
+        return self.grouping.get((v.name, axis), 1)
+
     def barrier_all(self, track: Track, reason: str, natural: bool = False) -> None:
         for gid, _ in track.values():
             self.barrier(gid, reason, natural)
@@ -124,6 +139,15 @@ class Propagator(Groups):
         if not tracked:
             return
         roles = {t[3][1] for t in tracked}
+        groupings = [self.group_of(v, a) for _, v, a, _ in tracked]
+        most = max(groupings)
+        if any(most % g for g in groupings):
+            return self.barrier(tracked[0][3][0], f"{node.op_type} '{node.name}' couples heads "
+                                                  f"grouped {sorted(set(groupings))} at a time")
+        for (_, v, a, (g, role)), grouping in zip(tracked, groupings):
+            if grouping < most and role is not Role.INNER:
+                # Query heads meet a key/value axis that serves ``most // grouping`` of them.
+                self.regroup(g, most // grouping)
         gid = tracked[0][3][0]
         for t in tracked[1:]:
             gid = self.union(gid, t[3][0])
@@ -140,11 +164,12 @@ class Propagator(Groups):
             if role is Role.INNER:
                 continue  # never sliced: rotary cos/sin, or any operand, fits every head
             if const_array(v) is not None:
-                self.group(gid).slices.append(ParamSlice(node.name, i, a, role))
+                self.group(gid).slices.append(ParamSlice(node.name, i, a, role, group=most))
             elif role is Role.HEAD and (v.name, a) not in self.lead:
                 # Per-head values computed at run time (a relative position bias shared by every
                 # layer, ALiBi): each use keeps the heads its group keeps.
-                self.group(gid).slices.append(ParamSlice(node.name, i, a, role, runtime=True))
+                self.group(gid).slices.append(ParamSlice(node.name, i, a, role, group=most,
+                                                         runtime=True))
             else:
                 self.barrier(gid, f"{node.op_type} '{node.name}' combines the axis with run-time "
                                   f"tensor '{v.name}' (a residual or another structure)",
@@ -156,6 +181,8 @@ class Propagator(Groups):
             return self.barrier(gid, f"{node.op_type} '{node.name}' combines a folded (batch x "
                                      f"units) axis with a full-size operand")
         out[out_axis] = (self.find(gid), role)
+        if most > 1 and role is not Role.INNER:
+            self.grouping[(node.outputs[0].name, out_axis)] = most
 
     # -- the pass ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -183,8 +210,8 @@ class Propagator(Groups):
                                                         f"folded (batch x units) axis")
                 else:
                     handler(self, node)
-                    if leads and node.op_type != "Reshape":
-                        self.carry_leads(node)
+                    if node.op_type != "Reshape":
+                        self.carry_factors(node)
                     if folded and node.op_type in UNARY:
                         for a in self.track(node.outputs[0]):
                             r = self.repeat.get((node.inputs[0].name, a))
@@ -206,20 +233,26 @@ class Propagator(Groups):
         for v in self.graph.outputs:
             self.barrier_all(self.track(v), f"reaches graph output '{v.name}'", natural=True)
 
-    def carry_leads(self, node: ir.Node) -> None:
-        """A folded axis stays folded through ops that keep axes (transposes, element-wise ops,
-        the batch axes of a MatMul): each output axis takes the fold of the input axes of its
-        group; inputs folded differently on one axis are a barrier."""
+    def carry_factors(self, node: ir.Node) -> None:
+        """Folds and groupings stay with an axis through ops that keep axes (transposes,
+        element-wise ops, the batch axes of a MatMul): each output axis takes those of the input
+        axes of its group; inputs folded differently on one axis are a barrier."""
         for out in node.outputs:
+            if out is None:
+                continue
             for o, (gid, role) in self.track(out).items():
-                found = {self.lead.get((v.name, a), 1) for v in node.inputs if v is not None
-                         for a, (g, r) in self.track(v).items()
-                         if self.find(g) == self.find(gid) and r is role}
-                if len(found) > 1:
+                same = [(v.name, a) for v in node.inputs if v is not None
+                        for a, (g, r) in self.track(v).items()
+                        if self.find(g) == self.find(gid) and r is role]
+                leads = {self.lead.get(k, 1) for k in same}
+                if len(leads) > 1:
                     self.barrier(gid, f"{node.op_type} '{node.name}' combines folded and unfolded "
                                       f"(batch x units) axes")
-                elif found and max(found) > 1:
-                    self.lead[(out.name, o)] = max(found)
+                elif leads and max(leads) > 1:
+                    self.lead[(out.name, o)] = max(leads)
+                grouping = max((self.grouping.get(k, 1) for k in same), default=1)
+                if grouping > 1 and role is not Role.INNER:
+                    self.grouping.setdefault((out.name, o), grouping)
 
 
 def propagate(model: ir.Model, probe: dict[str, np.ndarray]

@@ -14,6 +14,10 @@ import numpy as np
 class Role(str, Enum):
     """How a tensor axis indexes a block's units.
 
+    Every record below (a slice, a consumer, a shape or attribute edit) also has a ``group``: the
+    sub-units per unit on its axis. Grouped-query attention makes a unit one key/value head with
+    the ``group`` query heads that read it: on the query side a unit spans ``group`` heads.
+
     FLAT:  channel c = unit * unit_size + offset (a projection's output width, e.g. H*D, the FFN
            width, a conv's output channels); slicing keeps whole runs of ``unit_size`` channels.
     HEAD:  the axis indexes units directly (the head axis after the Reshape that splits heads).
@@ -40,6 +44,7 @@ class ParamSlice:
     role: Role
     repeat: int = 1
     offset: int = 0
+    group: int = 1
     # A run-time operand on a head axis (a position bias [B, H, S, S] computed once and added in
     # every layer): the rewrite gathers the kept heads at this use instead of slicing a constant.
     runtime: bool = False
@@ -59,6 +64,7 @@ class ShapeEdit:
     offset: int  # of the element in the constant
     role: Role
     repeat: int = 1
+    group: int = 1
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class AttrEdit:
     name: str
     role: Role
     index: int = -1
+    group: int = 1
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class Consumer:
     trailing: int = 0
     offset: int = 0
     span: int = 0
+    group: int = 1
 
 
 @dataclass(frozen=True)
@@ -155,19 +163,22 @@ class Block:
     def unit_name(self) -> str:
         return {"attention": "heads", "mlp": "neurons"}.get(self.kind, "channels")
 
-    def channels(self, units) -> list[int]:
-        """Channel indices on a FLAT axis for the given unit indices."""
-        return [u * self.unit_size + k for u in units for k in range(self.unit_size)]
+    def channels(self, units, group: int = 1) -> list[int]:
+        """Channel indices on a FLAT axis for the given unit indices (``group`` sub-units each)."""
+        size = self.unit_size * group
+        return [u * size + k for u in units for k in range(size)]
 
-    def indices(self, units, role: Role, repeat: int = 1, offset: int = 0) -> np.ndarray:
-        """Element indices of ``units`` on an axis with ``role``, each channel ``repeat`` times,
-        the block's channels starting at channel ``offset``."""
-        base = np.asarray(self.channels(units) if role is Role.FLAT else list(units), np.int64)
+    def indices(self, units, role: Role, repeat: int = 1, offset: int = 0,
+                group: int = 1) -> np.ndarray:
+        """Element indices of ``units`` on an axis with ``role``, each unit ``group`` sub-units,
+        each channel ``repeat`` times, the block's channels starting at channel ``offset``."""
+        subs = [u * group + j for u in units for j in range(group)]
+        base = np.asarray(self.channels(units, group) if role is Role.FLAT else subs, np.int64)
         return ((base[:, None] + offset) * repeat + np.arange(repeat)).reshape(-1)
 
-    def width(self, role: Role, repeat: int = 1) -> int:
+    def width(self, role: Role, repeat: int = 1, group: int = 1) -> int:
         """Size of an axis with ``role`` when every unit is kept."""
-        return self.n_units * (self.unit_size if role is Role.FLAT else 1) * repeat
+        return self.n_units * (self.unit_size if role is Role.FLAT else 1) * group * repeat
 
 
 @dataclass

@@ -49,7 +49,7 @@ def _unit_sum_squares(block: Block, nodes: dict[str, ir.Node]) -> np.ndarray:
                 (nodes[s.node].op_type == "BatchNormalization" and s.input_index >= 3):
             continue  # INNER axes are never sliced; BN running statistics are not weights
         sq = np.moveaxis(np.asarray(arr, dtype=np.float64) ** 2, s.axis, 0)
-        width = block.width(s.role, s.repeat)
+        width = block.width(s.role, s.repeat, s.group)
         start = s.offset * s.repeat  # after a channel Concat the block owns a part of the axis
         per_index = sq.reshape(sq.shape[0], -1).sum(axis=1)[start:start + width]
         if per_index.size != width:

@@ -97,7 +97,7 @@ def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
                 for units in batch:
                     keep = np.ones(b.n_units)
                     keep[units] = 0
-                    ch = np.flatnonzero(channel_mask(b, keep, c.role) == 0)
+                    ch = np.flatnonzero(channel_mask(b, keep, c.role, c.group) == 0)
                     ys.append(y - np.take(x, ch, axis=c.data_axis) @ w[ch])
                 feeds = {sfx.start: np.concatenate(ys, axis=axes[y_name] or 0).astype(y.dtype)}
                 for name in sfx.cut:

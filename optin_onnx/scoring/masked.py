@@ -49,12 +49,13 @@ def candidate_mask(block: Block, units: np.ndarray, base: np.ndarray | None = No
     """The block's mask input with ``units`` (and whatever ``base`` already drops) masked."""
     keep = np.ones(block.n_units) if base is None else base.astype(np.float64).copy()
     keep[units] = 0
-    return channel_mask(block, keep, block.consumers[0].role)
+    return channel_mask(block, keep, block.consumers[0].role, block.consumers[0].group)
 
 
 def mask_feeds(structure: Structure, units: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The masked model's mask-input feeds for per-block unit masks (:func:`unit_masks`)."""
-    return {mask_input_name(b): channel_mask(b, units[b.name], b.consumers[0].role)
+    return {mask_input_name(b): channel_mask(b, units[b.name], b.consumers[0].role,
+                                             b.consumers[0].group)
             for b in structure.blocks}
 
 

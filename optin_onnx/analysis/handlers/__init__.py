@@ -11,8 +11,8 @@ from optin_onnx.analysis.handlers.attention import attention
 from optin_onnx.analysis.handlers.conv import batch_norm, conv, pad, pool, reduce
 from optin_onnx.analysis.handlers.elementwise import BROADCAST, UNARY, elementwise
 from optin_onnx.analysis.handlers.index_mapping import concat, split
-from optin_onnx.analysis.handlers.layout import (flatten, reshape, shape, slice_, squeeze,
-                                                 transpose, unsqueeze)
+from optin_onnx.analysis.handlers.layout import (expand, flatten, reshape, shape, slice_,
+                                                 squeeze, transpose, unsqueeze)
 from optin_onnx.analysis.handlers.linear import gemm, matmul
 from optin_onnx.analysis.handlers.normalization import layer_norm, softmax
 
@@ -32,6 +32,7 @@ _ONNX: dict[str, Handler] = {
     "Unsqueeze": unsqueeze,
     "Squeeze": squeeze,
     "Slice": slice_,
+    "Expand": expand,
     "Conv": conv,
     "BatchNormalization": batch_norm,
     "Pad": pad,
@@ -79,4 +80,4 @@ FOLDED_OK = UNARY | {"Gemm", "MatMul"}
 
 #: Ops that may read a folded (batch x units) axis: they keep axes whole, so the fold is carried.
 LEAD_OK = UNARY | BROADCAST | {"Transpose", "MatMul", "Reshape", "Softmax", "LogSoftmax",
-                               "Unsqueeze", "Squeeze", "Slice"}
+                               "Unsqueeze", "Squeeze", "Slice", "Expand"}

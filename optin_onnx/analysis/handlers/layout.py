@@ -1,5 +1,5 @@
 """Ops that move, split, merge or read axes without computing on them: Transpose, Reshape,
-(Un)Squeeze, Flatten, Slice, and Shape reads of a tracked tensor."""
+(Un)Squeeze, Flatten, Slice, Expand, and Shape reads of a tracked tensor."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -35,6 +35,7 @@ def reshape(p: Propagator, node: ir.Node) -> None:
     out: Track = {}
     folds: dict[int, int] = {}  # output axis -> positions folded into it after each channel
     leads: dict[int, int] = {}  # output axis -> batch-like factor folded into it before the units
+    groups: dict[int, int] = {}  # output axis -> sub-units per unit (grouped-query heads)
     merged_inner: set[int] = set()
     for a in sorted(t):
         gid, role = t[a]
@@ -44,32 +45,39 @@ def reshape(p: Propagator, node: ir.Node) -> None:
         ks = [k for k in range(len(so)) if _prod(so[:k]) == pre]
         nxt = t.get(a + 1)
         lead = p.lead.get((data.name, a), 1)
+        grouping = p.group_of(data, a)
         if lead > 1:
             # A folded (batch x units) axis: kept whole, or split back into its factors.
             k = next((k for k in ks if so[k] == n), None)
             if k is not None:
-                out[k], leads[k] = (gid, role), lead
+                out[k], leads[k], groups[k] = (gid, role), lead, grouping
                 continue
             m = _unfold(si, so, a, lead, ks)
             if m is None:
                 return p.barrier(gid, f"Reshape '{node.name}' splits a folded (batch x units) "
                                       f"axis other than back into its factors "
                                       f"({list(si)} -> {list(so)})")
-            out[m] = (gid, role)
+            out[m], groups[m] = (gid, role), grouping
             continue
         if role is Role.HEAD and nxt is not None and nxt[1] is Role.INNER and \
                 p.find(nxt[0]) == p.find(gid) and any(so[k] == n * si[a + 1] for k in ks):
             k = next(k for k in ks if so[k] == n * si[a + 1])
-            out[k] = (gid, Role.FLAT)
+            out[k], groups[k] = (gid, Role.FLAT), grouping
             merged_inner.add(a + 1)
         elif any(so[k] == n for k in ks):
-            out[next(k for k in ks if so[k] == n)] = (gid, role)
+            k = next(k for k in ks if so[k] == n)
+            out[k], groups[k] = (gid, role), grouping
         elif role is not Role.INNER and _lead_fold(si, so, a, t) is not None:
             k, f = _lead_fold(si, so, a, t)
-            out[k], leads[k] = (gid, role), f
+            out[k], leads[k], groups[k] = (gid, role), f, grouping
+        elif role is Role.HEAD and _folds(si, so, a, t, ks) is not None:
+            # [B, KV, n_rep, S, D] -> [B, KV * n_rep, S, D] (repeat_kv after an Expand): each
+            # key/value head now serves n_rep query-head positions.
+            k, r = _folds(si, so, a, t, ks)
+            out[k], groups[k] = (gid, role), grouping * r
         elif role is Role.FLAT and _folds(si, so, a, t, ks) is not None:
             k, r = _folds(si, so, a, t, ks)
-            out[k] = (gid, role)
+            out[k], groups[k] = (gid, role), grouping
             folds[k] = r
         elif role is Role.FLAT and any(k + 1 < len(so) and so[k] * so[k + 1] == n for k in ks):
             k = next(k for k in ks if k + 1 < len(so) and so[k] * so[k + 1] == n)
@@ -81,6 +89,7 @@ def reshape(p: Propagator, node: ir.Node) -> None:
                                   f"elsewhere {g.unit_size}")
             g.has_head = True
             out[k], out[k + 1] = (gid, Role.HEAD), (gid, Role.INNER)
+            groups[k] = grouping
         else:
             return p.barrier(gid, f"Reshape '{node.name}' mixes the axis with others "
                                 f"({list(si)} -> {list(so)})")
@@ -98,12 +107,14 @@ def reshape(p: Propagator, node: ir.Node) -> None:
                 continue
             if elem.value == so[k] and k not in leads:
                 p.group(gid).shape_edits.append(ShapeEdit(node.name, (1,) + elem.path, elem.offset,
-                                                          role, folds.get(k, 1)))
+                                                          role, folds.get(k, 1),
+                                                          group=groups.get(k, 1)))
                 continue
         elif isinstance(elem, DimElement):
             src = p.tracks.get(elem.value, {}).get(elem.axis)
             if src is not None and p.find(src[0]) == p.find(gid) and src[1] is role and \
-                    p.lead.get((elem.value, elem.axis), 1) == leads.get(k, 1):
+                    p.lead.get((elem.value, elem.axis), 1) == leads.get(k, 1) and \
+                    p.grouping.get((elem.value, elem.axis), 1) == groups.get(k, 1):
                 continue
         return p.barrier(gid, f"Reshape '{node.name}': cannot prove where element {k} of its "
                             f"target shape comes from")
@@ -121,6 +132,9 @@ def reshape(p: Propagator, node: ir.Node) -> None:
         p.repeat[(node.outputs[0].name, k)] = r
     for k, f in leads.items():
         p.lead[(node.outputs[0].name, k)] = f
+    for k, g in groups.items():
+        if g > 1 and out[k][1] is not Role.INNER:
+            p.grouping[(node.outputs[0].name, k)] = g
 
 
 def _lead_fold(si, so, a: int, t: Track) -> tuple[int, int] | None:
@@ -196,19 +210,63 @@ _INDEX_OPS = {"Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "S
 
 def _only_reshape_targets(value: ir.Value, depth: int = 0) -> bool:
     """True when every use of ``value`` ends, through ops that only move shape elements, in the
-    target of a Reshape: there the Reshape's own handler proves each element it takes from a pruned
-    axis (torchlib rebuilds ``[B, H, D, S]`` from ``Slice(Shape(k), 0, 2)`` after transposing K)."""
+    target of a Reshape or an Expand: there that op's own handler proves each element it takes
+    from a pruned axis (torchlib rebuilds ``[B, H, D, S]`` from ``Slice(Shape(k), 0, 2)`` after transposing K)."""
     if depth > 16 or value.is_graph_output():
         return False
     for use in value.uses():
         user = use.node
-        if user.op_type == "Reshape" and use.idx == 1:
+        if user.op_type in ("Reshape", "Expand") and use.idx == 1:
             continue
         if user.op_type not in _INDEX_OPS or (user.op_type in ("Gather", "Slice") and use.idx != 0):
             return False
         if not all(_only_reshape_targets(o, depth + 1) for o in user.outputs):
             return False
     return True
+
+
+def expand(p: Propagator, node: ir.Node) -> None:
+    """Broadcasting along other axes keeps the channel axes (``repeat_kv`` of grouped-query
+    attention: ``[B, KV, 1, S, D] -> [B, KV, n_rep, S, D]``). The target's element on a pruned
+    axis must be 1 (keep the input's size), the size itself (edited with the kept units), or read
+    from the same axis at run time; no other axis may take its size from a pruned one."""
+    data, target = node.inputs[0], node.inputs[1]
+    if p.track(target):
+        return p.barrier_all(p.track(target), f"Expand '{node.name}' shape depends on the axis")
+    t = p.track(data)
+    si, so = p.shape(data), p.shape(node.outputs[0])
+    shift = len(so) - len(si)
+    out: Track = {}
+    for a, (gid, role) in t.items():
+        k = a + shift
+        if si[a] != so[k]:
+            return p.barrier(gid, f"Expand '{node.name}' broadcasts the axis")
+        out[k] = (gid, role)
+        if role is Role.INNER:
+            continue
+        elem = trace_element(target, k, p.probe)
+        if isinstance(elem, ConstElement) and elem.value == 1:
+            continue
+        if isinstance(elem, ConstElement) and elem.value == so[k]:
+            p.group(gid).shape_edits.append(ShapeEdit(node.name, (1,) + elem.path, elem.offset,
+                                                      role, group=p.group_of(data, a)))
+            continue
+        if isinstance(elem, DimElement):
+            src = p.tracks.get(elem.value, {}).get(elem.axis)
+            if src is not None and p.find(src[0]) == p.find(gid) and src[1] is role and \
+                    p.grouping.get((elem.value, elem.axis), 1) == p.group_of(data, a):
+                continue
+        return p.barrier(gid, f"Expand '{node.name}': cannot prove where element {k} of its "
+                              f"target shape comes from")
+    for k in range(len(so)):
+        if k in out:
+            continue
+        elem = trace_element(target, k, p.probe)
+        src = p.tracks.get(elem.value, {}).get(elem.axis) if isinstance(elem, DimElement) else None
+        if src is not None and src[1] is not Role.INNER:
+            return p.barrier(src[0], f"Expand '{node.name}' sizes an untracked axis from the "
+                                     f"pruned axis of '{elem.value}'")
+    p.tracks[node.outputs[0].name] = out
 
 
 def slice_(p: Propagator, node: ir.Node) -> None:

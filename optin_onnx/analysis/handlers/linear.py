@@ -22,6 +22,7 @@ def matmul(p: Propagator, node: ir.Node) -> None:
         p.barrier_all(ta, f"MatMul '{node.name}' with a 1-D operand")
         return p.barrier_all(tb, f"MatMul '{node.name}' with a 1-D operand")
     out: Track = {}
+    inner: tuple[int, int] | None = None
     ka, kb = ta.get(ra - 1), tb.get(rb - 2)
     weight = const_array(b_v)
     folded = [a for a in ta if a != ra - 1 and (a_v.name, a) in p.repeat]
@@ -36,12 +37,14 @@ def matmul(p: Propagator, node: ir.Node) -> None:
         if weight is not None:
             if role is not Role.INNER:
                 g = p.group(gid)
-                r = p.repeat.get((a_v.name, ra - 1), 1)
-                g.consumers.append(Consumer(node.name, 0, ra - 1, 1, rb - 2, role, r))
+                r, k = p.repeat.get((a_v.name, ra - 1), 1), p.group_of(a_v, ra - 1)
+                g.consumers.append(Consumer(node.name, 0, ra - 1, 1, rb - 2, role, r, group=k))
                 p.mac_axes.append((node.name, gid, "in"))
-                g.slices.append(ParamSlice(node.name, 1, rb - 2, role, r))
+                g.slices.append(ParamSlice(node.name, 1, rb - 2, role, r, group=k))
         elif kb is not None and kb[1] is Role.INNER and role is Role.INNER:
-            p.union(gid, kb[0])  # Q.K^T: a contraction inside each head couples Q and K
+            # Q.K^T: a contraction inside each head couples Q and K; joined after the batch
+            # (head) axes, whose merge learns how many query heads share a key head.
+            inner = (gid, kb[0])
         else:
             return p.barrier(gid, f"MatMul '{node.name}' contracts the axis with a run-time tensor")
     elif kb is not None:
@@ -55,6 +58,8 @@ def matmul(p: Propagator, node: ir.Node) -> None:
         if o - (ro - rb) >= 0:
             entries.append((1, b_v, o - (ro - rb)))
         p.merge_axis(node, entries, o, out)
+    if inner is not None:
+        p.union(*inner)
     if out:
         p.tracks[node.outputs[0].name] = out
 
@@ -72,7 +77,7 @@ def gemm(p: Propagator, node: ir.Node) -> None:
             continue
         w_axis = 1 if trans_b else 0
         g = p.group(gid)
-        r = p.repeat.get((node.inputs[0].name, axis), 1)
-        g.consumers.append(Consumer(node.name, 0, k_axis, 1, w_axis, role, r))
+        r, k = p.repeat.get((node.inputs[0].name, axis), 1), p.group_of(node.inputs[0], axis)
+        g.consumers.append(Consumer(node.name, 0, k_axis, 1, w_axis, role, r, group=k))
         p.mac_axes.append((node.name, gid, "in"))
-        g.slices.append(ParamSlice(node.name, 1, w_axis, role, r))
+        g.slices.append(ParamSlice(node.name, 1, w_axis, role, r, group=k))
