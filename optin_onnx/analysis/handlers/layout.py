@@ -118,15 +118,8 @@ def reshape(p: Propagator, node: ir.Node) -> None:
                 continue
         return p.barrier(gid, f"Reshape '{node.name}': cannot prove where element {k} of its "
                             f"target shape comes from")
-    for k in range(len(so)):
-        # An axis that stays out of every group must not take its size from a pruned one.
-        if k in out:
-            continue
-        elem = trace_element(target, k, p.probe)
-        src = p.tracks.get(elem.value, {}).get(elem.axis) if isinstance(elem, DimElement) else None
-        if src is not None and src[1] is not Role.INNER:
-            return p.barrier(src[0], f"Reshape '{node.name}' sizes an untracked axis from the "
-                                     f"pruned axis of '{elem.value}'")
+    if not _untracked_sizes_proved(p, node, target, out, len(so)):
+        return
     p.tracks[node.outputs[0].name] = out
     for k, r in folds.items():
         p.repeat[(node.outputs[0].name, k)] = r
@@ -258,15 +251,25 @@ def expand(p: Propagator, node: ir.Node) -> None:
                 continue
         return p.barrier(gid, f"Expand '{node.name}': cannot prove where element {k} of its "
                               f"target shape comes from")
-    for k in range(len(so)):
+    if _untracked_sizes_proved(p, node, target, out, len(so)):
+        p.tracks[node.outputs[0].name] = out
+
+
+def _untracked_sizes_proved(p: Propagator, node: ir.Node, target: ir.Value, out: Track,
+                            rank: int) -> bool:
+    """An axis that stays out of every group must not take its size from a pruned one (a shape
+    read of a pruned axis is allowed only into targets that this check covers); False after
+    marking the barrier."""
+    for k in range(rank):
         if k in out:
             continue
         elem = trace_element(target, k, p.probe)
         src = p.tracks.get(elem.value, {}).get(elem.axis) if isinstance(elem, DimElement) else None
         if src is not None and src[1] is not Role.INNER:
-            return p.barrier(src[0], f"Expand '{node.name}' sizes an untracked axis from the "
-                                     f"pruned axis of '{elem.value}'")
-    p.tracks[node.outputs[0].name] = out
+            p.barrier(src[0], f"{node.op_type} '{node.name}' sizes an untracked axis from the "
+                              f"pruned axis of '{elem.value}'")
+            return False
+    return True
 
 
 def slice_(p: Propagator, node: ir.Node) -> None:
