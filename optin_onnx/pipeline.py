@@ -33,7 +33,7 @@ from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
 from optin_onnx.report import Report, count_parameters
 from optin_onnx.reconstruct import reconstruct
 from optin_onnx.rewrite import rewrite
-from optin_onnx.scoring.features import output_kind
+from optin_onnx.scoring.features import objective_output, output_kind
 from optin_onnx.scoring.importance import IMPORTANCES, make_importance
 from optin_onnx.scoring.types import ScoreConfig, Scores
 from optin_onnx.search import SearchResult, search
@@ -152,9 +152,8 @@ def _timed(stages: dict[str, float], name: str):
     stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, kind: str, cal: CalibrationSet,
-              providers: list[str]) -> dict[str, float]:
-    name = dense.graph.output[0].name
+def _fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, name: str, kind: str,
+              cal: CalibrationSet, providers: list[str]) -> dict[str, float]:
     want = [c[name] for c in capture(dense, cal, [name], providers)]
     got = [c[name] for c in capture(slim, cal, [name], providers)]
     if kind in ("logits", "embedding"):
@@ -305,9 +304,12 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         dense_proto = original
         slim_model = ir.from_proto(slim)
         macs_after = total_macs(slim_model, seq_len, like=arrays)
-        kind = output_kind(m, m.graph.outputs[0].name,
-                           len(m.graph.outputs[0].shape or ()) or 2, "auto")
-        fidelity = _fidelity(dense_proto, slim, kind, held_cal, providers)
+        objective = next(v for v in m.graph.outputs if v.name == objective_output(m, structure))
+        if objective.name != m.graph.outputs[0].name:
+            notes.append(f"scored and measured on output '{objective.name}': the outputs before "
+                         f"it do not depend on any pruned block")
+        kind = output_kind(m, objective.name, len(objective.shape or ()) or 2, "auto")
+        fidelity = _fidelity(dense_proto, slim, objective.name, kind, held_cal, providers)
         if not held.size:
             notes.append("no held-out calibration samples: fidelity measured on the scoring set")
         latency = {}

@@ -343,3 +343,26 @@ def test_grouped_query_heads_are_one_unit_per_key_value_head(llama_dynamo, tmp_p
     o_rows = sorted(d[0] for n, d in shapes.items() if len(d) == 2 and d[1] == 32 and d[0] < 32)
     # o_proj keeps 2 query heads of 8 per kept key/value head.
     assert o_rows == sorted(16 * k for k in kept if k < 2)
+
+
+# -- outputs that pass their inputs through -----------------------------------------------------
+
+def test_pass_through_outputs_first_are_not_the_objective(exports, tmp_path):
+    """Third-party sentence-embedding exports return their inputs too, often first."""
+    model = onnx.load(str(exports[FORMS[1]]))
+    model.graph.node.append(helper.make_node("Identity", ["input_ids"], ["ids_out"]))
+    model.graph.node.append(helper.make_node("Identity", ["attention_mask"], ["mask_out"]))
+    kept = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["b", "s"]),
+                               helper.make_tensor_value_info("mask_out", TensorProto.INT64, ["b", "s"]),
+                               *kept])
+    src = tmp_path / "passthrough.onnx"
+    onnx.save(model, src)
+    result = prune(src, tiny_feeds(12, 12, seed=3),
+                   PruneOptions(flops=0.7, samples=8, latency_cases=[]), output=tmp_path / "o.onnx")
+    assert result.report.verify["passed"] is True
+    assert any("scored and measured on output 'output'" in n for n in result.report.notes)
+    assert "cosine_to_dense" in result.report.fidelity
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    assert [o.name for o in out.graph.output] == ["ids_out", "mask_out", "output"]

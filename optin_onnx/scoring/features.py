@@ -14,6 +14,22 @@ from optin_onnx.errors import OptinError
 FEATURE_KINDS = ("auto", "ffn", "residual-ln", "blocks")
 
 
+def objective_output(model: ir.Model, structure: Structure) -> str:
+    """The graph output the output term (L_KD) compares: the first one that some block can
+    change. Third-party exports put pass-throughs first (``Identity(input_ids)``, the attention
+    mask): pruning cannot move those, and a loss on them would be zero for every unit."""
+    consumers = {c.node for b in structure.blocks for c in b.consumers}
+    reached: set[str] = set()
+    for node in model.graph:
+        if node.name in consumers or any(v is not None and v.name in reached
+                                         for v in node.inputs):
+            reached.update(v.name for v in node.outputs if v is not None)
+    for v in model.graph.outputs:
+        if v.name in reached:
+            return v.name
+    raise OptinError("no graph output depends on a prunable block: nothing to score against")
+
+
 def output_kind(model: ir.Model, name: str, rank: int, requested: str) -> str:
     """``requested``, with ``auto`` resolved from output ``name`` of rank ``rank``: ``tokens``
     (one vector per token), ``logits`` (made by a final linear layer) or ``embedding``."""

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from optin_onnx.analysis import Block, Structure, residual_features
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
 from optin_onnx.errors import OptinError
-from optin_onnx.scoring.features import feature_kind, output_kind
+from optin_onnx.scoring.features import feature_kind, objective_output, output_kind
 from optin_onnx.scoring.liveness import Point
 from optin_onnx.scoring.losses import (TokenSample, cosine_loss, kl_loss, md_loss,
                                        normalised_gram, rows)
@@ -44,7 +44,7 @@ class Objective:
             mlp = [b for b in structure.blocks if b.kind == "mlp"]
             carriers = mlp if mlp else structure.blocks
             self.layer_feature = {b.layer: b.feature for b in carriers}
-        self.output = model.graph.outputs[0].name
+        self.output = objective_output(model, structure)
         self.tokens = TokenSample.draw(cal.token_mask, cfg.tokens, cfg.seed)
         self.has_mask = MASK_INPUT in cal.feeds
         self._plain: dict[int, TokenSample] = {}
