@@ -306,34 +306,41 @@ class _Decoder:
         return Wrapper().eval()
 
 
-@pytest.fixture(scope="module")
-def llama_dynamo(tmp_path_factory):
+@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+def llama(request, tmp_path_factory):
+    """The tiny Llama from each exporter: torchlib writes repeat_kv's shapes as constants, the
+    TorchScript exporter reads them at run time (``Where(Equal(t, -1), ones, t)`` for the Expand,
+    ``kv_heads * n_rep`` for the Reshape)."""
     import torch
 
-    path = tmp_path_factory.mktemp("gqa") / "llama.onnx"
+    path = tmp_path_factory.mktemp("gqa") / f"llama_{request.param}.onnx"
     ids = torch.randint(1, 100, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.int64)
-    b, s = torch.export.Dim("batch"), torch.export.Dim("sequence", max=64)
+    names = ["input_ids", "attention_mask"]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(_Decoder.build(), (ids, mask),
-                                 input_names=["input_ids", "attention_mask"],
-                                 output_names=["output"], dynamo=True, opset_version=18,
-                                 dynamic_shapes={"input_ids": {0: b, 1: s},
-                                                 "attention_mask": {0: b, 1: s}})
-        prog.save(str(path))
+        if request.param == "torchscript":
+            torch.onnx.export(_Decoder.build(), (ids, mask), str(path), input_names=names,
+                              output_names=["output"], opset_version=17, dynamo=False,
+                              dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
+        else:
+            b, s = torch.export.Dim("batch"), torch.export.Dim("sequence", max=64)
+            prog = torch.onnx.export(_Decoder.build(), (ids, mask), input_names=names,
+                                     output_names=["output"], dynamo=True, opset_version=18,
+                                     dynamic_shapes={n: {0: b, 1: s} for n in names})
+            prog.save(str(path))
     return path
 
 
-def test_grouped_query_heads_are_one_unit_per_key_value_head(llama_dynamo, tmp_path):
-    _, s = load_analyze(llama_dynamo)
+def test_grouped_query_heads_are_one_unit_per_key_value_head(llama, tmp_path):
+    _, s = load_analyze(llama)
     assert s.declined == []
     attention = [b for b in s.blocks if b.kind == "attention"]
     # 2 units per layer: one key/value head with the 2 query heads that read it.
     assert [(b.n_units, b.unit_size) for b in attention] == [(2, 8), (2, 8)]
     assert all(c.group == 2 for b in attention for c in b.consumers)
     feeds = {k: v for k, v in tiny_feeds(12, 12, seed=3).items() if k != "token_type_ids"}
-    result = prune(llama_dynamo, feeds, PruneOptions(flops=0.85, prune="heads", samples=8,
+    result = prune(llama, feeds, PruneOptions(flops=0.85, prune="heads", samples=8,
                                                      latency_cases=[]), output=tmp_path / "o.onnx")
     assert result.report.verify["passed"] is True
     kept = [len(result.selection.keep[b.name]) for b in attention]

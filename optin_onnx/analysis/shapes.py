@@ -32,6 +32,7 @@ class ConstElement:
 class DimElement:
     value: str  # the tensor whose dimension this is
     axis: int
+    scale: int = 1  # the dimension times this constant (repeat_kv's ``num_key_value_heads * n_rep``)
 
 
 Element = ConstElement | DimElement | None
@@ -99,6 +100,35 @@ def trace_element(value: ir.Value, index: int, probe: dict[str, np.ndarray],
             return None
         src_index = int(flat[index]) % n
         return trace_element(node.inputs[0], src_index, probe, path + (0,))
+    if op == "Mul":
+        # A dimension times a constant integer: repeat_kv's head count ``kv_heads * n_rep``.
+        for i, other in ((0, 1), (1, 0)):
+            c = const_array(node.inputs[other])
+            if c is not None and np.size(c) == 1 and np.issubdtype(np.asarray(c).dtype, np.integer):
+                elem = trace_element(node.inputs[i], index, probe, path + (i,))
+                if isinstance(elem, DimElement):
+                    return DimElement(elem.value, elem.axis, elem.scale * int(np.reshape(c, -1)[0]))
+        return None
+    if op == "Where":
+        # torch's expand(-1) handling: Where(Equal(t, -1), ones, t). A dimension is never -1, so
+        # where ``t`` is a dimension the condition is false and the element is ``t``'s.
+        cond = node.inputs[0].producer()
+        if cond is None or cond.op_type != "Equal":
+            return None
+        elem = trace_element(node.inputs[2], index, probe, path + (2,))
+        minus = [probe.get(v.name) if const_array(v) is None else const_array(v)
+                 for v in cond.inputs]
+        same = [v.name == node.inputs[2].name for v in cond.inputs]
+        if isinstance(elem, DimElement) and any(same) and all(
+                m is not None and (s or np.reshape(m, -1)[index % np.size(m)] == -1)
+                for m, s in zip(minus, same)) and _static(cond.inputs[same.index(False)]):
+            return elem
+        return None
+    if op == "Reshape":  # of a 1-D shape tensor into [-1]: the same elements
+        target = const_array(node.inputs[1])
+        if target is not None and np.reshape(target, -1).tolist() == [-1]:
+            return trace_element(node.inputs[0], index, probe, path + (0,))
+        return None
     if op == "Slice":
         n = _length(node.inputs[0], probe)
         parts = [const_array(v) if v is not None else None for v in node.inputs[1:]]
@@ -113,3 +143,15 @@ def trace_element(value: ir.Value, index: int, probe: dict[str, np.ndarray],
             return None
         return trace_element(node.inputs[0], int(picked[index]), probe, path + (0,))
     return None
+
+
+def _static(value: ir.Value, depth: int = 0) -> bool:
+    """True when ``value`` is computed from constants alone (its probe value holds for any input)."""
+    if const_array(value) is not None:
+        return True
+    node = value.producer()
+    if node is None or depth > 16:
+        return False
+    if node.op_type == "ConstantOfShape":  # every element is the fill value, whatever the shape
+        return True
+    return all(v is None or _static(v, depth + 1) for v in node.inputs)

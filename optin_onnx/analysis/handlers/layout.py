@@ -114,7 +114,7 @@ def reshape(p: Propagator, node: ir.Node) -> None:
             src = p.tracks.get(elem.value, {}).get(elem.axis)
             if src is not None and p.find(src[0]) == p.find(gid) and src[1] is role and \
                     p.lead.get((elem.value, elem.axis), 1) == leads.get(k, 1) and \
-                    p.grouping.get((elem.value, elem.axis), 1) == groups.get(k, 1):
+                    p.grouping.get((elem.value, elem.axis), 1) * elem.scale == groups.get(k, 1):
                 continue
         return p.barrier(gid, f"Reshape '{node.name}': cannot prove where element {k} of its "
                             f"target shape comes from")
@@ -197,8 +197,27 @@ def shape(p: Propagator, node: ir.Node) -> None:
                                   f"{user.op_type} '{user.name}'")
 
 
-#: Ops that only move elements of a shape tensor around (what :func:`trace_element` follows).
-_INDEX_OPS = {"Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "Slice"}
+#: Ops that only move elements of a shape tensor around, scale them by a constant or pick them
+#: (torch's expand(-1) handling: ``Where(Equal(t, -1), ones, t)``): what :func:`trace_element`
+#: follows.
+_INDEX_OPS = {"Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "Slice", "Mul",
+              "Equal", "Where", "Reshape"}
+
+
+def _moves_elements(node: ir.Node, slot: int) -> bool:
+    """True when input ``slot`` of ``node`` reaches its output only as elements that
+    :func:`trace_element` follows: data (not indices) of Gather/Slice, a Mul by a constant, the
+    Equal/Where of torch's expand(-1) handling, a Reshape's data."""
+    op = node.op_type
+    if op in ("Gather", "Slice", "Reshape"):
+        return slot == 0
+    if op == "Mul":
+        return const_array(node.inputs[1 - slot]) is not None
+    if op == "Equal":  # only as the condition of a Where: a bool, never a size
+        return all(u.node.op_type == "Where" and u.idx == 0 for u in node.outputs[0].uses())
+    if op == "Where":
+        return slot in (0, 2)
+    return True
 
 
 def _only_reshape_targets(value: ir.Value, depth: int = 0) -> bool:
@@ -209,9 +228,9 @@ def _only_reshape_targets(value: ir.Value, depth: int = 0) -> bool:
         return False
     for use in value.uses():
         user = use.node
-        if user.op_type in ("Reshape", "Expand") and use.idx == 1:
-            continue
-        if user.op_type not in _INDEX_OPS or (user.op_type in ("Gather", "Slice") and use.idx != 0):
+        if user.op_type in ("Reshape", "Expand") and use.idx == 1 or user.op_type == "Shape":
+            continue  # a target the op's handler proves; the length of a shape vector
+        if user.op_type not in _INDEX_OPS or not _moves_elements(user, use.idx):
             return False
         if not all(_only_reshape_targets(o, depth + 1) for o in user.outputs):
             return False
@@ -247,7 +266,7 @@ def expand(p: Propagator, node: ir.Node) -> None:
         if isinstance(elem, DimElement):
             src = p.tracks.get(elem.value, {}).get(elem.axis)
             if src is not None and p.find(src[0]) == p.find(gid) and src[1] is role and \
-                    p.grouping.get((elem.value, elem.axis), 1) == p.group_of(data, a):
+                    p.grouping.get((elem.value, elem.axis), 1) * elem.scale == p.group_of(data, a):
                 continue
         return p.barrier(gid, f"Expand '{node.name}': cannot prove where element {k} of its "
                               f"target shape comes from")
