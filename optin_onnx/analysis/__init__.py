@@ -81,7 +81,9 @@ def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | 
     unused) is dropped."""
     name = f"group@{g.sources[0]}"
     reasons = list(dict.fromkeys(g.barriers))
-    if not g.consumers:
+    if not g.consumers or (reasons and g.natural and not g.hard and not g.has_head):
+        # Without consumers, or stopped only where the model width ends (an embedding projection
+        # read by the first layer and by its residual add): the model width, never a block.
         if g.hard and not g.natural:
             return Declined(name, reasons)
         return _Width(name, reasons) if g.natural else None

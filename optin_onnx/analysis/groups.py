@@ -40,6 +40,11 @@ class Group:
     hard: bool = False
     natural: bool = False
 
+    def stop(self, reason: str) -> None:
+        """A barrier that is not the model width's natural end."""
+        self.barriers.append(reason)
+        self.hard = True
+
 
 
 class Groups:
@@ -70,14 +75,14 @@ class Groups:
             a, b = b, a  # a composite stays the root: the plain group's channels split like it
         ga, gb = self.groups[a], self.groups[b]
         if ga.parts and gb.parts and self.layout(ga) != self.layout(gb):
-            ga.barriers.append("two channel Concats of different layouts are coupled")
+            ga.stop("two channel Concats of different layouts are coupled")
         self.parent[b] = a
         if ga.width // ga.grouping != gb.width // gb.grouping:
-            ga.barriers.append(f"groups of widths {ga.width} and {gb.width} are coupled")
+            ga.stop(f"groups of widths {ga.width} and {gb.width} are coupled")
         if ga.unit_size is None:
             ga.unit_size = gb.unit_size
         elif gb.unit_size is not None and gb.unit_size != ga.unit_size:
-            ga.barriers.append(f"coupled groups split into units of {ga.unit_size} and {gb.unit_size}")
+            ga.stop(f"coupled groups split into units of {ga.unit_size} and {gb.unit_size}")
         ga.has_head |= gb.has_head
         ga.hard |= gb.hard
         ga.natural |= gb.natural

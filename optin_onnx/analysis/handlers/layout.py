@@ -85,7 +85,7 @@ def reshape(p: Propagator, node: ir.Node) -> None:
             if g.unit_size is None:
                 g.unit_size = so[k + 1]
             elif g.unit_size != so[k + 1]:
-                g.barriers.append(f"Reshape '{node.name}' splits units of {so[k + 1]}, "
+                g.stop(f"Reshape '{node.name}' splits units of {so[k + 1]}, "
                                   f"elsewhere {g.unit_size}")
             g.has_head = True
             out[k], out[k + 1] = (gid, Role.HEAD), (gid, Role.INNER)

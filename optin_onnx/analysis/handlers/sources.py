@@ -27,7 +27,7 @@ def conv(p: Propagator, node: ir.Node) -> None:
     g.nodes.append(node.name)
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         if const_array(node.inputs[2]) is None:
-            g.barriers.append(f"Conv '{node.name}' has a run-time bias")
+            g.stop(f"Conv '{node.name}' has a run-time bias")
         g.slices.append(ParamSlice(node.name, 2, 0, Role.FLAT))
 
 
@@ -54,7 +54,7 @@ def gemm(p: Propagator, node: ir.Node) -> None:
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         c = const_array(node.inputs[2])
         if c is None:
-            g.barriers.append(f"Gemm '{node.name}' has a run-time bias")
+            g.stop(f"Gemm '{node.name}' has a run-time bias")
         elif c.ndim >= 1 and c.shape[-1] == g.width and g.width > 1:
             g.slices.append(ParamSlice(node.name, 2, c.ndim - 1, Role.FLAT))
 
@@ -78,14 +78,14 @@ def ort_attention(p: Propagator, node: ir.Node) -> None:
     g.nodes.append(node.name)
     g.unit_size, g.has_head = sizes[2] // heads, True
     if len(set(sizes)) != 1 or sum(sizes) != w.shape[1] or sizes[2] % heads:
-        g.barriers.append(f"Attention '{node.name}' has Q/K/V widths {sizes} for {heads} heads: "
+        g.stop(f"Attention '{node.name}' has Q/K/V widths {sizes} for {heads} heads: "
                           f"heads of different sizes")
     g.attr_edits.append(AttrEdit(node.name, "num_heads", Role.HEAD))
     if attr(node, "qkv_hidden_sizes", None) is not None:
         g.attr_edits += [AttrEdit(node.name, "qkv_hidden_sizes", Role.FLAT, i) for i in range(3)]
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None and const_array(bias) is None:
-        g.barriers.append(f"Attention '{node.name}' has a run-time bias")
+        g.stop(f"Attention '{node.name}' has a run-time bias")
     for offset in np.cumsum([0] + sizes[:2]):
         g.slices.append(ParamSlice(node.name, 1, 1, Role.FLAT, offset=int(offset)))
         if bias is not None:
@@ -95,4 +95,4 @@ def ort_attention(p: Propagator, node: ir.Node) -> None:
             (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
         why = "a present key/value state: not pruned through yet"
     if why is not None:
-        g.barriers.append(f"Attention '{node.name}': {why}")
+        g.stop(f"Attention '{node.name}': {why}")
