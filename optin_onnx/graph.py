@@ -59,3 +59,31 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
 def attr(node: ir.Node, name: str, default=None):
     a = node.attributes.get(name)
     return default if a is None else a.value
+
+
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs held in ``node``'s attributes (If branches, Loop and Scan bodies)."""
+    out: list[ir.Graph] = []
+    for a in node.attributes.values():
+        if a.type == ir.AttributeType.GRAPH:
+            out.append(a.value)
+        elif a.type == ir.AttributeType.GRAPHS:
+            out.extend(a.value)
+    return out
+
+
+def captured(node: ir.Node) -> list[ir.Value]:
+    """Values of the enclosing graph that ``node``'s subgraphs read by name (implicit inputs)."""
+    out: dict[str, ir.Value] = {}
+    for g in subgraphs(node):
+        local = {v.name for v in g.inputs} | set(g.initializers)
+        for inner in g:
+            local.update(v.name for v in inner.outputs if v is not None)
+        for inner in g:
+            for v in inner.inputs:
+                if v is not None and v.name not in local and v.const_value is None:
+                    out.setdefault(v.name, v)
+            for v in captured(inner):
+                if v.name not in local:
+                    out.setdefault(v.name, v)
+    return list(out.values())

@@ -373,3 +373,40 @@ def test_pass_through_outputs_first_are_not_the_objective(exports, tmp_path):
     assert "cosine_to_dense" in result.report.fidelity
     out = onnx.load(str(tmp_path / "o.onnx"))
     assert [o.name for o in out.graph.output] == ["ids_out", "mask_out", "output"]
+
+
+# -- control flow ----------------------------------------------------------------------------------
+
+def _mlp_read_inside_an_if() -> onnx.ModelProto:
+    """x [B, 4] -> MatMul(W1 [4, 8]) -> Relu -> h; an If chooses between MatMul(h, W2) and
+    MatMul(h, W3) (its branches read h from the outer graph by name), then MatMul(W4)."""
+    rng = np.random.default_rng(0)
+
+    def w(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    def branch(name, weight):
+        return helper.make_graph([helper.make_node("MatMul", ["h", weight.name], [f"{name}_y"])],
+                                 name, [], [helper.make_tensor_value_info(f"{name}_y",
+                                                                          TensorProto.FLOAT, None)],
+                                 [weight])
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["h"]),
+             helper.make_node("If", ["cond"], ["b"], then_branch=branch("then", w("w2", (8, 8))),
+                              else_branch=branch("else", w("w3", (8, 8)))),
+             helper.make_node("MatMul", ["b", "w4"], ["y"])]
+    g = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                      ["b", 4]),
+                                        helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+                          [w("w1", (4, 8)), w("w4", (8, 8))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_value_read_inside_control_flow_is_never_pruned_and_the_branches_are_declined():
+    _, s = load_analyze(_mlp_read_inside_an_if())
+    assert s.blocks == []
+    reasons = [r for d in s.declined for r in d.reasons]
+    assert any("no handler for op If" in r for r in reasons)  # h is read inside the branches
+    assert any("holds 2 matrix product(s) in its branches" in r for r in reasons)

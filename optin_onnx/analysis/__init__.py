@@ -8,7 +8,7 @@ from optin_onnx.analysis.groups import Group
 from optin_onnx.analysis.propagate import propagate
 from optin_onnx.analysis.structure import (AttrEdit, Block, Consumer, Declined, ParamSlice, Removal, Role,
                                            ShapeEdit, Structure)
-from optin_onnx.graph import const_array, nodes_by_name
+from optin_onnx.graph import const_array, nodes_by_name, subgraphs
 
 __all__ = ["analyze_graph", "AttrEdit", "pre_layer_norm", "residual_features", "Block", "Consumer",
            "Declined", "ParamSlice", "Removal", "Role", "ShapeEdit", "Structure"]
@@ -109,6 +109,21 @@ def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | 
         attr_edits=list(dict.fromkeys(g.attr_edits)))
 
 
+def _control_flow(model: ir.Model) -> list[Declined]:
+    """Control-flow nodes whose branches hold matrix products: not analysed (their layers are
+    never pruned) and, since onnxruntime does not expose a branch's values, not counted in the
+    MACs either; said here rather than left out silently."""
+    out = []
+    for node in model.graph:
+        inner = [n for g in subgraphs(node) for n in g.all_nodes()
+                 if n.op_type in ("MatMul", "Gemm", "Conv")]
+        if inner:
+            out.append(Declined(f"control flow@{node.name}", [
+                f"{node.op_type} '{node.name}' holds {len(inner)} matrix product(s) in its "
+                f"branches: control flow is not analysed, and their MACs are not counted"]))
+    return out
+
+
 def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
     """Find every prunable block of ``model`` (names must be unique: see ``graph.normalize``).
 
@@ -121,6 +136,7 @@ def analyze_graph(model: ir.Model, probe: dict[str, np.ndarray]) -> Structure:
     nodes = nodes_by_name(model.graph)
     order = {n.name: i for i, n in enumerate(model.graph)}
     structure = Structure()
+    structure.declined.extend(_control_flow(model))
     groups = {}
     found, factors = propagate(model, probe)
     for g in found:

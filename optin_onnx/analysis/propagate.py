@@ -48,7 +48,7 @@ import onnx_ir as ir
 from optin_onnx.analysis.groups import Group, Groups, Track
 from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, SOURCES, UNARY
 from optin_onnx.analysis.structure import ParamSlice, Role
-from optin_onnx.graph import const_array
+from optin_onnx.graph import captured, const_array
 
 
 class Propagator(Groups):
@@ -187,7 +187,8 @@ class Propagator(Groups):
     # -- the pass ---------------------------------------------------------------------------
     def run(self) -> None:
         for node in self.graph:
-            ins = [self.track(v) for v in node.inputs]
+            # A subgraph (If branch, Loop body) reads outer values by name: inputs all the same.
+            ins = [self.track(v) for v in (*node.inputs, *captured(node))]
             if any(ins):
                 handler = HANDLERS.get((node.domain or "", node.op_type))
                 for t in ins:

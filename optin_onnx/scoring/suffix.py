@@ -57,7 +57,7 @@ def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
     downstream = {start}
     static = set(inits)  # values computed from constants alone: cheap and batch-free, recompute
     for n in g.node:
-        if any(i in downstream for i in n.input):
+        if any(i in downstream for i in (*n.input, *_implicit_inputs(n))):
             downstream.update(o for o in n.output if o)
         if all(not i or i in static for i in n.input):
             static.update(o for o in n.output if o)
@@ -114,3 +114,17 @@ def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
                             ir_version=model.ir_version)
     return Suffix(sub, start, sorted(cut), [v.name for v in g.input if v.name in used_inputs],
                   list(outputs))
+
+
+def _implicit_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names ``node``'s subgraphs (If branches, Loop bodies) read from the enclosing graph."""
+    out: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else \
+            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+        for sub in graphs:
+            local = {v.name for v in sub.input} | {t.name for t in sub.initializer}
+            local |= {o for n in sub.node for o in n.output}
+            for n in sub.node:
+                out |= {i for i in (*n.input, *_implicit_inputs(n)) if i and i not in local}
+    return out
