@@ -303,13 +303,15 @@ def check_calibration(arrays: Mapping[str, np.ndarray], source: str) -> dict[str
 def _check_token_inputs(model: ir.Model, arrays: dict[str, np.ndarray], source: str) -> None:
     """Refuse token arrays the model cannot run on, naming the array and the first bad sample.
 
-    Samples with no positions, an attention mask that is not 0/1 or masks out a whole sample
+    Token samples with no positions, an attention mask that is not 0/1 or masks out a whole sample
     (every softmax over it is 0/0), and token ids outside the embedding table that reads them
     (onnxruntime fails, or a negative id silently wraps to the table's end) would otherwise fail
     deep inside scoring or give meaningless scores.
     """
     for name, array in arrays.items():
-        if array.ndim > 1 and 0 in array.shape[1:]:
+        # Token arrays (integers) need positions; a float array may be empty (the empty past a
+        # decoder with a key/value cache is calibrated with).
+        if array.ndim > 1 and 0 in array.shape[1:] and not np.issubdtype(array.dtype, np.floating):
             raise OptinError(
                 f"{source}: array '{name}' has shape {array.shape}: every sample is empty"
             )
