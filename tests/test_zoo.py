@@ -52,8 +52,7 @@ XFAIL: dict[tuple[str, str], str] = {
     ("phi3", "torchscript"): "no handler for op Slice",
     ("phi3", "dynamo"): "no handler for op Slice",
     ("llama-cache", "torchscript"): "combines the axis with run-time tensor 'past.0.value'",
-    ("llama-cache", "dynamo"): "no handler for op Expand",
-    ("swin", "dynamo"): "GuardOnDataDependentSymNode",
+    ("llama-cache", "dynamo"): "combines the axis with run-time tensor 'past.0.value'",
 }
 
 #: Dynamo forms run by default (the rest are slow): one encoder, one decoder.
