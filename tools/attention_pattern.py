@@ -96,7 +96,10 @@ def fates(model: ir.Model, values: dict[str, np.ndarray], structure) -> list[tup
     return out
 
 
-def show(path: Path, zm: zoo.ZooModel, pattern: str) -> None:
+def analyse(path: Path, feeds: dict[str, np.ndarray]):
+    """``path`` analysed as ``optin_onnx.pipeline.analyze`` does (fused projections split, probed
+    at the shapes of ``feeds``), keeping what :func:`fates` needs: (model, probe values,
+    structure)."""
     from optin_onnx.analysis import analyze_graph
     from optin_onnx.passes.unfuse_projections import split_fused_projections
     from optin_onnx.pipeline import as_model
@@ -104,7 +107,12 @@ def show(path: Path, zm: zoo.ZooModel, pattern: str) -> None:
 
     model = as_model(path)
     split_fused_projections(model)
-    values = probe(model, dummy_feeds(model, like=zm.feeds(4)))
+    values = probe(model, dummy_feeds(model, like=feeds))
+    return model, values, analyze_graph(model, values)
+
+
+def show(path: Path, zm: zoo.ZooModel, pattern: str) -> None:
+    model, values, structure = analyse(path, zm.feeds(4))
     nodes = [n for n in model.graph if re.search(pattern, scope(n)) and n.op_type != "Constant"]
     inside = {n.name for n in nodes}
     print(f"## {path.name}: {len(nodes)} nodes in scope /{pattern}/")
@@ -122,7 +130,7 @@ def show(path: Path, zm: zoo.ZooModel, pattern: str) -> None:
     for name, v in outside.items():
         print(f"    {name}: {' -> '.join(ancestry(v, values))}")
     print("  groups started in scope:")
-    for verdict, g in fates(model, values, analyze_graph(model, values)):
+    for verdict, g in fates(model, values, structure):
         if not inside & set(g.sources):
             continue
         print(f"    {verdict}: sources {g.sources}, width {g.width}, unit {g.unit_size}, "

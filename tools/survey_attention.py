@@ -122,13 +122,9 @@ def forms(archs: list[str], exporters: list[str]) -> list[Form]:
 def survey(form: Form, root: Path, prune: bool = True) -> Outcome:
     """Export, analyse and (where blocks are found and ``prune``) prune ``form``; failures are
     findings and are recorded, not raised."""
-    from optin_onnx.analysis import analyze_graph
     from optin_onnx.flops import mac_model
-    from optin_onnx.passes.unfuse_projections import split_fused_projections
-    from optin_onnx.pipeline import as_model
     from optin_onnx.pipeline import prune as run_prune
-    from optin_onnx.probe import dummy_feeds, probe
-    from tools.attention_pattern import fates
+    from tools.attention_pattern import analyse, fates
 
     zm = zoo.ZOO[form.arch](form.attention)
     out = Outcome(form, attn_impl=zm.attn_impl)
@@ -139,11 +135,8 @@ def survey(form: Form, root: Path, prune: bool = True) -> Outcome:
         out.export_error = first_line(exc)
         return out
     feeds = zm.feeds(CALIB_SAMPLES)
-    try:  # as optin_onnx.pipeline.analyze, keeping the probe for the propagation's groups
-        model = as_model(path)
-        split_fused_projections(model)
-        values = probe(model, dummy_feeds(model, like=feeds))
-        structure = analyze_graph(model, values)
+    try:
+        model, values, structure = analyse(path, feeds)
         macs = mac_model(model, structure, zoo.SEQ, like=feeds)
         silent = [g for verdict, g in fates(model, values, structure)
                   if verdict.startswith("DROPPED")]
@@ -199,7 +192,10 @@ def main(argv: list[str] | None = None) -> None:
             f"configs, {zoo.LAYERS} layers, sequence {zoo.SEQ}). *attention*: "
             "`config._attn_implementation` as built (transformers' default, then eager where "
             "that differs). *declined*: the analysis' reasons without node names, with their "
-            "count over the model. *MACs outside*: at batch 1, sequence "
+            "count over the model. *head groups dropped silently*: groups with a head axis that "
+            "became neither a block nor a declined structure, with their barriers (the worst "
+            "outcome: nothing tells the user). Diagnoses per form: "
+            "`docs/attention_diagnoses.md`. *MACs outside*: at batch 1, sequence "
             f"{zoo.SEQ}. *prune 0.7*: `optin_onnx.prune(..., flops=0.7, samples=8)` and its "
             "verification (max |slim - masked dense|).\n\n" + table(outcomes))
 
