@@ -23,10 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-Exporter = Literal["dynamo", "torchscript"]
+Exporter = Literal["dynamo", "torchscript", "ort-fused"]
 Attention = Literal["default", "eager"]
 
 EXPORTERS: tuple[Exporter, ...] = ("torchscript", "dynamo")
+#: Architectures also exported as "ort-fused": TorchScript, then onnxruntime's transformer
+#: fusion for its ``bert`` model type (what many deployment pipelines run first).
+ORT_FUSED = ("bert",)
 SEQ = 16
 BATCH = 2
 VOCAB = 128
@@ -375,13 +378,31 @@ ZOO: dict[str, Callable[..., ZooModel]] = {
 }
 
 
+def ort_fuse(path: Path, heads: int = HEADS, hidden: int = HIDDEN) -> Path:
+    """Rewrite ``path`` with onnxruntime's BERT fusion (its Python fusions only, opt_level 0):
+    SkipLayerNormalization, BiasGelu and, where it recognises the pattern, ``com.microsoft``
+    Attention with packed QKV weights. Saved through the optimizer, which declares the
+    ``com.microsoft`` opset (its in-memory ``.model`` does not)."""
+    import logging
+
+    from onnxruntime.transformers import optimizer
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    opt = optimizer.optimize_model(str(path), model_type="bert", num_heads=heads,
+                                   hidden_size=hidden, opt_level=0, use_gpu=False)
+    opt.save_model_to_file(str(path))
+    return path
+
+
 def export(zm: ZooModel, path: str | Path, exporter: Exporter = "torchscript",
            opset: int = 17) -> Path:
     """Export ``zm`` with its dynamic axes: TorchScript (``dynamo=False``) with named
     ``dynamic_axes``, or dynamo with one ``torch.export.Dim`` per axis name (opset >= 18, the
-    lowest torchlib writes)."""
+    lowest torchlib writes); "ort-fused": TorchScript, then :func:`ort_fuse`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if exporter == "ort-fused":
+        return ort_fuse(export(zm, path, "torchscript", opset))
     names = list(zm.inputs)
     args = tuple(zm.inputs.values())
     with torch.no_grad():

@@ -113,6 +113,8 @@ def forms(archs: list[str], exporters: list[str]) -> list[Form]:
     for arch in archs:
         default = zoo.ZOO[arch]("default").attn_impl
         for exporter in exporters:
+            if exporter == "ort-fused" and arch not in zoo.ORT_FUSED:
+                continue
             out += [Form(arch, exporter, "default")]
             if default != "eager":
                 out += [Form(arch, exporter, "eager")]
@@ -172,7 +174,9 @@ def table(outcomes: list[Outcome]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default=",".join(zoo.ZOO), help="comma-separated zoo names")
-    p.add_argument("--exporter", default=",".join(zoo.EXPORTERS))
+    p.add_argument("--exporter", default=",".join((*zoo.EXPORTERS, "ort-fused")),
+                   help="torchscript, dynamo, ort-fused (TorchScript + onnxruntime's BERT "
+                        f"fusion, for {', '.join(zoo.ORT_FUSED)} only)")
     p.add_argument("--no-prune", action="store_true", help="analysis only")
     p.add_argument("--output", help="write the table (markdown) here")
     args = p.parse_args(argv)
