@@ -5,14 +5,15 @@ BERT our other fixtures use. Every entry builds one architecture from a seeded r
 hub download) with transformers' *default* attention implementation (what ``from_pretrained``
 gives a user today) or, on request, the eager one, wrapped to take keyword arguments and return
 one tensor (a tuple for the KV-cache decoder). :func:`export` writes it with either torch.onnx
-exporter and dynamic batch / sequence axes. Everything is small (2 layers, hidden 32-64, 4 heads,
-sequence 16) so that one export takes seconds on a shared 2-core machine.
+exporter (and BERT also through onnxruntime's fusion) with dynamic batch / sequence axes.
+Everything is small (2 layers, hidden 64, 4 heads of 16, sequence 16) so that one export takes
+seconds on a shared 2-core machine.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -61,7 +62,6 @@ class ZooModel:
     output_names: list[str]
     units: tuple[int, ...]
     attn_impl: str
-    notes: list[str] = field(default_factory=list)
 
     def feeds(self, n: int, seed: int = 0) -> dict[str, np.ndarray]:
         """``n`` calibration samples shaped like :attr:`inputs` (first axis = sample): token ids
@@ -216,14 +216,13 @@ def distilbert(attention: Attention = "default", seed: int = 0) -> ZooModel:
 
 
 def albert(attention: Attention = "default", seed: int = 0) -> ZooModel:
-    """ALBERT applies one layer's weights to every layer: 2 applications of 1 shared layer."""
+    """ALBERT applies one layer's weights to every layer: 2 applications of 1 shared layer (one
+    group per shared projection), after an embedding projection 32 -> 64."""
     from transformers import AlbertModel
 
     cfg = _config("AlbertConfig", embedding_size=32)
-    zm = _text_model(_build(AlbertModel, cfg, attention, seed, add_pooling_layer=False),
-                     _text(token_types=True))
-    zm.notes.append("one shared layer applied twice: one group per shared projection expected")
-    return zm
+    return _text_model(_build(AlbertModel, cfg, attention, seed, add_pooling_layer=False),
+                       _text(token_types=True))
 
 
 def electra(attention: Attention = "default", seed: int = 0) -> ZooModel:
@@ -308,7 +307,8 @@ def phi3(attention: Attention = "default", seed: int = 0) -> ZooModel:
 
 
 def llama_cache(attention: Attention = "default", seed: int = 0) -> ZooModel:
-    """Llama (GQA 4 over 2) with its KV cache as graph inputs (past length 4) and outputs."""
+    """Llama (GQA 4 over 2) with its KV cache as graph inputs and outputs: exported with a past
+    of length 4, ``attention_mask`` covering past + sequence (axis "total")."""
     from transformers import LlamaModel
 
     cfg = _config("LlamaConfig", num_key_value_heads=KV_HEADS)
@@ -325,10 +325,8 @@ def llama_cache(attention: Attention = "default", seed: int = 0) -> ZooModel:
             inputs[f"past.{i}.{kind}"] = torch.randn(BATCH, kv, past_len, HEAD_DIM, generator=g)
             dynamic[f"past.{i}.{kind}"] = {0: "batch", 2: "past"}
             outputs.append(f"present.{i}.{kind}")
-    zm = ZooModel(CacheWrapper(model, LAYERS), inputs, dynamic, outputs, GQA,
-                  model.config._attn_implementation)
-    zm.notes.append("past length 4 at export; total = past + sequence")
-    return zm
+    return ZooModel(CacheWrapper(model, LAYERS), inputs, dynamic, outputs, GQA,
+                    model.config._attn_implementation)
 
 
 def vit(attention: Attention = "default", seed: int = 0) -> ZooModel:
@@ -357,15 +355,14 @@ def dinov2(attention: Attention = "default", seed: int = 0) -> ZooModel:
 
 def swin(attention: Attention = "default", seed: int = 0) -> ZooModel:
     """Two stages of one block each (window 4 over an 8x8 patch grid, then patch merging to 4x4),
-    2 then 4 heads."""
+    2 then 4 heads of 16. Its forward mutates the module under TorchScript tracing
+    (``set_shift_and_window_size``): export a fresh model each time."""
     from transformers import SwinConfig, SwinModel
 
     cfg = SwinConfig(image_size=IMAGE, patch_size=4, embed_dim=32, depths=[1, 1],
                      num_heads=[2, 4], window_size=4, mlp_ratio=2.0)
-    zm = _vision_model(_build(SwinModel, cfg, attention, seed, add_pooling_layer=False),
-                       units=(2, 4))
-    zm.notes.append("stage 0: 2 heads of 16, stage 1: 4 heads of 16 (after patch merging)")
-    return zm
+    return _vision_model(_build(SwinModel, cfg, attention, seed, add_pooling_layer=False),
+                         units=(2, 4))
 
 
 #: name -> builder(attention, seed). Order: encoders, decoders, vision.

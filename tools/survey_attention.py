@@ -5,7 +5,8 @@ why not (issue 9).
                                      [--output docs/survey_attention.md]
 
 Every form (architecture x exporter x attention implementation: transformers' default, and eager
-where the default differs) is exported to a temporary directory and analysed as ``optin-onnx
+where the default differs; exporters: torchscript, dynamo, and "ort-fused", TorchScript then
+onnxruntime's BERT fusion, for BERT) is exported to a temporary directory and analysed as ``optin-onnx
 analyze`` does (fused projections split, probed at the calibration data's shapes); where blocks
 are found it is pruned to 0.7 of its MACs (8 scoring samples, no latency timing) and verified.
 One markdown row per form; with ``--output`` the table is written there, with the command.
