@@ -1,7 +1,8 @@
 """Heads in every architecture of the zoo, with both exporters and transformers' default attention
 (issue 9).
 
-Each form (architecture x exporter) must be analysed into the expected attention units per layer
+Each form (architecture x exporter with the default attention, and BERT after onnxruntime's
+fusion with either attention) must be analysed into the expected attention units per layer
 (grouped-query attention: one unit per KV head) and pruned with heads cut, the result verifying
 against the masked dense graph with its dynamic axes intact. Forms that fail today carry a strict
 xfail whose reason is the specific cause; the test first checks that this cause is still what
