@@ -76,9 +76,10 @@ def ancestry(v: ir.Value, probe: dict[str, np.ndarray], depth: int = 8) -> list[
 
 def fates(model: ir.Model, values: dict[str, np.ndarray], structure) -> list[tuple[str, object]]:
     """Every group of the propagation (union-find roots) with what became of it: ``block NAME``,
-    ``declined``, ``DROPPED silently, with a head axis`` (the analysis' worst outcome: heads
-    exist and nothing says why they are not pruned), or ``not a block`` (ends at the model
-    width: the residual stream's projections)."""
+    ``declined``, ``model width`` (listed in ``Structure.model_width``: the residual stream's
+    projections), or, for a group with a head axis, ``DROPPED ...``: either listed as the model
+    width (heads the user is told are the residual stream) or listed nowhere. Both are the
+    analysis' worst outcome: heads exist and nothing says why they are not pruned."""
     from optin_onnx.analysis.propagate import Propagator
 
     prop = Propagator(model, values)
@@ -86,13 +87,20 @@ def fates(model: ir.Model, values: dict[str, np.ndarray], structure) -> list[tup
     prop.resolve()
     known = {f"group@{b.sources[0]}": f"block {b.name}" for b in structure.blocks}
     known.update({d.name: "declined" for d in structure.declined})
+    width = {d.name for d in structure.model_width}
     out = []
     for gid, g in prop.groups.items():
         if prop.find(gid) != gid or g.parts:
             continue
-        out.append((known.get(f"group@{g.sources[0]}") or (
-            "DROPPED silently, with a head axis" if g.has_head
-            else "not a block (ends at the model width)" if g.natural else "not a block"), g))
+        name = f"group@{g.sources[0]}"
+        if name in known:
+            verdict = known[name]
+        elif g.has_head:
+            verdict = "DROPPED: " + ("listed as the model width" if name in width
+                                     else "listed nowhere") + ", with a head axis"
+        else:
+            verdict = "model width" if name in width else "not a block"
+        out.append((verdict, g))
     return out
 
 

@@ -28,7 +28,7 @@ from models import zoo
 CALIB_SAMPLES = 12
 
 COLUMNS = ("arch", "exporter", "attention", "export", "attention blocks", "mlp blocks",
-           "declined", "head groups dropped silently", "MACs outside", "prune 0.7")
+           "declined", "head groups not declined", "MACs outside", "prune 0.7")
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,10 @@ class Outcome:
     attention: list[tuple[int, int]] = field(default_factory=list)  # (units, unit size) per block
     mlp: list[int] = field(default_factory=list)  # neurons per block
     declined: list[str] = field(default_factory=list)  # every reason of every declined group
-    # every barrier of every group with a head axis that is neither a block nor declined
+    # every barrier of every group with a head axis that is neither a block nor declined, and
+    # where each such group is listed ("model width" or "nowhere")
     dropped: list[str] = field(default_factory=list)
-    n_dropped: int = 0
+    dropped_where: list[str] = field(default_factory=list)
     outside: float | None = None  # fraction of the MACs outside every block
     analysis_error: str | None = None
     prune: str | None = None
@@ -73,7 +74,8 @@ class Outcome:
             cells = ["ok", "analysis fails: " + _cell(self.analysis_error)] + ["-"] * 5
         else:
             heads = blocks([f"{u} heads of {d}" for u, d in self.attention])
-            dropped = f"{self.n_dropped}: {_reasons(self.dropped)}" if self.n_dropped else "-"
+            where = ", ".join(f"{n} as {w}" for w, n in Counter(self.dropped_where).items())
+            dropped = f"{where}: {_reasons(self.dropped)}" if self.dropped_where else "-"
             cells = ["ok", heads, blocks([f"{n}" for n in self.mlp]),
                      _reasons(self.declined) or "-", dropped, f"{self.outside:.1%}",
                      _cell(self.prune or "-")]
@@ -141,7 +143,7 @@ def survey(form: Form, root: Path, prune: bool = True) -> Outcome:
     try:
         model, values, structure = analyse(path, feeds)
         macs = mac_model(model, structure, zoo.SEQ, like=feeds)
-        silent = [g for verdict, g in fates(model, values, structure)
+        silent = [(verdict, g) for verdict, g in fates(model, values, structure)
                   if verdict.startswith("DROPPED")]
     except Exception as exc:  # noqa: BLE001
         out.analysis_error = first_line(exc)
@@ -149,8 +151,8 @@ def survey(form: Form, root: Path, prune: bool = True) -> Outcome:
     out.attention = [(b.n_units, b.unit_size) for b in structure.blocks if b.kind == "attention"]
     out.mlp = [b.n_units for b in structure.blocks if b.kind == "mlp"]
     out.declined = [r for d in structure.declined for r in d.reasons]
-    out.dropped = [r for g in silent for r in dict.fromkeys(g.barriers)]
-    out.n_dropped = len(silent)
+    out.dropped = [r for _, g in silent for r in dict.fromkeys(g.barriers)]
+    out.dropped_where = ["model width" if "model width" in v else "nowhere" for v, _ in silent]
     out.outside = macs.base / macs.total
     if prune and structure.blocks:
         try:
@@ -197,9 +199,11 @@ def main(argv: list[str] | None = None) -> None:
             f"configs, {zoo.LAYERS} layers, sequence {zoo.SEQ}). *attention*: "
             "`config._attn_implementation` as built (transformers' default, then eager where "
             "that differs). *declined*: the analysis' reasons without node names, with their "
-            "count over the model. *head groups dropped silently*: groups with a head axis that "
-            "became neither a block nor a declined structure, with their barriers (the worst "
-            "outcome: nothing tells the user). Diagnoses per form: "
+            "count over the model. *head groups not declined*: groups with a head axis that "
+            "became neither a block nor a declined structure, listed as the model width (what "
+            "`analyze --verbose` calls 'end at the model width') or nowhere, with their "
+            "barriers: the worst outcome, nothing tells the user that heads were missed. "
+            "Diagnoses per form: "
             "`docs/attention_diagnoses.md`. *MACs outside*: at batch 1, sequence "
             f"{zoo.SEQ}. *prune 0.7*: `optin_onnx.prune(..., flops=0.7, samples=8)` and its "
             "verification (max |slim - masked dense|).\n\n" + table(outcomes))
