@@ -6,8 +6,8 @@ fusion with either attention) must be analysed into the expected attention units
 (grouped-query attention: one unit per KV head) and pruned with heads cut, the result verifying
 against the masked dense graph with its dynamic axes intact. Forms that fail today carry a strict
 xfail whose reason is the specific cause; the test first checks that this cause is still what
-stops the form (a declined reason, the barrier of a silently dropped head group, or the export
-error), so a fix that uncovers the next barrier fails loudly and the mark gets the new reason,
+stops the form (a declined reason, a barrier of a head group that was not declined, or the
+export error), so a fix that uncovers the next barrier fails loudly and the mark gets the new reason,
 and a fix that makes the form pass fails the strict mark until it is removed.
 
 Exports are made once per form, on first use (module fixture). TorchScript forms are fast (an
@@ -33,32 +33,20 @@ class HeadsMissing(AssertionError):
 
 Form = tuple[str, str, str]  # (arch, exporter, attention: "default" | "eager")
 
-#: form -> the cause that stops it today, as a substring of a declined reason, of a silently
-#: dropped head group's barrier, or of the export error.
+#: form -> the cause that stops it today, as a substring of a declined reason, of a barrier of
+#: a head group that is not declined (listed as the model width, or nowhere), or of the export
+#: error.
 XFAIL: dict[Form, str] = {
     ("deberta-v2", "torchscript", "default"): "reads a folded (batch x units) axis",
     ("deberta-v2", "dynamo", "default"): "contracts the axis with a run-time tensor",
-    ("mpnet", "torchscript", "default"):
-        "combines the axis with run-time tensor '/model/encoder/Expand",
-    ("mpnet", "dynamo", "default"): "combines the axis with run-time tensor",
-    ("modernbert", "torchscript", "default"): "mixes the axis with others ([3, 11, 192] -> "
-                                              "[3, 11, 3, 4, 16])",
-    ("modernbert", "dynamo", "default"): "mixes the axis with others ([3, 11, 192] -> "
-                                         "[3, 11, 3, 4, 16])",
-    ("t5-encoder", "torchscript", "default"): "combines the axis with run-time tensor",
-    ("t5-encoder", "dynamo", "default"): "combines the axis with run-time tensor 'where_1'",
+    **{("modernbert", exporter, "default"):
+       "mixes the axis with others ([3, 11, 192] -> [3, 11, 3, 4, 16])"
+       for exporter in zoo.EXPORTERS},
     ("gpt2", "torchscript", "default"): "splits units of 16, elsewhere 1",
     ("gpt2", "dynamo", "default"): "of a channel axis without a constant sizes input",
     **{(arch, exporter, "default"): "no handler for op Expand"  # GQA's repeat_kv
-       for arch in ("llama", "qwen2", "mistral") for exporter in zoo.EXPORTERS},
-    **{("phi3", exporter, "default"): "no handler for op Slice" for exporter in zoo.EXPORTERS},
-    ("llama-cache", "torchscript", "default"):
-        "combines the axis with run-time tensor 'past.0.value'",
-    ("llama-cache", "dynamo", "default"): "combines the axis with run-time tensor 'past.0.value'",
-    # onnxruntime fuses eager BERT's attention into com.microsoft Attention with packed QKV
-    # weights: no group starts there and no reason mentions it; its other fused ops decline the
-    # MLPs and the model width.
-    ("bert", "ort-fused", "eager"): "no handler for op SkipLayerNormalization",
+       for arch in ("llama", "qwen2", "mistral", "llama-cache") for exporter in zoo.EXPORTERS},
+    **{("phi3", exporter, "default"): "slices the channel axis" for exporter in zoo.EXPORTERS},
 }
 
 #: Dynamo forms run by default (the rest are slow): one encoder, one decoder.
@@ -120,7 +108,7 @@ def exports(tmp_path_factory) -> Exports:
 
 def causes(path: Path, zm: zoo.ZooModel) -> tuple[object, list[str]]:
     """The structure of ``path`` (analysed as ``optin-onnx analyze`` does) and every reason that
-    stops a group: declined reasons and the barriers of head groups dropped without one."""
+    stops a group: declined reasons and the barriers of head groups that were not declined."""
     model, values, structure = analyse(path, zm.feeds(4))
     reasons = [r for d in structure.declined for r in d.reasons]
     reasons += [r for verdict, g in fates(model, values, structure)
