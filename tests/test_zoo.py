@@ -44,8 +44,12 @@ XFAIL: dict[Form, str] = {
        for exporter in zoo.EXPORTERS},
     ("gpt2", "torchscript", "default"): "splits units of 16, elsewhere 1",
     ("gpt2", "dynamo", "default"): "of a channel axis without a constant sizes input",
-    **{(arch, exporter, "default"): "no handler for op Expand"  # GQA's repeat_kv
-       for arch in ("llama", "qwen2", "mistral", "llama-cache") for exporter in zoo.EXPORTERS},
+    # GQA's repeat_kv: TorchScript builds Expand's target from Shape reads of the KV heads
+    **{(arch, "torchscript", "default"): "cannot prove where element 1 of its target shape"
+       for arch in ("llama", "qwen2", "mistral")},
+    # K and V reach the present outputs: listed as the model width
+    **{("llama-cache", exporter, "default"): "reaches graph output 'present.0.key'"
+       for exporter in zoo.EXPORTERS},
     **{("phi3", exporter, "default"): "slices the channel axis" for exporter in zoo.EXPORTERS},
 }
 
@@ -158,21 +162,28 @@ def symbolic_axes(proto: onnx.ModelProto) -> list[tuple[str, list[int]]]:
 
 @pytest.mark.parametrize("form", params(FAST_PRUNE))
 def test_prune_cuts_heads_and_verifies(exports, form):
+    """Heads only, to a budget half a unit per layer below dense: the search must cut a head in
+    some layer whatever the scores (at 0.7 with neurons too it may cut neurons only)."""
+    from optin_onnx.flops import mac_model
     from optin_onnx.pipeline import as_model, prune
     from optin_onnx.probe import sample_feeds, sequence_inputs
     from tests.helpers import run
 
-    zm, path = with_heads(exports, form)  # without them a form may not reach 0.7 of its FLOPs
-    result = prune(path, zm.feeds(12), flops=0.7, latency_cases=[], samples=8)
+    zm, path = with_heads(exports, form)
+    feeds = zm.feeds(12)
+    model, _, structure = analyse(path, feeds)
+    macs = mac_model(model, structure, zoo.SEQ, like=feeds)
+    unit = sum(macs.unit[b.name] for b in structure.blocks if b.kind == "attention")
+    result = prune(path, feeds, flops=1 - 0.5 * unit / macs.total, prune="heads",
+                   latency_cases=[], samples=8)
     assert result.verification.passed
     # Dynamic axes survive: the same inputs with the same symbolic axes, and the model output at
     # another batch and length (a KV cache's present outputs shrink with the heads kept, by
     # design: output 0 only).
     dense = onnx.load(str(path))
     assert symbolic_axes(result.model) == symbolic_axes(dense)
-    feeds = sample_feeds(zm.feeds(4), 3, 7, sequence_inputs(as_model(dense)))
-    assert run(result.model, feeds)[0].shape == run(dense, feeds)[0].shape
+    check = sample_feeds(zm.feeds(4), 3, 7, sequence_inputs(as_model(dense)))
+    assert run(result.model, check)[0].shape == run(dense, check)[0].shape
     cut = sum(b.n_units - len(result.selection.keep[b.name])
               for b in result.structure.blocks if b.kind == "attention")
-    if cut == 0:
-        raise HeadsMissing("no head pruned at 0.7 of the FLOPs")
+    assert cut > 0
