@@ -44,9 +44,6 @@ XFAIL: dict[Form, str] = {
        for exporter in zoo.EXPORTERS},
     ("gpt2", "torchscript", "default"): "splits units of 16, elsewhere 1",
     ("gpt2", "dynamo", "default"): "of a channel axis without a constant sizes input",
-    # GQA's repeat_kv: TorchScript builds Expand's target from Shape reads of the KV heads
-    **{(arch, "torchscript", "default"): "cannot prove where element 1 of its target shape"
-       for arch in ("llama", "qwen2", "mistral")},
     # K and V reach the present outputs: listed as the model width
     **{("llama-cache", exporter, "default"): "reaches graph output 'present.0.key'"
        for exporter in zoo.EXPORTERS},
