@@ -1,4 +1,5 @@
-"""``optin-onnx``: the command-line front end. One flag per :class:`PruneOptions` field.
+"""``optin-onnx``: the command-line front end. ``prune``'s flags are made from
+:class:`~optin_onnx.options.PruneOptions`' fields (:func:`~optin_onnx.options.add_flags`).
 
     optin-onnx analyze  MODEL.onnx [--calib CALIB.npz]
     optin-onnx prune    IN.onnx OUT.onnx --flops 0.6 --calib CALIB.npz [options]
@@ -22,34 +23,6 @@ from optin_onnx.errors import OptinError
 from optin_onnx.guard import Terminated
 
 
-def _cases(text: str) -> list[tuple[int, int]]:
-    try:
-        out = []
-        for part in text.split(","):
-            if part.strip():
-                b, s = part.lower().split("x")
-                out.append((int(b), int(s)))
-        return out
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BATCHxSEQ[,BATCHxSEQ...], got '{text}'")
-
-
-def _limit_flag(parser: argparse.ArgumentParser) -> None:
-    from optin_onnx.io import CALIBRATION_LIMIT_BYTES
-
-    parser.add_argument("--max-calib-gib", type=float, default=CALIBRATION_LIMIT_BYTES / 2**30,
-                        help="refuse a calibration file whose arrays declare more than this many "
-                             "GiB once inflated (default %(default)g)")
-
-
-def _gib(value: float) -> int:
-    """``--max-calib-gib`` in bytes; non-finite or non-positive values are refused."""
-    from optin_onnx.validate import check_number
-
-    check_number("--max-calib-gib", value, False, 0.0, False)
-    return max(1, int(value * 2**30))
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage errors as the one ``optin-onnx: error:`` line every other error is (argparse prints
     the usage block first); subcommand parsers are made of this class too."""
@@ -59,10 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from optin_onnx.pipeline import PruneOptions
-    from optin_onnx.validate import CHOICES
+    from optin_onnx.options import add_flags
 
-    d = PruneOptions()
     p = _Parser(prog="optin-onnx", description="Retraining-free structured pruning of ONNX "
                 "models with OPTIN trajectory scores.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -73,67 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--seq-len", type=int, default=128, help="sequence length for MACs (default 128)")
     a.add_argument("--verbose", action="store_true",
                    help="also list the projections that end at the model width, with where")
-    _limit_flag(a)
+    add_flags(a, ["max_calib_bytes"])
 
     r = sub.add_parser("prune", help="prune a model to a FLOPs budget")
     r.add_argument("input")
     r.add_argument("output")
     r.add_argument("--calib", required=True, help="calibration .npz: one array per graph input")
-    r.add_argument("--flops", type=float, default=d.flops,
-                   help=f"fraction of the MACs to keep, in (0, 1] (default {d.flops})")
-    r.add_argument("--seq-len", type=int, default=None,
-                   help="sequence length for counting FLOPs (default: mean real calibration length)")
-    r.add_argument("--method", choices=CHOICES["method"],
-                   default=d.method,
-                   help="importance criterion: optin (trajectory), local (own layer only), "
-                        f"magnitude (weight L2 norm), random (seeded by --seed) (default {d.method})")
-    r.add_argument("--samples", type=int, default=d.samples,
-                   help=f"calibration samples used for scoring; the rest are held out for fidelity "
-                        f"(default {d.samples})")
-    r.add_argument("--prune", choices=CHOICES["prune"], default=d.prune)
-    r.add_argument("--lam", type=float, default=d.lam, help="weight of the logit/output term")
-    r.add_argument("--seed", type=int, default=d.seed, help="seed for the sampled tokens")
-    r.add_argument("--tokens", type=int, default=d.tokens, help="tokens K in the MD Gram matrices")
-    r.add_argument("--round", dest="width_multiple", type=int, default=d.width_multiple,
-                   help="keep FFN widths a multiple of N (default 1)")
-    r.add_argument("--channel-multiple", type=int, default=d.channel_multiple,
-                   help="keep conv channel counts a multiple of N where a group has at least N "
-                        f"(default {d.channel_multiple})")
-    r.add_argument("--neuron-group", type=int, default=d.neuron_group,
-                   help="score neurons (and conv channels) in groups of N adjacent by a local "
-                        f"proxy (approximate; default {d.neuron_group}; 1 = exact)")
-    r.add_argument("--feature", dest="feature_kind",
-                   choices=CHOICES["feature_kind"], default=d.feature_kind,
-                   help="trajectory feature: FFN outputs (post-LN, BERT), the LayerNorm'ed residual "
-                        "stream entering each later layer (pre-LN, ViT), the block outputs (CNNs), "
-                        "or auto (by graph; default)")
-    r.add_argument("--steps", type=int, default=d.steps,
-                   help="prune in N rounds, re-scoring the units left after each (budgets fall "
-                        "linearly to --flops; optin and local only; N times the scoring time; "
-                        f"default {d.steps} = one shot, as in the paper)")
-    r.add_argument("--round-teacher", choices=CHOICES["round_teacher"], default=d.round_teacher,
-                   help="with --steps: what later rounds compare against, the previous round's "
-                        "pruned model (as if it were the dense one) or the input model (a score is "
-                        f"the loss a unit adds; default {d.round_teacher})")
-    r.add_argument("--reconstruct", action="store_true",
-                   help="least-squares scales for the kept heads/neurons, fitted block by block so "
-                        "each pruned block's output matches the dense one on the calibration set")
-    r.add_argument("--allow-block-removal", action="store_true",
-                   help="allow removing every head (or neuron) of a layer")
-    r.add_argument("--provider", choices=["cpu", "cuda"], default=d.provider)
-    r.add_argument("--no-canonicalize", dest="canonicalize", action="store_false",
-                   help="keep run-time Reshape targets as exported")
-    r.add_argument("--simplify", choices=CHOICES["simplify"], default=d.simplify,
-                   help="onnxsim on the result: auto keeps it only if onnxruntime runs it at least "
-                        "as fast (default auto)")
-    r.add_argument("--tolerance", type=float, default=d.tolerance,
-                   help="max |slim - masked dense| / max(1, max |masked dense|), per output, "
-                        "accepted by the verify stage: absolute for outputs within [-1, 1], "
-                        f"relative above (default {d.tolerance:g})")
-    r.add_argument("--latency", type=_cases, default=list(d.latency_cases),
-                   help="latency cases BATCHxSEQ,... ('' to skip; default 1x128,32x128)")
-    r.add_argument("--latency-seconds", type=float, default=d.latency_seconds)
-    _limit_flag(r)
+    add_flags(r)
     r.add_argument("--report", help="also write the report as JSON here")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -151,11 +68,12 @@ def _analyze(args) -> None:
     from rich.table import Table
 
     from optin_onnx.flops import mac_model
+    from optin_onnx.options import gib_to_bytes
     from optin_onnx.pipeline import analyze, as_calibration, as_model
     from optin_onnx.validate import check_number
 
     check_number("--seq-len", args.seq_len, True, 1, True)
-    limit = _gib(args.max_calib_gib)
+    limit = gib_to_bytes(args.max_calib_bytes)
     loaded = as_model(args.model)
     calib = as_calibration(loaded, args.calib, limit) if args.calib else None
     model, structure = analyze(loaded, calib)
@@ -238,21 +156,11 @@ def _channel_table(title: str, blocks, macs, model):
 def _prune(args) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from optin_onnx.pipeline import PruneOptions, prune
+    from optin_onnx.options import from_args
+    from optin_onnx.pipeline import prune
     from optin_onnx.report import print_report
 
-    opt = PruneOptions(flops=args.flops, method=args.method, seq_len=args.seq_len, samples=args.samples,
-                       prune=args.prune, lam=args.lam, seed=args.seed, tokens=args.tokens,
-                       width_multiple=args.width_multiple, neuron_group=args.neuron_group,
-                       channel_multiple=args.channel_multiple,
-                       feature_kind=args.feature_kind, steps=args.steps,
-                       round_teacher=args.round_teacher,
-                       allow_block_removal=args.allow_block_removal, reconstruct=args.reconstruct,
-                       provider=args.provider,
-                       canonicalize=args.canonicalize, simplify=args.simplify,
-                       tolerance=args.tolerance,
-                       latency_cases=args.latency, latency_seconds=args.latency_seconds,
-                       max_calib_bytes=_gib(args.max_calib_gib))
+    opt = from_args(args)
     if args.quiet:
         result = prune(args.input, args.calib, opt, output=args.output, report_path=args.report)
     else:

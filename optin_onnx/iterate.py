@@ -47,7 +47,7 @@ class Round:
 def budgets(flops: float, steps: int) -> list[float]:
     """The FLOPs fraction each round searches for: ``steps`` equal steps from 1 down to ``flops``."""
     if steps < 1:
-        raise OptinError(f"--steps must be at least 1, got {steps}")
+        raise OptinError(f"--rounds must be at least 1, got {steps}")
     return [1.0 - (1.0 - flops) * k / steps for k in range(1, steps + 1)]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from optin_onnx.graph import copy_model, normalize
 from optin_onnx.iterate import budgets, rounds
 from optin_onnx.guard import refuse_unsafe_writes
 from optin_onnx.io import CALIBRATION_LIMIT_BYTES, files_read, load_model, save_model
+from optin_onnx.options import PruneOptions, providers_for
 # Re-exported: the name callers (the CLI, tools) know it by.
 from optin_onnx.io import calibration_for as as_calibration
 from optin_onnx.latency import compare_latency, latency_entry
@@ -37,7 +38,6 @@ from optin_onnx.scoring.features import objective_output, output_kind
 from optin_onnx.scoring.importance import IMPORTANCES, make_importance
 from optin_onnx.scoring.types import ScoreConfig, Scores
 from optin_onnx.search import SearchResult, search
-from optin_onnx.validate import check_options
 from optin_onnx.simplify import choose as choose_simplified
 from optin_onnx.verify import RUN_ERRORS, VerifyResult, verify
 
@@ -45,52 +45,6 @@ from optin_onnx.verify import RUN_ERRORS, VerifyResult, verify
 #: stages (the accuracy benchmark): optin (trajectory scores), local (the ablation: the unit's own
 #: layer only), magnitude (squared L2 norm of the unit's weights), random (seeded by ``seed``).
 METHODS = tuple(IMPORTANCES)
-
-PROVIDERS = {"cpu": ["CPUExecutionProvider"],
-             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-@dataclass
-class PruneOptions:
-    """Every knob of :func:`prune`; each is also a CLI flag of ``optin-onnx prune``."""
-
-    flops: float = 0.6
-    method: str = "optin"  # importance criterion: optin | local | magnitude | random (METHODS)
-    seq_len: int | None = None  # for counting FLOPs; default: mean real length of the calibration
-    samples: int = 32  # calibration samples used for scoring; the rest are held out for fidelity
-    prune: str = "both"  # heads | neurons | both
-    lam: float = 1.0
-    seed: int = 0
-    tokens: int = 768
-    width_multiple: int = 1
-    # Conv channel counts stay multiples of this where a group has at least that many channels
-    # (narrower SIMD / tensor-core tiles would make a model with fewer FLOPs run slower).
-    channel_multiple: int = 8
-    # Neurons scored in proxy-ordered groups of 8: several times less scoring time than exact, with
-    # held-out fidelity as good on MiniLM (docs/RESULTS.md, "One-off measurements"). 1 = exact.
-    neuron_group: int = 8
-    # What the trajectory loss compares (F_z): auto | ffn (FFN outputs: post-LN BERT) | residual-ln
-    # (the LayerNorm'ed residual stream entering each later layer: pre-LN ViT); auto picks by graph.
-    feature_kind: str = "auto"
-    # Rounds of score + search with budgets falling linearly to ``flops``, each re-scoring the
-    # units left (optin_onnx.iterate); 1 = one shot, as in the paper.
-    steps: int = 1
-    # The teacher of rounds after the first: current (the previous round's pruned model, as if it
-    # were the dense one) | dense (the input model). See ScoreConfig.teacher.
-    round_teacher: str = "current"
-    allow_block_removal: bool = False
-    reconstruct: bool = False  # least-squares scales for the kept units (optin_onnx.reconstruct)
-    provider: str = "cpu"
-    canonicalize: bool = True  # constant Reshape targets where provably equivalent (fewer nodes)
-    simplify: str = "auto"  # auto (keep onnxsim's graph only if not slower) | on | off
-    tolerance: float = 1e-4
-    latency_cases: Sequence[tuple[int, int]] = ((1, 128), (32, 128))
-    latency_seconds: float = 20.0
-    candidates_per_run: int = 4  # fastest per candidate (docs/RESULTS.md, "One-off measurements")
-    chunk_size: int = 16
-    # Calibration arrays may declare at most this many bytes once inflated (io.load_calibration).
-    max_calib_bytes: int = CALIBRATION_LIMIT_BYTES
-
 
 @dataclass
 class PruneResult:
@@ -101,18 +55,6 @@ class PruneResult:
     selection: SearchResult
     verification: VerifyResult
     stage_seconds: dict[str, float] = field(default_factory=dict)
-
-
-def providers_for(name: str) -> list[str]:
-    if name not in PROVIDERS:
-        raise OptinError(f"--provider must be one of {sorted(PROVIDERS)}, got '{name}'")
-    if name == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise OptinError("--provider cuda: this onnxruntime has no CUDA provider "
-                             "(pip install optin-onnx[gpu])")
-    return PROVIDERS[name]
 
 
 def as_model(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
@@ -192,12 +134,9 @@ def prune(model: str | os.PathLike | ir.Model | onnx.ModelProto,
         if not hasattr(PruneOptions, k):
             raise TypeError(f"unknown option {k!r}")
     # A copy: the caller's options object is left as given.
+    # A new object, checked again (PruneOptions.__post_init__).
     opt = dataclasses.replace(options or PruneOptions(), **overrides)
-    check_options(opt)
     schedule = budgets(opt.flops, opt.steps)
-    if opt.steps > 1 and not IMPORTANCES[opt.method].rescores:
-        raise OptinError(f"--steps re-scores between rounds; {opt.method} scores do not depend "
-                         f"on what is pruned, so use --steps 1 with it")
     providers = providers_for(opt.provider)
     stages: dict[str, float] = {}
     input_path = None if isinstance(model, (ir.Model, onnx.ModelProto)) else Path(model)

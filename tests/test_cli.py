@@ -245,7 +245,7 @@ def test_prune_writes_model_and_report(tiny_exports, tmp_path, capsys):
 def test_prune_in_rounds_from_the_command_line(tiny_exports, tmp_path, capsys):
     np.savez(tmp_path / "calib.npz", **tiny_feeds(24, 16, seed=2))
     code, out, err = call(["prune", tiny_exports[TINY], tmp_path / "out.onnx", "--calib",
-                           tmp_path / "calib.npz", "--flops", "0.6", "--steps", "2",
+                           tmp_path / "calib.npz", "--flops", "0.6", "--rounds", "2",
                            "--round-teacher", "dense", "--latency", "", "--samples", "16",
                            "--report", tmp_path / "r.json"], capsys)
     assert code == 0, err
@@ -253,8 +253,8 @@ def test_prune_in_rounds_from_the_command_line(tiny_exports, tmp_path, capsys):
     assert report["verify"]["passed"] is True and report["flops_achieved"] <= 0.6 + 1e-9
     assert "2 rounds of scoring and search, at 0.8, 0.6 of the FLOPs" in report["notes"]
     code, out, err = call(["prune", tiny_exports[TINY], tmp_path / "o2.onnx", "--calib",
-                           tmp_path / "calib.npz", "--steps", "0"], capsys)
-    assert code == 2 and "--steps must be at least 1" in err and "Traceback" not in err
+                           tmp_path / "calib.npz", "--steps", "0"], capsys)  # the old spelling
+    assert code == 2 and "--rounds must be at least 1" in err and "Traceback" not in err
 
 
 def test_bad_latency_spec_is_a_usage_error(tiny_exports, tmp_path, capsys):

@@ -517,11 +517,13 @@ OPTION_CASES = [
     (["--samples", "1.5"], "argument --samples: invalid int value: '1.5'"),
     (["--tokens", "0"], "--tokens must be at least 1, got 0"),
     (["--neuron-group", "0"], "--neuron-group must be at least 1, got 0"),
-    (["--round", "-2"], "--round must be at least 1, got -2"),
+    (["--ffn-multiple", "-2"], "--ffn-multiple must be at least 1, got -2"),
+    (["--round", "-2"], "--ffn-multiple must be at least 1, got -2"),  # the old spelling
     (["--channel-multiple", "0"], "--channel-multiple must be at least 1, got 0"),
     (["--seq-len", "0"], "--seq-len must be at least 1, got 0"),
     (["--seed", "-1"], "--seed must be at least 0, got -1"),
-    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+    (["--steps", "0"], "--rounds must be at least 1, got 0"),  # the old spelling
     (["--latency", "0x128"], "--latency batch size must be at least 1, got 0"),
     (["--latency", "1x-5"], "--latency sequence length must be at least 0, got -5"),
     (["--latency", "16by1"], "expected BATCHxSEQ"),

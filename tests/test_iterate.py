@@ -81,7 +81,7 @@ def test_base_scores_are_what_a_unit_adds_to_the_selection(setup):
 def test_budgets_fall_linearly_to_the_target():
     np.testing.assert_allclose(budgets(0.6, 4), [0.9, 0.8, 0.7, 0.6])
     assert budgets(0.5, 1) == [0.5]
-    with pytest.raises(OptinError, match="--steps must be at least 1"):
+    with pytest.raises(OptinError, match="--rounds must be at least 1"):
         budgets(0.6, 0)
 
 
@@ -132,7 +132,7 @@ def test_prune_in_rounds_is_verified_and_noted(tiny_exports):
     assert result.verification.passed
     assert result.report.flops_achieved <= 0.6 + 1e-6
     assert any("2 rounds of scoring and search, at 0.8, 0.6" in n for n in result.report.notes)
-    with pytest.raises(OptinError, match="use --steps 1"):
+    with pytest.raises(OptinError, match="use --rounds 1"):
         prune(tiny_exports[FORM], feeds, PruneOptions(flops=0.6, steps=2, method="magnitude",
                                                       latency_cases=[]))
 
