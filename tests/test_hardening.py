@@ -535,12 +535,12 @@ OPTION_CASES = [
 
 @pytest.mark.parametrize("extra, wanted", OPTION_CASES, ids=[" ".join(c[0]) for c in OPTION_CASES])
 def test_bad_option_is_one_line_before_any_work(extra, wanted, tmp_path, capsys, monkeypatch):
-    from optin_onnx import pipeline
+    import optin_onnx.stages.prepare as prepare
 
     model_with_data(tmp_path)
     np.savez(tmp_path / "c.npz", x=np.ones((4, 2, 16), np.float32))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pipeline, "as_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(prepare, "as_model", lambda *a: pytest.fail("the model was loaded"))
     assert_refused(["prune", "m.onnx", "o.onnx", "--calib", "c.npz", *extra], [wanted], tmp_path,
                    capsys)
 

@@ -36,11 +36,10 @@ def _setup(n_texts: int, max_length: int, cache: str | None):
 
 def _scoring_inputs(model_path: Path, calib_path: Path, samples: int):
     """Model, structure and scoring set of the first ``samples`` calibration samples."""
-    from optin_onnx.pipeline import as_calibration, as_model
-    from tools.bench.prepare import prepare
+    from optin_onnx.options import PruneOptions
+    from optin_onnx.stages.prepare import prepare
 
-    arrays = as_calibration(as_model(model_path), str(calib_path))
-    prep = prepare(model_path, {k: v[:samples] for k, v in arrays.items()})
+    prep = prepare(model_path, calib_path, PruneOptions(samples=samples))
     return prep.model, prep.structure, prep.cal
 
 

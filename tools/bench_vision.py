@@ -49,7 +49,7 @@ def bench(args) -> dict:
     from optin_onnx.report import compare_latency, latency_entry
 
     t = VISION[args.target](args.net, args.samples)
-    prep = prepare(t.path, t.calib, t.sequence)
+    prep = prepare(t.path, t.calib)
     dense_proto = ir.to_proto(prep.model)
     dense = outputs(dense_proto, t.evaluate, t.batch)
     (name, images), = t.evaluate.items()

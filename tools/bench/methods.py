@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from optin_onnx.scoring.importance import Importance
     from optin_onnx.scoring.types import Scores
     from optin_onnx.search import SearchResult
-    from tools.bench.prepare import Prepared
+    from optin_onnx.stages.prepare import Prepared
 
 #: Our methods, in the order their rows are written.
 OURS = ("optin", "optin+ls", "local", "magnitude", "random")

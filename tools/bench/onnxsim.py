@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tools.bench.methods import Settings
-from tools.bench.prepare import Prepared
+
+if TYPE_CHECKING:
+    from optin_onnx.stages.prepare import Prepared
 
 #: Row method -> onnxsim variant (:data:`tools.competitors.VARIANTS`).
 ONNXSIM = {"onnxsim-magnitude": "magnitude", "onnxsim-wanda": "wanda", "onnxsim-heads": "heads"}

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import onnx
 
 from tools.bench.methods import Importances, Settings, mean_row
 from tools.bench.onnxsim import ONNXSIM, sweep
-from tools.bench.prepare import Prepared
+
+if TYPE_CHECKING:
+    from optin_onnx.stages.prepare import Prepared
 
 #: Row name of (method, lambda, whether it ran in rounds): each tool names its own rows.
 Namer = Callable[[str, float, bool], str]

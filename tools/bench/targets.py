@@ -28,8 +28,7 @@ VAL_SEED = 1
 @dataclass(frozen=True)
 class Target:
     """A model and its data. ``kind``: ``logits`` (classes) or ``embedding``; ``labels`` None
-    where only agreement with the dense model can be measured. ``sequence``: FLOPs are counted at
-    the calibration set's mean real length (text), else at the calibration arrays' shapes."""
+    where only agreement with the dense model can be measured."""
 
     path: Path
     description: str
@@ -37,7 +36,6 @@ class Target:
     calib: dict[str, np.ndarray]
     evaluate: dict[str, np.ndarray]
     labels: np.ndarray | None
-    sequence: bool
     top5: bool = False  # report top-5 agreement (1000-class ImageNet logits)
     batch: int = 32  # evaluation batch
 
@@ -117,8 +115,7 @@ def text_target(name: str, samples: int, split: str = "test", cache: str | None 
     texts, labels = t.data["test"] if split == "test" else validation_split(t.data["train"])
     return Target(t.path, t.description, t.kind, encode(t.data["train"][0][:samples],
                                                         t.max_length),
-                  encode(texts, t.max_length), labels if t.kind == "logits" else None,
-                  sequence=True)
+                  encode(texts, t.max_length), labels if t.kind == "logits" else None)
 
 
 def _digits(net: str, samples: int | None) -> Target:
@@ -128,7 +125,7 @@ def _digits(net: str, samples: int | None) -> Target:
     calib = data["calib"][0][:samples] if samples else data["calib"][0]
     return Target(digits_cnn(net), f"ccexam {net} digit CNN on sklearn load_digits",
                   "logits", {"input": calib}, {"input": data["test"][0]}, data["test"][1],
-                  sequence=False, top5=True, batch=64)
+                  top5=True, batch=64)
 
 
 def _efficientnet(net: str, samples: int | None) -> Target:
@@ -143,7 +140,7 @@ def _efficientnet(net: str, samples: int | None) -> Target:
     calib = np.random.default_rng(0).permutation(split["calib"])[:samples or 32]
     return Target(efficientnet_lite0_onnx(), "EfficientNet-Lite0 (ImageNet) on packaged natural "
                   "images", "logits", {"input": x[np.sort(calib)]}, {"input": x[split["eval"]]},
-                  None, sequence=False, top5=True, batch=64)
+                  None, top5=True, batch=64)
 
 
 #: Vision target name -> builder(digit net, calibration images or None for the default).

@@ -1,0 +1,75 @@
+"""Stage *build*: the slim model from a selection: reconstruct (optional) -> rewrite ->
+canonicalize -> simplify.
+
+The model the slim one must equal once masked (what verify compares against) is the prepared
+model, or its least-squares correction: :attr:`Built.reference`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+import onnx_ir as ir
+
+from optin_onnx.options import PruneOptions
+from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
+from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
+from optin_onnx.reconstruct import reconstruct
+from optin_onnx.rewrite import rewrite
+from optin_onnx.scoring.types import Units
+from optin_onnx.simplify import choose as choose_simplified
+from optin_onnx.stages.clock import Clock
+from optin_onnx.stages.prepare import Prepared
+
+#: (batch, sequence) of the two probe runs canonicalize compares: an element becomes constant only
+#: where both runs agree, so the two sizes differ in both axes.
+CANONICALIZE_PROBES = ((3, 11), (2, 7))
+
+
+@dataclass(frozen=True)
+class Built:
+    reference: ir.Model
+    slim: onnx.ModelProto
+    notes: tuple[str, ...]
+
+
+def correct(prep: Prepared, keep: Units) -> tuple[ir.Model, str]:
+    """The prepared model with least-squares scales for the kept units folded in, and the note
+    saying which blocks took them."""
+    fixed = reconstruct(prep.model, prep.structure, keep, prep.cal, providers=prep.providers)
+    applied = [c.block for c in fixed.corrections if c.applied]
+    return fixed.model, (f"least-squares correction applied to {len(applied)} of "
+                         f"{len(fixed.corrections)} pruned blocks"
+                         + "".join(f"; {c.block} kept as is ({c.reason})"
+                                   for c in fixed.corrections if not c.applied))
+
+
+def build(prep: Prepared, options: PruneOptions, keep: Units, *,
+          clock: Clock | None = None) -> Built:
+    """The slim model keeping ``keep``; ``options.reconstruct``, ``canonicalize``, ``simplify``
+    and the last latency case (onnxsim's timing shape) say how."""
+    clock = clock or Clock()
+    notes = []
+    reference = prep.model
+    if options.reconstruct:
+        with clock("reconstruct"):
+            reference, note = correct(prep, keep)
+            notes.append(note)
+    with clock("rewrite"):
+        slim_ir = rewrite(reference, prep.structure, keep)
+    if options.canonicalize:
+        with clock("canonicalize"):
+            probes = [probe(slim_ir, dummy_feeds(slim_ir, batch=b, seq=s, like=prep.calib))
+                      for b, s in CANONICALIZE_PROBES]
+            n_fixed = canonicalize_reshapes(slim_ir, probes)
+            if n_fixed:
+                notes.append(f"{n_fixed} run-time Reshape targets replaced by constants "
+                             f"(their shape-computing nodes removed)")
+    slim = ir.to_proto(slim_ir)
+    with clock("simplify"):
+        batch, seq = (list(options.latency_cases) or [(1, prep.seq_len or None)])[-1]
+        feeds = sample_feeds(prep.calib, batch, seq, sequence_inputs(reference))
+        slim, why = choose_simplified(slim, feeds, options.simplify, prep.providers)
+        if why:
+            notes.append(why)
+    return Built(reference, slim, tuple(notes))

@@ -1,0 +1,135 @@
+"""Stage *check*: verify (the slim model computes what the masked reference computes, or nothing
+is written), then what the report states: MACs, fidelity on the held-out samples, latency.
+:func:`make_report` assembles the report once the model is written (it states the file's size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from optin_onnx.calibrate import CalibrationSet, capture
+from optin_onnx.errors import OptinError, first_line
+from optin_onnx.flops import total_macs
+from optin_onnx.latency import compare_latency, latency_entry
+from optin_onnx.metrics import cosine_similarity, kl_divergence, top1_agreement
+from optin_onnx.options import PruneOptions
+from optin_onnx.probe import sample_feeds, sequence_inputs
+from optin_onnx.report import Report, count_parameters
+from optin_onnx.scoring.features import objective_output, output_kind
+from optin_onnx.scoring.types import Units
+from optin_onnx.stages.build import Built
+from optin_onnx.stages.clock import Clock
+from optin_onnx.stages.prepare import Prepared
+from optin_onnx.verify import RUN_ERRORS, VerifyResult, verify
+
+
+@dataclass(frozen=True)
+class Checked:
+    verification: VerifyResult
+    macs_after: int
+    fidelity: dict[str, float]
+    latency: dict[str, dict]
+    notes: tuple[str, ...]
+
+
+def fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, name: str, kind: str,
+             cal: CalibrationSet, providers: list[str]) -> dict[str, float]:
+    """How close the slim model's output ``name`` stays to the dense one's on ``cal``: KL and
+    top-1 agreement for logits, cosine for an embedding, cosine over real tokens for token
+    outputs."""
+    want = [c[name] for c in capture(dense, cal, [name], providers)]
+    got = [c[name] for c in capture(slim, cal, [name], providers)]
+    if kind in ("logits", "embedding"):
+        t, s = np.concatenate(want), np.concatenate(got)
+        if kind == "logits":
+            return {"kl_to_dense": kl_divergence(t, s), "top1_agreement": top1_agreement(t, s)}
+        return {"cosine_to_dense": cosine_similarity(t, s)}
+    # Token outputs: real tokens only, chunk by chunk (each chunk is cut to its own longest text).
+    rows_t, rows_s = [], []
+    for a, b, chunk in zip(want, got, cal.chunks):
+        ra, rb = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        mask = chunk.feeds.get("attention_mask")
+        if mask is not None and mask.size == ra.shape[0]:
+            real = mask.reshape(-1).astype(bool)
+            ra, rb = ra[real], rb[real]
+        rows_t.append(ra)
+        rows_s.append(rb)
+    return {"token_cosine_to_dense": cosine_similarity(np.concatenate(rows_t),
+                                                       np.concatenate(rows_s))}
+
+
+def check(prep: Prepared, options: PruneOptions, built: Built, keep: Units, *,
+          clock: Clock | None = None) -> Checked:
+    """Raise :class:`OptinError` unless the slim model passes verify within
+    ``options.tolerance``; then measure it. Shapes the model cannot run are noted, not fatal."""
+    clock = clock or Clock()
+    notes = []
+    reference, slim = built.reference, built.slim
+    with clock("verify"):
+        onnx.checker.check_model(slim, full_check=True)
+        result = verify(reference, slim, prep.structure, keep, prep.full, options.tolerance,
+                        prep.providers)
+        if not result.passed:
+            raise OptinError(result.failure())
+        notes.extend(f"verify case {case} skipped" for case in result.skipped)
+    with clock("report"):
+        macs_after = total_macs(ir.from_proto(slim), prep.seq_len, like=prep.calib)
+        outputs = reference.graph.outputs
+        objective = next(v for v in outputs
+                         if v.name == objective_output(reference, prep.structure))
+        if objective.name != outputs[0].name:
+            notes.append(f"scored and measured on output '{objective.name}': the outputs before "
+                         f"it do not depend on any pruned block")
+        kind = output_kind(reference, objective.name, len(objective.shape or ()) or 2, "auto")
+        measured = fidelity(prep.original, slim, objective.name, kind, prep.held,
+                            prep.providers)
+        if not prep.has_held:
+            notes.append("no held-out calibration samples: fidelity measured on the scoring set")
+        latency = {}
+        for batch, seq in options.latency_cases:
+            feeds = sample_feeds(prep.calib, batch, seq, sequence_inputs(reference))
+            try:
+                before, after = compare_latency(prep.original, slim, feeds,
+                                                providers=prep.providers,
+                                                max_seconds=options.latency_seconds)
+            except RUN_ERRORS as exc:  # a shape the model cannot take: the prune stands
+                notes.append(f"latency case b{batch} s{seq} skipped: onnxruntime cannot run the "
+                             f"model at that shape ({first_line(exc)})")
+                continue
+            latency[f"{options.provider} b{batch} s{seq}"] = latency_entry(before, after)
+    return Checked(result, macs_after, measured, latency, tuple(notes))
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a model file plus the external-data files its initializers point to."""
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data
+                 if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations
+                                     if (path.parent / loc).exists())
+
+
+def make_report(prep: Prepared, options: PruneOptions, built: Built, keep: Units,
+                checked: Checked, notes: list[str], stage_seconds: dict[str, float],
+                output: str | Path | None) -> Report:
+    """The report of a run whose slim model is at ``output`` (None: kept in memory)."""
+    source = prep.source
+    return Report(
+        input_path=str(source) if source else "<in-memory>",
+        output_path=str(output) if output else "<in-memory>",
+        flops_target=options.flops, flops_achieved=checked.macs_after / prep.macs.total,
+        seq_len=prep.seq_len, macs_before=prep.macs.total, macs_after=checked.macs_after,
+        params_before=count_parameters(prep.original), params_after=count_parameters(built.slim),
+        size_before=file_size(source) if source else prep.original.ByteSize(),
+        size_after=file_size(Path(output)) if output else built.slim.ByteSize(),
+        layers=[{"block": b.name, "kind": b.kind, "unit": b.unit_name,
+                 "units_before": b.n_units, "units_after": len(keep[b.name])}
+                for b in prep.structure.blocks],
+        latency=checked.latency, fidelity=checked.fidelity, verify=checked.verification.to_dict(),
+        stage_seconds=stage_seconds,
+        declined=[f"{d.name}: {'; '.join(d.reasons)}" for d in prep.structure.declined],
+        notes=notes)

@@ -1,0 +1,99 @@
+"""Stage *select*: score the units, search the budget; with ``--rounds N``, N times, each round
+re-scoring the units the previous one kept (:mod:`optin_onnx.iterate`).
+
+:func:`score` and :func:`search_level` are one round's halves; :func:`select` runs the schedule.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from optin_onnx.iterate import Round, budgets, rounds
+from optin_onnx.options import PruneOptions
+from optin_onnx.scoring.importance import Importance, make_importance
+from optin_onnx.scoring.types import ScoreConfig, Scores, Units
+from optin_onnx.search import SearchResult, search
+from optin_onnx.stages.clock import Clock
+from optin_onnx.stages.prepare import Prepared
+
+#: Called with (units scored so far, units to score in this round) while scoring.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Every round, in order; the last one's scores and selection are the result."""
+
+    rounds: tuple[Round, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def scores(self) -> Scores:
+        return self.rounds[-1].scores
+
+    @property
+    def selection(self) -> SearchResult:
+        return self.rounds[-1].selection
+
+    @property
+    def keep(self) -> dict[str, list[int]]:
+        return self.selection.keep
+
+
+class _Tally:
+    """Adds up the scorer's "k more units scored" into the caller's ``progress(done, total)``."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, k: int) -> None:
+        self.done += k
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
+def score_config(options: PruneOptions, providers: list[str]) -> ScoreConfig:
+    """The scorers' settings from the options."""
+    return ScoreConfig(lam=options.lam, tokens=options.tokens, seed=options.seed,
+                       candidates_per_run=options.candidates_per_run,
+                       neuron_group=options.neuron_group, feature_kind=options.feature_kind,
+                       teacher=options.round_teacher, providers=providers)
+
+
+def score(prep: Prepared, criterion: Importance, base: Units | None = None, *,
+          progress: Progress | None = None, clock: Clock | None = None) -> Scores:
+    """Importances of the units ``base`` keeps (every unit when None: the first round)."""
+    total = sum(b.n_units if base is None else len(base[b.name]) for b in prep.structure.blocks)
+    with (clock or Clock())("score"):
+        return criterion.score(prep.model, prep.structure, prep.cal, base=base,
+                               progress=_Tally(total, progress))
+
+
+def search_level(prep: Prepared, options: PruneOptions, importance: Mapping[str, np.ndarray],
+                 flops: float, alive: Mapping[str, Sequence[int]] | None = None, *,
+                 clock: Clock | None = None) -> SearchResult:
+    """The units to keep within ``flops`` of the MACs, among ``alive`` (None: all)."""
+    with (clock or Clock())("search"):
+        return search(prep.structure, importance, prep.macs, flops, prune=options.prune,
+                      width_multiple=options.width_multiple,
+                      channel_multiple=options.channel_multiple,
+                      allow_block_removal=options.allow_block_removal, alive=alive)
+
+
+def select(prep: Prepared, options: PruneOptions, *, progress: Progress | None = None,
+           clock: Clock | None = None) -> Selection:
+    """Score and search in ``options.steps`` rounds down to ``options.flops``."""
+    schedule = budgets(options.flops, options.steps)
+    criterion = make_importance(options.method, score_config(options, prep.providers))
+    done = tuple(rounds(partial(score, prep, criterion, progress=progress, clock=clock),
+                        partial(search_level, prep, options, clock=clock), schedule))
+    notes = []
+    if options.steps > 1:
+        notes.append(f"{options.steps} rounds of scoring and search, at "
+                     + ", ".join(f"{b:.3g}" for b in schedule) + " of the FLOPs")
+    if options.method != "optin":
+        notes.append(f"importance criterion: {options.method}")
+    return Selection(done, tuple(notes))
