@@ -76,3 +76,13 @@ def test_accuracy_block_and_merge(tmp_path) -> None:
     later = dict(record, methods={"local": [row]}, score_seconds={"local": 2.0}, command="b")
     merged = merge_record(tmp_path / "accuracy_bbc.json", later, ("methods", "score_seconds"))
     assert list(merged["methods"]) == ["optin", "local"] and merged["command"] == "a && b"
+
+
+def test_flops_per_round_keeps_its_old_spelling_unlisted() -> None:
+    from tools.bench.cli import parser
+
+    p = parser("prog", "doc", ("optin",))
+    assert p.parse_args(["--flops-per-round", "0.1"]).round_step == 0.1
+    assert p.parse_args(["--round-step", "0.2"]).round_step == 0.2
+    assert p.parse_args([]).round_step == 0.0
+    assert "--round-step" not in p.format_help()

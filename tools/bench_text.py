@@ -3,7 +3,7 @@
     python -m tools.bench_text scorers   # fast vs naive scorer, side by side, same elements
     python -m tools.bench_text exact     # exact scoring of all 72 heads + 9,216 neurons
     python -m tools.bench_text e2e       # default configuration, end to end, with latency
-    python -m tools.bench_text latency   # dense vs that pruned model, several interleaved rounds
+    python -m tools.bench_text latency   # dense vs that pruned model, several interleaved trials
 
 Each writes a JSON record under ``--out`` (default ``docs/bench``) and prints a summary. The model
 and calibration data are built from packaged weights and BBC News text (cached, see models.cache).
@@ -103,7 +103,7 @@ def bench_e2e(args) -> dict:
     n = args.texts + 32
     model, calib = _setup(n, args.max_length, args.cache)
     opt = PruneOptions(flops=args.flops, samples=args.texts, neuron_group=args.neuron_group,
-                       width_multiple=args.round)
+                       width_multiple=args.ffn_multiple)
     t0 = time.perf_counter()
     from models.cache import cache_dir
 
@@ -111,15 +111,15 @@ def bench_e2e(args) -> dict:
     seconds = time.perf_counter() - t0
     r = result.report
     return {"flops_target": args.flops, "flops_achieved": r.flops_achieved,
-            "neuron_group": args.neuron_group, "round": args.round, "texts": args.texts,
+            "neuron_group": args.neuron_group, "ffn_multiple": args.ffn_multiple, "texts": args.texts,
             "seconds": seconds, "stage_seconds": r.stage_seconds, "latency": r.latency,
             "fidelity": r.fidelity, "verify": r.verify,
             "layers": {x["block"]: x["units_after"] for x in r.layers}}
 
 
 def bench_latency(args) -> dict:
-    """Dense vs the model the e2e benchmark wrote, timed interleaved, several rounds: batch-1
-    latency on a shared 2-core machine moves by +-15 % from one round to the next, so report the
+    """Dense vs the model the e2e benchmark wrote, timed interleaved, several trials: batch-1
+    latency on a shared 2-core machine moves by +-15 % from one trial to the next, so report the
     median speed-up and the spread instead of one draw."""
     from optin_onnx.io import load_calibration
     from optin_onnx.pipeline import as_model
@@ -136,29 +136,37 @@ def bench_latency(args) -> dict:
     out = {}
     for batch, seq in ((1, 128), (32, 128)):
         feeds = sample_feeds(arrays, batch, seq, sequence_inputs(m))
-        rounds = [compare_latency(model, pruned, feeds, max_seconds=args.seconds, repeats=10_000)
-                  for _ in range(args.rounds)]
-        speedups = sorted(a.median_ms / b.median_ms for a, b in rounds)
+        trials = [compare_latency(model, pruned, feeds, max_seconds=args.seconds, repeats=10_000)
+                  for _ in range(args.trials)]
+        speedups = sorted(a.median_ms / b.median_ms for a, b in trials)
         out[f"b{batch} s{seq}"] = {
-            "dense_ms": float(np.median([a.median_ms for a, _ in rounds])),
-            "pruned_ms": float(np.median([b.median_ms for _, b in rounds])),
+            "dense_ms": float(np.median([a.median_ms for a, _ in trials])),
+            "pruned_ms": float(np.median([b.median_ms for _, b in trials])),
             "speedup_median": float(np.median(speedups)), "speedup_min": speedups[0],
-            "speedup_max": speedups[-1], "rounds": args.rounds}
+            "speedup_max": speedups[-1], "trials": args.trials}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_text", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["scorers", "exact", "e2e", "latency"])
-    p.add_argument("--rounds", type=int, default=5, help="latency: interleaved rounds")
-    p.add_argument("--seconds", type=float, default=20.0, help="latency: seconds per round")
+    p.add_argument("--trials", dest="trials", type=int, default=5,
+                   help="latency: interleaved timing trials")
+    # The earlier spelling, still accepted, not listed ("rounds" now means pruning rounds).
+    p.add_argument("--rounds", dest="trials", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--seconds", type=float, default=20.0, help="latency: seconds per trial")
     p.add_argument("--texts", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--fraction", type=float, default=1 / 24,
                    help="scorers: share of heads and of neurons compared (same for both)")
     p.add_argument("--flops", type=float, default=0.6)
     p.add_argument("--neuron-group", type=int, default=None, help="e2e: default of PruneOptions")
-    p.add_argument("--round", type=int, default=None, help="e2e: default of PruneOptions")
+    p.add_argument("--ffn-multiple", dest="ffn_multiple", type=int, default=None,
+                   help="e2e: keep FFN widths a multiple of N (default of PruneOptions)")
+    # The earlier spelling, still accepted (recorded commands use it), not listed.
+    p.add_argument("--round", dest="ffn_multiple", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None)
     p.add_argument("--out", default="docs/bench")
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = PruneOptions()
     args.neuron_group = d.neuron_group if args.neuron_group is None else args.neuron_group
-    args.round = d.width_multiple if args.round is None else args.round
+    args.ffn_multiple = d.width_multiple if args.ffn_multiple is None else args.ffn_multiple
     Path(args.out).mkdir(parents=True, exist_ok=True)
     record = {"scorers": bench_scorers, "exact": bench_exact, "e2e": bench_e2e,
               "latency": bench_latency}[args.what](args)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 from tools.bench.methods import Settings
 from tools.bench.plots import plot
@@ -20,18 +21,23 @@ def floats(s: str) -> list[float]:
 
 def parser(prog: str, doc: str, methods: tuple[str, ...]) -> argparse.ArgumentParser:
     """The options of a levels x methods benchmark; the tool adds its target and its own."""
+    from optin_onnx.options import Teacher
+
     d = Settings()
     p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     p.add_argument("--levels", type=floats, default=list(d.levels))
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(methods))
     p.add_argument("--neuron-group", type=int, default=d.neuron_group,
                    help="units scored in proxy-ordered groups of N (1 = exact)")
-    p.add_argument("--round-step", type=float, default=d.round_step,
-                   help="optin/optin+ls/local: prune in rounds of this FLOPs fraction, re-scoring "
-                        "after each (optin_onnx.iterate; one chain of rounds serves every level); "
-                        "0 = one shot")
-    p.add_argument("--round-teacher", choices=["dense", "current"], default=d.round_teacher,
-                   help="with --round-step: later rounds' teacher (ScoreConfig.teacher)")
+    p.add_argument("--flops-per-round", dest="round_step", type=float, default=d.round_step,
+                   help="optin/optin+ls/local: prune in rounds, each removing this fraction of the "
+                        "FLOPs, re-scoring after each (optin_onnx.iterate; one chain of rounds "
+                        "serves every level); 0 = one shot")
+    # The earlier spelling, still accepted (recorded commands use it), not listed.
+    p.add_argument("--round-step", dest="round_step", type=float, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--round-teacher", choices=get_args(Teacher), default=d.round_teacher,
+                   help="with --flops-per-round: later rounds' teacher (ScoreConfig.teacher)")
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--merge", action="store_true",
                    help="add these rows to the existing record instead of replacing it")
