@@ -1,9 +1,10 @@
 """optin-onnx: retraining-free structured pruning of exported ONNX models.
 
-One function does the whole job (:func:`prune`); every stage is also importable on its own:
-``analysis.analyze_graph``, ``flops.mac_model``, ``calibrate.make_calibration``,
+One function does the whole job (:func:`prune`): the four stages of :mod:`optin_onnx.stages`
+(``prepare``, ``select``, ``build``, ``check``), each importable on its own, as is every step
+inside them: ``analysis.analyze_graph``, ``flops.mac_model``, ``calibrate.make_calibration``,
 ``scoring.trajectory.score_fast``, ``search.search``, ``rewrite.rewrite``, ``simplify.simplify``,
-``verify.verify``, ``report.render``.
+``verify.verify``, ``report.render``. Options: :class:`PruneOptions` (:mod:`optin_onnx.options`).
 """
 from optin_onnx.errors import OptinError
 from optin_onnx.pipeline import PruneOptions, PruneResult, analyze, prune
