@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from optin_onnx.errors import OptinError
 from optin_onnx.io import CALIBRATION_LIMIT_BYTES
-from optin_onnx.validate import check_number, check_options
+from optin_onnx.validate import check_flops, check_latency_cases, check_number, check_options
 
 #: Importance criteria; the registry :data:`optin_onnx.scoring.importance.IMPORTANCES` holds one
 #: class per name (a test keeps both lists equal).
@@ -64,25 +63,6 @@ def option(default: Any, flag: str, help: str = "", **spec: Any) -> Any:
     return field(default=default, metadata={"spec": Spec(flag, help, **spec)})
 
 
-def _check_flops(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
-        raise OptinError(f"--flops must be in (0, 1], got {value!r}")
-
-
-def _check_latency(value: Any) -> None:
-    """``(batch, sequence)`` pairs; a sequence of 0 or None is a model without a sequence axis."""
-    try:
-        cases = [tuple(case) for case in value]
-    except TypeError:
-        raise OptinError(f"--latency must be (batch, sequence) pairs, got {value!r}") from None
-    for case in cases:
-        if len(case) != 2:
-            raise OptinError(f"--latency must be (batch, sequence) pairs, got {case!r}")
-        check_number("--latency batch size", case[0], True, 1, True)
-        if case[1] is not None:
-            check_number("--latency sequence length", case[1], True, 0, True)
-
-
 def _parse_cases(text: str) -> list[tuple[int, int]]:
     """``--latency``: ``BATCHxSEQ[,BATCHxSEQ...]``; ``''`` is no case."""
     try:
@@ -112,7 +92,7 @@ class PruneOptions:
     ``optin-onnx prune``. Checked when made (see the module doc)."""
 
     flops: float = option(0.6, "--flops", "fraction of the MACs to keep, in (0, 1] "
-                          "(default %(default)s)", check=_check_flops)
+                          "(default %(default)s)", check=check_flops)
     method: Method = option(
         "optin", "--method", "importance criterion: optin (trajectory), local (own layer only), "
         "magnitude (weight L2 norm), random (seeded by --seed) (default %(default)s)")
@@ -168,7 +148,7 @@ class PruneOptions:
         "(default %(default)g)", lowest=0.0)
     latency_cases: Sequence[tuple[int, int]] = option(
         ((1, 128), (32, 128)), "--latency", "latency cases BATCHxSEQ,... ('' to skip; default "
-        "%(default)s)", check=_check_latency, parse=_parse_cases, to_cli=_show_cases)
+        "%(default)s)", check=check_latency_cases, parse=_parse_cases, to_cli=_show_cases)
     latency_seconds: float = option(20.0, "--latency-seconds", "time budget of each latency "
                                     "measurement (default %(default)g)", lowest=0.0,
                                     inclusive=False)

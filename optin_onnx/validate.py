@@ -35,6 +35,26 @@ def check_number(flag: str, value: Any, integer: bool, lowest: float, inclusive:
         raise OptinError(f"{flag} must be {bound}, got {value}")
 
 
+def check_flops(value: Any) -> None:
+    """``--flops``: a fraction of the MACs, in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
+        raise OptinError(f"--flops must be in (0, 1], got {value!r}")
+
+
+def check_latency_cases(value: Any) -> None:
+    """``(batch, sequence)`` pairs; a sequence of 0 or None is a model without a sequence axis."""
+    try:
+        cases = [tuple(case) for case in value]
+    except TypeError:
+        raise OptinError(f"--latency must be (batch, sequence) pairs, got {value!r}") from None
+    for case in cases:
+        if len(case) != 2:
+            raise OptinError(f"--latency must be (batch, sequence) pairs, got {case!r}")
+        check_number("--latency batch size", case[0], True, 1, True)
+        if case[1] is not None:
+            check_number("--latency sequence length", case[1], True, 0, True)
+
+
 def check_options(opt: Any, specs: Mapping[str, tuple[Spec, Any]],
                   choices: Mapping[str, tuple[str, ...]]) -> None:
     """Check every field of ``opt`` against its spec (``specs``: {field: (spec, type)}, as
@@ -56,5 +76,5 @@ def check_options(opt: Any, specs: Mapping[str, tuple[Spec, Any]],
             integer = int in (kind, *get_args(kind))
             check_number(spec.flag, value, integer, spec.lowest, spec.inclusive)
     if opt.steps > 1 and not IMPORTANCES[opt.method].rescores:
-        raise OptinError(f"--rounds re-scores between rounds; {opt.method} scores do not depend "
-                         f"on what is pruned, so use --rounds 1 with it")
+        raise OptinError(f"--rounds {opt.steps} re-scores between rounds; {opt.method} scores do "
+                         f"not depend on what is pruned, so use --rounds 1 with it")

@@ -28,6 +28,9 @@ CANONICALIZE_PROBES = ((3, 11), (2, 7))
 
 @dataclass(frozen=True)
 class Built:
+    """``slim``: the model to write; ``reference``: the dense model it must equal once masked
+    (see the module doc); ``notes``: what the build changed or declined, for the report."""
+
     reference: ir.Model
     slim: onnx.ModelProto
     notes: tuple[str, ...]

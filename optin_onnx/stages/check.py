@@ -29,6 +29,8 @@ from optin_onnx.verify import RUN_ERRORS, VerifyResult, verify
 
 @dataclass(frozen=True)
 class Checked:
+    """What the report states about a verified slim model; ``notes``: checks skipped, and why."""
+
     verification: VerifyResult
     macs_after: int
     fidelity: dict[str, float]
