@@ -8,7 +8,8 @@ import pytest
 
 from optin_onnx.cli import _parser
 from optin_onnx.errors import OptinError
-from optin_onnx.options import Method, PruneOptions, choices, from_args, specs
+from optin_onnx.options import FeatureKind, Method, PruneOptions, choices, from_args, specs
+from optin_onnx.scoring.features import FEATURE_KINDS
 from optin_onnx.scoring.importance import IMPORTANCES
 
 
@@ -26,8 +27,9 @@ def test_options_are_frozen_and_replace_checks_again():
         dataclasses.replace(options, simplify="sometimes")
 
 
-def test_method_choices_are_the_importance_registry():
+def test_choices_agree_with_the_scorers():
     assert get_args(Method) == tuple(IMPORTANCES) == choices()["method"]
+    assert get_args(FeatureKind) == FEATURE_KINDS
 
 
 def test_every_flagged_option_parses_to_its_default():
