@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from optin_onnx.scoring.importance import Importance
     from optin_onnx.scoring.types import Scores
     from optin_onnx.search import SearchResult
+    from optin_onnx.stages.clock import Clock
     from optin_onnx.stages.prepare import Prepared
 
 #: Our methods, in the order their rows are written.
@@ -112,26 +114,28 @@ class Importances:
     def _rounds(self, method: str) -> dict[float, tuple[float, dict[float, SearchResult]]]:
         """{lambda: (scoring seconds, {level: selection})}: one chain of rounds per lambda."""
         from optin_onnx.iterate import at_levels
+        from optin_onnx.stages.clock import Clock
 
         kind = _kind(method)
         for lam in self.settings.lams:
             if (kind, lam) in self._chains:
                 continue
-            criterion = self._importance(method, lam)
-            spent = [0.0]
-
-            def score(base: Mapping[str, Sequence[int]] | None, criterion: Importance = criterion,
-                      lam: float = lam, spent: list[float] = spent) -> Scores:
-                t0 = time.perf_counter()
-                got = criterion.score(self.prep.model, self.prep.structure, self.prep.cal,
-                                      base=base)
-                spent[0] += time.perf_counter() - t0
-                print(f"{method} lam {lam:g}: {spent[0]:.0f} s of scoring", flush=True)
-                return got
-
+            clock = Clock()
+            score = partial(self._score_round, f"{method} lam {lam:g}",
+                            self._importance(method, lam), clock)
             picked = at_levels(score, self.select, self.settings.levels, self.settings.round_step)
-            self._chains[(kind, lam)] = (spent[0], picked)
+            self._chains[(kind, lam)] = (clock.seconds.get("score", 0.0), picked)
         return {lam: self._chains[(kind, lam)] for lam in self.settings.lams}
+
+    def _score_round(self, label: str, criterion: Importance, clock: Clock,
+                     base: Mapping[str, Sequence[int]] | None) -> Scores:
+        """One round of the package's *select* stage scoring, its time added to ``clock`` and
+        the total so far printed (a chain of rounds runs for many minutes)."""
+        from optin_onnx.stages.select import score
+
+        got = score(self.prep, criterion, base, clock=clock)
+        print(f"{label}: {clock.seconds['score']:.0f} s of scoring", flush=True)
+        return got
 
 
 def _kind(method: str) -> str:
