@@ -77,16 +77,17 @@ def _projection(node: ir.Node) -> _Projection | None:
     if weight is None or weight.ndim != 2:
         return None
     if node.op_type == "Gemm":
+        # alpha, beta and transB stay on each part (scaling the slices instead would round
+        # differently); only the weight's orientation is undone here.
         if attr(node, "transA", 0):
             return None
         weight = weight.T if attr(node, "transB", 0) else weight
-        weight = weight * attr(node, "alpha", 1.0)
         bias = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
         if len(node.inputs) > 2 and node.inputs[2] is not None and (
                 bias is None or bias.size != weight.shape[1]):
             return None
-        bias = None if bias is None else bias.reshape(-1) * attr(node, "beta", 1.0)
-        return _Projection(node, weight, bias, node.outputs[0])
+        return _Projection(node, weight, None if bias is None else bias.reshape(-1),
+                           node.outputs[0])
     if node.op_type != "MatMul":
         return None
     out = node.outputs[0]
@@ -345,8 +346,8 @@ def _rewrite(model: ir.Model, proj: _Projection, shapes: Shapes) -> bool:
                                  name, model, anchor)
         part = _part(model, proj, lo, hi, name, anchor)
         if reshape is not None:
-            r = ir.Node("", "Reshape", [part, shape], attributes=list(
-                reshape.attributes.values()), name=f"{name}_reshape")
+            r = ir.Node("", "Reshape", [part, shape], attributes=_copied_attributes(reshape),
+                        name=f"{name}_reshape")
             r.outputs[0].name = f"{name}_reshaped"
             model.graph.insert_before(anchor, r)
             part = r.outputs[0]
@@ -354,6 +355,10 @@ def _rewrite(model: ir.Model, proj: _Projection, shapes: Shapes) -> bool:
     for old, new in parts:
         ir.convenience.replace_all_uses_with(old, new)
     return True
+
+
+def _copied_attributes(node: ir.Node) -> list[ir.Attr]:
+    return [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
 
 
 def _part(model: ir.Model, proj: _Projection, lo: int, hi: int, name: str,
@@ -367,18 +372,17 @@ def _part(model: ir.Model, proj: _Projection, lo: int, hi: int, name: str,
         model.graph.register_initializer(v)
         return v
 
-    weight = initializer(proj.weight[:, lo:hi], "weight")
+    cols = proj.weight[:, lo:hi]
     bias = None if proj.bias is None else initializer(proj.bias[lo:hi], "bias")
     if node.op_type == "Gemm":
+        weight = initializer(cols.T if attr(node, "transB", 0) else cols, "weight")
         inputs = [node.inputs[0], weight] + ([bias] if bias is not None else [])
-        new = ir.Node("", "Gemm", inputs, name=name)
-        nodes = [new]
+        nodes = [ir.Node("", "Gemm", inputs, attributes=_copied_attributes(node), name=name)]
     else:
-        new = ir.Node("", "MatMul", [node.inputs[0], weight], name=name)
-        nodes = [new]
+        nodes = [ir.Node("", "MatMul", [node.inputs[0], initializer(cols, "weight")],
+                         name=name)]
         if bias is not None:
-            add = ir.Node("", "Add", [new.outputs[0], bias], name=f"{name}_bias")
-            nodes.append(add)
+            nodes.append(ir.Node("", "Add", [nodes[0].outputs[0], bias], name=f"{name}_bias"))
     for n in nodes:
         n.outputs[0].name = f"{n.name}_out"
         model.graph.insert_before(before, n)
