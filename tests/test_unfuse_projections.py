@@ -421,3 +421,18 @@ def test_phi3_neurons_are_found_and_heads_not_declined_for_the_fusion(exporter,
     reasons = [r for d in qkv for r in d.reasons]
     assert qkv and not any(w in r for r in reasons for w in ("Split", "Slice", "fused")), reasons
     assert any("Expand" in r or "grouped" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("name", ["gpt2", "modernbert"])
+def test_split_projections_prune_heads_and_neurons_exactly(name, tmp_path_factory):
+    """End to end on the TorchScript exports (GPT-2's Gemm + Reshape, ModernBERT's three
+    factors and chunked GeGLU): heads and neurons pruned, the result verified."""
+    from optin_onnx.pipeline import prune
+
+    m = _export(name, "torchscript", tmp_path_factory)
+    calib = {"input_ids": np.random.default_rng(0).integers(2, 128, (16, 16)),
+             "attention_mask": np.ones((16, 16), np.int64)}
+    report = prune(m, calib, flops=0.7, samples=8, latency_cases=[]).report
+    assert report.verify["passed"]
+    lost = {b["kind"] for b in report.layers if b["units_after"] < b["units_before"]}
+    assert lost == {"attention", "mlp"}
