@@ -29,11 +29,13 @@ def _dims(shape: ir.Shape) -> tuple[Dim, ...]:
 def _stripped_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a proto whose large initializers are graph inputs (type and shape only)."""
     proto = ir.to_proto(model)
+    declared = {i.name for i in proto.graph.input}  # old models list initializers as inputs too
     keep = []
     for t in proto.graph.initializer:
         if len(t.dims) and math.prod(t.dims) > _DATA_LIMIT:
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type,
-                                                                        list(t.dims)))
+            if t.name not in declared:
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(
+                    t.name, t.data_type, list(t.dims)))
         else:
             keep.append(t)
     del proto.graph.initializer[:]

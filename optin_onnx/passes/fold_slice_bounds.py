@@ -76,7 +76,7 @@ class _Folder:
             return None if args[0].size != 1 else \
                 args[0].reshape(1 if op == "Unsqueeze" else ())
         if op == "Gather" and attr(node, "axis", 0) == 0 and args[1] is not None \
-                and args[0].ndim == 1:
+                and args[0].ndim == 1 and all(e is not None for e in args[1].reshape(-1)):
             index = args[1].astype(np.int64)
             if np.any(index >= len(args[0])) or np.any(index < -len(args[0])):
                 return None
