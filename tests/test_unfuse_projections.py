@@ -407,21 +407,13 @@ def test_heads_and_neurons_of_split_projections_are_found(name, exporter, tmp_pa
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_phi3_split_projections_give_neurons_and_grouped_heads(exporter, tmp_path_factory):
-    """Phi-3's 4 query heads share 2 KV heads (grouped-query attention): in the dynamo export one
-    unit is a KV head with its query heads. The TorchScript export repeats the KV heads with an
-    Expand to a run-time shape, which the analysis still declines: for that Expand, never for
-    the fused projection."""
+    """Phi-3's 4 query heads share 2 KV heads (grouped-query attention): through the split
+    qkv_proj, one unit is a KV head with its query heads; through the split gate_up_proj, one
+    neuron is a column of gate and of up."""
     m = _export("phi3", exporter, tmp_path_factory)
     split_fused_projections(m)
     s = analysis.analyze_graph(m, probe.probe(m, _tokens(2, 16)))
-    if exporter == "dynamo":
-        assert [(b.kind, b.n_units) for b in s.blocks] == [("attention", 2), ("mlp", 96)] * 2
-        return
-    assert [(b.kind, b.n_units) for b in s.blocks] == [("mlp", 96)] * 2
-    qkv = [d for d in s.declined if "__part" in d.name]
-    reasons = [r for d in qkv for r in d.reasons]
-    assert qkv and not any(w in r for r in reasons for w in ("Split", "Slice", "fused")), reasons
-    assert any("Expand" in r for r in reasons), reasons
+    assert [(b.kind, b.n_units) for b in s.blocks] == [("attention", 2), ("mlp", 96)] * 2
 
 
 @pytest.mark.parametrize("name", ["gpt2", "modernbert"])
