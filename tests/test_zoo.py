@@ -39,15 +39,9 @@ Form = tuple[str, str, str]  # (arch, exporter, attention: "default" | "eager")
 XFAIL: dict[Form, str] = {
     ("deberta-v2", "torchscript", "default"): "reads a folded (batch x units) axis",
     ("deberta-v2", "dynamo", "default"): "contracts the axis with a run-time tensor",
-    **{("modernbert", exporter, "default"):
-       "mixes the axis with others ([3, 11, 192] -> [3, 11, 3, 4, 16])"
-       for exporter in zoo.EXPORTERS},
-    ("gpt2", "torchscript", "default"): "splits units of 16, elsewhere 1",
-    ("gpt2", "dynamo", "default"): "of a channel axis without a constant sizes input",
     # K and V reach the present outputs: listed as the model width
     **{("llama-cache", exporter, "default"): "reaches graph output 'present.0.key'"
        for exporter in zoo.EXPORTERS},
-    **{("phi3", exporter, "default"): "slices the channel axis" for exporter in zoo.EXPORTERS},
 }
 
 #: Dynamo forms run by default (the rest are slow): one encoder, one decoder.

@@ -92,7 +92,7 @@ def prepare(model: ModelLike, calib: CalibLike, options: PruneOptions, *,
     with clock("analyse"):
         n_unfused = split_fused_projections(m)
         if n_unfused:
-            notes.append(f"{n_unfused} fused projections (MatMul -> Split) split back into one "
+            notes.append(f"{n_unfused} fused projections (Split or Slices of one product) split back into one "
                          f"MatMul per output")
         structure = analyze_graph(m, probe(m, dummy_feeds(m, like=arrays)))
         if not structure.blocks:
