@@ -106,3 +106,74 @@ def batch_axes(model: onnx.ModelProto, cal: CalibrationSet, names: list[str]) ->
             raise OptinError(f"cannot tell the batch axis of '{name}' ({s1} vs {s2})")
         axes[name] = diff[0] if diff else None
     return axes
+
+
+GIB = 2 ** 30
+
+#: The share of ``--max-memory-gib`` one calibration chunk's activations may take in a candidate
+#: run; the rest holds the dense cache, the model and its suffixes, and onnxruntime's arenas.
+CHUNK_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How scoring splits its work to fit a memory limit: samples per calibration chunk and
+    candidates stacked per suffix run, and the measurement they were chosen from."""
+
+    chunk_size: int
+    candidates_per_run: int
+    sample_bytes: int  # every value of one forward pass of one sample at the longest sequence
+    limit_bytes: int | None
+
+    def describe(self) -> str:
+        limit = "no memory limit" if self.limit_bytes is None else \
+            f"--max-memory-gib {self.limit_bytes / GIB:g}"
+        return (f"calibration chunks of {self.chunk_size} samples, {self.candidates_per_run} "
+                f"candidates per run ({limit}; one sample's forward pass holds "
+                f"{self.sample_bytes / 2**20:.1f} MiB of values)")
+
+
+def chunking(model: onnx.ModelProto, arrays: dict[str, np.ndarray], chunk_size: int,
+             candidates_per_run: int, limit_bytes: int | None) -> Chunking:
+    """Samples per chunk and candidates per run under ``limit_bytes``.
+
+    A candidate run stacks ``candidates_per_run`` copies of a chunk through a suffix of the model,
+    so its activations grow with their product; that product is cut until every value of so many
+    one-sample forward passes (measured once, on the longest calibration sample) fits in
+    :data:`CHUNK_SHARE` of the limit, chunks first (fewer samples per run cost less speed than
+    fewer candidates per run). Without a limit the requested sizes stand."""
+    longest = int(np.argmax(arrays[MASK_INPUT].sum(1))) if MASK_INPUT in arrays else 0
+    values = runtime.run_all_values(model, {k: a[longest:longest + 1] for k, a in arrays.items()})
+    sample = sum(v.nbytes for v in values.values() if isinstance(v, np.ndarray))
+    if limit_bytes is None:
+        return Chunking(chunk_size, candidates_per_run, sample, None)
+    fit = max(1, int(CHUNK_SHARE * limit_bytes // max(1, sample)))
+    per_run = min(candidates_per_run, fit)
+    return Chunking(max(1, min(chunk_size, fit // per_run)), per_run, sample, limit_bytes)
+
+
+def check_cache_fits(model: onnx.ModelProto, cal: CalibrationSet, names: list[str],
+                     limit_bytes: int | None, copies: int,
+                     extra: dict[str, np.ndarray] | None = None) -> None:
+    """Refuse in one line a dense cache of ``names`` (its size from a one-sample run scaled to the
+    calibration set's samples and lengths) that, with the model, held by ``copies`` processes
+    (each holding the scoring job), exceeds ``limit_bytes`` (None: no limit, nothing run).
+    Checked before the capture, so a run that cannot fit stops in seconds instead of swapping
+    for minutes."""
+    if limit_bytes is None:
+        return
+    first = cal.chunks[0]
+    one = runtime.run_all_values(model, {**{k: a[:1] for k, a in first.feeds.items()},
+                                         **(extra or {})}, names=names)
+    per_sample = sum(one[n].nbytes for n in names)
+    text = MASK_INPUT in cal.feeds
+    scale = sum((c.stop - c.start) * (c.seq_len / first.seq_len if text else 1.0)
+                for c in cal.chunks)
+    cache = int(per_sample * scale)
+    need = copies * (cache + model.ByteSize())
+    if need > limit_bytes:
+        raise OptinError(
+            f"scoring needs about {need / GIB:.3g} GiB ({copies} x ({cache / GIB:.3g} GiB of cached "
+            f"activations of {len(names)} values for {cal.n} samples + {model.ByteSize() / GIB:.3g}"
+            f" GiB of model)), over --max-memory-gib {limit_bytes / GIB:g}: use fewer --samples, "
+            f"fewer --workers or a larger limit")

@@ -27,6 +27,8 @@ FeatureKind = Literal["auto", "ffn", "residual-ln", "blocks"]
 Teacher = Literal["dense", "current"]
 Simplify = Literal["auto", "on", "off"]
 Provider = Literal["cpu", "cuda"]
+#: Where scoring runs its candidate batches (optin_onnx.scoring.executors).
+Executor = Literal["local", "processes", "ray"]
 
 #: onnxruntime execution providers behind each ``--provider`` (CPU is the fallback for any op the
 #: GPU provider lacks).
@@ -136,6 +138,22 @@ class PruneOptions:
         "block so each pruned block's output matches the dense one on the calibration set")
     provider: Provider = option("cpu", "--provider", "onnxruntime execution provider "
                                 "(default %(default)s)")
+    executor: Executor = option(
+        "local", "--executor", "where scoring runs its candidate batches: this process, a pool of "
+        "local processes, or a Ray cluster (pip install 'optin-onnx[distributed]'); the scores "
+        "are the same (default %(default)s)")
+    workers: int | None = option(
+        None, "--workers", "processes or Ray tasks at once (default: one per core, or per CPU of "
+        "the Ray cluster)", lowest=1)
+    ray_address: str | None = option(
+        None, "--ray-address", "the Ray cluster to use, as ray.init takes it (default: start one "
+        "here)")
+    # Chunk sizes are chosen to fit it and scoring refuses to start when its dense cache cannot
+    # (calibrate.chunking, calibrate.check_cache_fits).
+    max_memory_gib: float | None = option(
+        None, "--max-memory-gib", "scoring's memory limit: calibration chunks and candidates per "
+        "run are sized to it, and scoring refuses to start if its cached activations cannot fit "
+        "(default: no limit)", lowest=0.0, inclusive=False)
     # Constant Reshape targets where provably equivalent (fewer nodes).
     canonicalize: bool = option(True, "--no-canonicalize",
                                 "keep run-time Reshape targets as exported")
@@ -229,6 +247,6 @@ def providers_for(name: str) -> list[str]:
     return PROVIDERS[name]
 
 
-__all__ = ["FeatureKind", "Method", "PROVIDERS", "PruneOptions", "Prune", "Provider", "Simplify",
+__all__ = ["Executor", "FeatureKind", "Method", "PROVIDERS", "PruneOptions", "Prune", "Provider", "Simplify",
            "Spec", "Teacher", "add_flags", "choices", "from_args", "gib_to_bytes", "option",
            "providers_for", "specs"]

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from optin_onnx.latency import LatencyStats, compare_latency, latency_entry, mea
 __all__ = [
     "LatencyStats",
     "Report",
+    "peak_memory",
     "compare_latency",
     "count_parameters",
     "latency_entry",
@@ -87,6 +89,25 @@ def _constant_float_elements(attr: onnx.AttributeProto) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# Memory
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory in GiB so far: of this process, and of the largest child process that
+    has ended (a local scoring pool's workers; Ray's workers are the Ray instance's children, not
+    ours). Empty where the platform keeps no such record (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return {}
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    unit = 1 if sys.platform == "darwin" else 1024
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit
+    return {"process_gib": own / 2**30, "largest_child_gib": child / 2**30}
+
+
+# --------------------------------------------------------------------------------------------------
 # Report record
 
 
@@ -100,7 +121,10 @@ class Report:
     ``latency`` maps a case name such as ``"cpu b1 s128"`` to ``{"before_ms", "after_ms",
     "speedup"}`` (see :func:`latency_entry`). ``verify`` holds ``max_abs_err``, ``tolerance``,
     ``cases`` (the input shapes checked) and ``passed``. ``declined`` lists structures left unpruned,
-    each with its reason.
+    each with its reason. ``peak_memory`` is :func:`peak_memory` at the end of the run;
+    ``scoring`` says how scoring divided its work: executor, workers, samples per chunk,
+    candidates per run, the memory limit, and how many tokens the Gram matrices sample of how many
+    real ones.
     """
 
     input_path: str
@@ -119,6 +143,8 @@ class Report:
     fidelity: dict[str, float] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, float] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=dict)
     declined: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -184,6 +210,8 @@ def _renderable(report: Report) -> Group:
     parts.append(_verify_text(report.verify))
     if report.stage_seconds:
         parts.append(_stages_table(report.stage_seconds))
+    if report.peak_memory or report.scoring:
+        parts.append(_resources_table(report.peak_memory, report.scoring))
     parts += _bullets("Declined (left unpruned)", report.declined, "yellow")
     parts += _bullets("Notes", report.notes, "dim")
     return Group(*parts)
@@ -262,6 +290,27 @@ def _stages_table(stage_seconds: dict[str, float]) -> Table:
     for name, seconds in stage_seconds.items():
         table.add_row(Text(name), f"{seconds:.2f}", f"{seconds / total:.0%}" if total else "n/a")
     table.add_row(Text("total", style="bold"), f"{total:.2f}", "")
+    return table
+
+
+_SCORING_LABELS = {"executor": "Scoring executor", "workers": "Scoring workers",
+                   "memory_limit_gib": "Memory limit (GiB)",
+                   "one_sample_forward_mib": "One sample's forward values (MiB)",
+                   "gram_tokens": "Gram matrix tokens (K)"}
+
+
+def _resources_table(memory: dict[str, float], scoring: dict[str, Any]) -> Table:
+    table = Table(title="Resources")
+    table.add_column("What")
+    table.add_column("Value", justify="right")
+    if "process_gib" in memory:
+        table.add_row("Peak resident memory", f"{memory['process_gib']:.2f} GiB")
+    if memory.get("largest_child_gib"):
+        table.add_row("Peak of the largest worker process", f"{memory['largest_child_gib']:.2f} GiB")
+    for key, value in scoring.items():
+        label = _SCORING_LABELS.get(key, key.replace("_", " ").capitalize())
+        table.add_row(Text(label), "none" if value is None else
+                      f"{value:.3g}" if isinstance(value, float) else Text(str(value)))
     return table
 
 

@@ -14,18 +14,20 @@ no single output to update: :func:`score_rank_k` refuses it, and the caller pick
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from optin_onnx.analysis import Structure
-from optin_onnx.calibrate import CalibrationSet, batch_axes, capture
+from optin_onnx.analysis import Block, Consumer, Structure
+from optin_onnx.calibrate import CalibrationSet, batch_axes, capture, check_cache_fits
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, nodes_by_name
 from optin_onnx.instrument import channel_mask, masked_model, oriented, unit_masks
-from optin_onnx.runtime import session
-from optin_onnx.scoring.candidates import candidate_sets, channel_proxy, spread
-from optin_onnx.scoring.suffix import build_suffix, value_dtypes
+from optin_onnx.scoring.candidates import candidate_sets, channel_proxy
+from optin_onnx.scoring.executors import (Result, SuffixJob, Task, gather, holders,
+                                          run_tasks)
+from optin_onnx.scoring.suffix import SuffixSessions, suffix_cut, value_dtypes
 from optin_onnx.scoring.teacher import Objective, anchor
 from optin_onnx.scoring.types import Captured, Progress, ScoreConfig, Scores, Units
 
@@ -42,11 +44,65 @@ def _tile(arr: np.ndarray, n: int, axis: int | None) -> np.ndarray:
     return arr if axis is None or n == 1 else np.concatenate([arr] * n, axis=axis)
 
 
+@dataclass
+class _Plan:
+    """One block's rank-k update: its consumer, the consumer's input and output, the oriented
+    weight, and the values a candidate run returns."""
+
+    block: Block
+    consumer: Consumer
+    x: str
+    y: str
+    w: np.ndarray
+    outputs: list[str]
+
+
+@dataclass
+class RankKJob(SuffixJob):
+    """What a rank-k task reads (sent once to each worker; see
+    :mod:`~optin_onnx.scoring.executors`): the base model's suffixes, the cached dense values,
+    the measured batch axes and the teacher side of the loss."""
+
+    plans: list[_Plan]
+    axes: dict[str, int | None]
+
+    def run(self, task: Task, threads: int | None) -> Result:
+        """(L_MD, L_KD) added to the base loss, per candidate set of ``task``, in one stacked
+        suffix run per calibration chunk."""
+        index, batch = task
+        p = self.plans[index]
+        b, c, w = p.block, p.consumer, p.w
+        sfx, sess = self.suffixes.open(p.y, p.outputs, threads)
+        n, axes = len(batch), self.axes
+        student: list[Captured] = [[] for _ in batch]
+        for chunk, values in zip(self.cal.chunks, self.dense):
+            x, y = values[p.x], values[p.y]
+            ys = []
+            for units in batch:
+                keep = np.ones(b.n_units)
+                keep[units] = 0
+                ch = np.flatnonzero(channel_mask(b, keep, c.role, c.group) == 0)
+                ys.append(y - np.take(x, ch, axis=c.data_axis) @ w[ch])
+            feeds = {sfx.start: np.concatenate(ys, axis=axes[p.y] or 0).astype(y.dtype)}
+            for name in sfx.cut:
+                feeds[name] = _tile(values[name], n, axes[name])
+            for name in sfx.graph_inputs:
+                feeds[name] = _tile(chunk.feeds[name], n, axes[name])
+            outs = dict(zip(sfx.outputs, sess.run(sfx.outputs, feeds)))
+            split = {k: _split(v, n, axes[k]) for k, v in outs.items()}
+            for i in range(n):
+                student[i].append({k: v[i] for k, v in split.items()})
+        losses = np.array([np.subtract(self.obj.loss(b, s), self.base_loss[b.name])
+                           for s in student]).reshape(n, 2)
+        return losses[:, 0], losses[:, 1]
+
+
 def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
                  cfg: ScoreConfig = ScoreConfig(), progress: Progress | None = None,
                  only: Units | None = None, base: Units | None = None) -> Scores:
     """Exact trajectory scores with prefix reuse, rank-k updates and candidate batching.
-    ``only`` and ``base`` as in :func:`~optin_onnx.scoring.trajectory.score_fast`."""
+    ``only`` and ``base`` as in :func:`~optin_onnx.scoring.trajectory.score_fast`; the
+    candidate batches run where ``cfg.executor`` says."""
     shared = next((b for b in structure.blocks if len(b.consumers) != 1), None)
     if shared is not None:
         raise OptinError(f"{shared.name} has {len(shared.consumers)} consumers; the rank-k scorer "
@@ -62,57 +118,33 @@ def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
     obj = Objective(model, structure, cal, cfg)
     dtypes = value_dtypes(proto, cal)
     plans = []
+    needed = {obj.output, *obj.all_features()}
     for b in structure.blocks:
         c = b.consumers[0]
         node = nodes[c.node]
-        weight = const_array(node.inputs[c.weight_index])
-        w = oriented(weight, c)
-        suffix = build_suffix(proto, node.outputs[0].name, obj.wanted(b), dtypes)
-        plans.append((b, c, node.inputs[c.data_index].name, node.outputs[0].name, w, suffix))
-    needed = {obj.output, *obj.all_features()}
-    for _, _, x, y, _, sfx in plans:
-        needed.update([x, y, *sfx.cut])
+        plan = _Plan(b, c, node.inputs[c.data_index].name, node.outputs[0].name,
+                     oriented(const_array(node.inputs[c.weight_index]), c), obj.wanted(b))
+        plans.append(plan)
+        needed.update([plan.x, plan.y, *suffix_cut(proto, plan.y, plan.outputs, dtypes)])
     needed -= set(cal.feeds)
+    check_cache_fits(proto, cal, sorted(needed), cfg.max_memory_bytes, holders(cfg.executor))
     dense = capture(proto, cal, sorted(needed), cfg.providers)
     base_loss = anchor(obj, model, structure, cfg, base, dense,
                        lambda: capture(teacher_proto, cal, obj.wanted_all(), cfg.providers))
     axes = batch_axes(proto, cal, sorted(needed | set(cal.feeds)))
-    md_of: dict[str, np.ndarray] = {}
-    kd_of: dict[str, np.ndarray] = {}
     per_run = max(1, cfg.candidates_per_run)
-    for b, c, x_name, y_name, w, sfx in plans:
-        proxy = channel_proxy(b, nodes, dense) if b.kind == "mlp" else None
-        sets = candidate_sets(b, cfg.neuron_group, proxy,
-                              None if only is None else only.get(b.name, []),
-                              None if base is None else base.get(b.name, range(b.n_units)))
-        sess = session(sfx.model, cfg.providers, outputs=sfx.outputs)
-        md, kd = np.zeros(len(sets)), np.zeros(len(sets))
-        for first in range(0, len(sets), per_run):
-            batch = sets[first:first + per_run]
-            n = len(batch)
-            student: list[Captured] = [[] for _ in batch]
-            for chunk, values in zip(cal.chunks, dense):
-                x, y = values[x_name], values[y_name]
-                ys = []
-                for units in batch:
-                    keep = np.ones(b.n_units)
-                    keep[units] = 0
-                    ch = np.flatnonzero(channel_mask(b, keep, c.role, c.group) == 0)
-                    ys.append(y - np.take(x, ch, axis=c.data_axis) @ w[ch])
-                feeds = {sfx.start: np.concatenate(ys, axis=axes[y_name] or 0).astype(y.dtype)}
-                for name in sfx.cut:
-                    feeds[name] = _tile(values[name], n, axes[name])
-                for name in sfx.graph_inputs:
-                    feeds[name] = _tile(chunk.feeds[name], n, axes[name])
-                outs = dict(zip(sfx.outputs, sess.run(sfx.outputs, feeds)))
-                split = {k: _split(v, n, axes[k]) for k, v in outs.items()}
-                for i in range(n):
-                    student[i].append({k: v[i] for k, v in split.items()})
-            for i in range(n):
-                md[first + i], kd[first + i] = np.subtract(obj.loss(b, student[i]),
-                                                           base_loss[b.name])
-            if progress:
-                progress(sum(len(u) for u in batch))
-        md_of[b.name] = spread(md, sets, proxy, b.n_units)
-        kd_of[b.name] = spread(kd, sets, proxy, b.n_units)
-    return Scores(md=md_of, kd=kd_of, seconds=time.perf_counter() - t0).finalize(cfg.lam)
+    tasks: list[Task] = []
+    sets_of, proxies = {}, {}
+    for i, p in enumerate(plans):
+        b = p.block
+        proxies[b.name] = channel_proxy(b, nodes, dense) if b.kind == "mlp" else None
+        sets_of[b.name] = candidate_sets(b, cfg.neuron_group, proxies[b.name],
+                                         None if only is None else only.get(b.name, []),
+                                         None if base is None else base.get(b.name,
+                                                                            range(b.n_units)))
+        sets = sets_of[b.name]
+        tasks.extend((i, sets[first:first + per_run]) for first in range(0, len(sets), per_run))
+    job = RankKJob(SuffixSessions(proto, dtypes, cfg.providers), cal, dense, obj, base_loss,
+                   plans, axes)
+    return gather(structure, tasks, run_tasks(job, tasks, cfg.executor, progress), sets_of,
+                  proxies, t0, cfg.lam)

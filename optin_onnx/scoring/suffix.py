@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.errors import OptinError
-from optin_onnx.runtime import run_all_values
+from optin_onnx.runtime import run_all_values, session
 
 
 def value_dtypes(proto: onnx.ModelProto, cal: CalibrationSet,
@@ -43,17 +44,14 @@ class Suffix:
     outputs: list[str]
 
 
-def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
-                 dtypes: dict[str, np.dtype]) -> Suffix:
-    """Extract the sub-model that maps ``start`` (plus cached values) to ``outputs``.
-
-    ``dtypes`` gives the element type of every value (from a probe run); it decides what is cut
-    (float) and what is recomputed (everything else).
-    """
+def _trace(model: onnx.ModelProto, start: str, outputs: list[str], dtypes: dict[str, np.dtype]
+           ) -> tuple[list[onnx.NodeProto], list[str], set[str], set[str]]:
+    """(the nodes the suffix runs, the values fed from the cache, the graph inputs and the
+    initializers it reads)."""
     g = model.graph
     producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
-    inits = {t.name: t for t in g.initializer}
-    graph_in = {v.name for v in g.input} - set(inits)
+    inits = {t.name for t in g.initializer}
+    graph_in = {v.name for v in g.input} - inits
     downstream = {start}
     static = set(inits)  # values computed from constants alone: cheap and batch-free, recompute
     for n in g.node:
@@ -101,19 +99,38 @@ def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
         for a in n.attribute:
             if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                 raise OptinError(f"control flow op {n.op_type} '{n.name}' inside the scored region")
+    return nodes, sorted(cut), used_inputs, used_inits
+
+
+def suffix_cut(model: onnx.ModelProto, start: str, outputs: list[str],
+               dtypes: dict[str, np.dtype]) -> list[str]:
+    """The cached values :func:`build_suffix` would feed, without building the model: what the
+    dense capture must keep, known before any suffix (a copy of its weights) exists."""
+    return _trace(model, start, outputs, dtypes)[1]
+
+
+def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
+                 dtypes: dict[str, np.dtype]) -> Suffix:
+    """Extract the sub-model that maps ``start`` (plus cached values) to ``outputs``.
+
+    ``dtypes`` gives the element type of every value (from a probe run); it decides what is cut
+    (float) and what is recomputed (everything else).
+    """
+    g = model.graph
+    nodes, cut, used_inputs, used_inits = _trace(model, start, outputs, dtypes)
+    inits = {t.name: t for t in g.initializer}
 
     def vi(name: str) -> onnx.ValueInfoProto:
         dt = helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name]))
         return helper.make_tensor_value_info(name, dt, None)
 
-    ins = [start] + sorted(cut) + [v.name for v in g.input if v.name in used_inputs]
-    graph = helper.make_graph(nodes, f"suffix_{start}", [vi(n) for n in ins],
+    graph_inputs = [v.name for v in g.input if v.name in used_inputs]
+    graph = helper.make_graph(nodes, f"suffix_{start}", [vi(n) for n in [start, *cut, *graph_inputs]],
                               [onnx.ValueInfoProto(name=o) for o in outputs],
                               initializer=[inits[n] for n in sorted(used_inits)])
     sub = helper.make_model(graph, opset_imports=list(model.opset_import),
                             ir_version=model.ir_version)
-    return Suffix(sub, start, sorted(cut), [v.name for v in g.input if v.name in used_inputs],
-                  list(outputs))
+    return Suffix(sub, start, cut, graph_inputs, list(outputs))
 
 
 def _implicit_inputs(node: onnx.NodeProto) -> set[str]:
@@ -128,3 +145,34 @@ def _implicit_inputs(node: onnx.NodeProto) -> set[str]:
             for n in sub.node:
                 out |= {i for i in (*n.input, *_implicit_inputs(n)) if i and i not in local}
     return out
+
+
+class SuffixSessions:
+    """One block's suffix model and onnxruntime session at a time, built where a task runs.
+
+    A scoring job is shipped to every worker process; shipping each block's suffix (a copy of
+    every weight downstream of the block) would multiply the data moved by the number of blocks,
+    and keeping all of them open would multiply the memory. So a worker rebuilds the suffix of the
+    block its task belongs to from the one model it holds, and keeps it while tasks of that block
+    follow (tasks are issued block by block)."""
+
+    def __init__(self, model: onnx.ModelProto, dtypes: dict[str, np.dtype],
+                 providers: list[str] | None):
+        self.model = model
+        self.dtypes = dtypes
+        self.providers = providers
+        self._open: tuple[tuple, Suffix, ort.InferenceSession] | None = None  # key, suffix, session
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": None}
+
+    def open(self, start: str, outputs: list[str], threads: int | None
+             ) -> tuple[Suffix, ort.InferenceSession]:
+        """The suffix from ``start`` to ``outputs`` and a session on it (``threads`` intra-op)."""
+        key = (start, tuple(outputs), threads)
+        if self._open is None or self._open[0] != key:
+            self._open = None  # the previous block's session goes before the next one is built
+            sfx = build_suffix(self.model, start, outputs, self.dtypes)
+            self._open = (key, sfx, session(sfx.model, self.providers, outputs=sfx.outputs,
+                                            threads=threads))
+        return self._open[1], self._open[2]

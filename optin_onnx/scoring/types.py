@@ -18,6 +18,20 @@ Captured = list[dict[str, np.ndarray]]
 Units = Mapping[str, Sequence[int]]
 
 
+#: Where candidate batches run (optin_onnx.scoring.executors).
+EXECUTORS = ("local", "processes", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Which executor and how wide. ``workers`` None: one per core (``processes``) or per CPU of
+    the cluster (``ray``). ``ray_address`` None starts a Ray instance on this machine."""
+
+    kind: str = "local"
+    workers: int | None = None
+    ray_address: str | None = None
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """The settings of the trajectory scorers (frozen: a default instance is shared by every call
@@ -40,6 +54,11 @@ class ScoreConfig:
     teacher: str = "current"
     feature_kind: str = "auto"  # what F_z is: auto | ffn | residual-ln | blocks (features.py)
     providers: list[str] | None = None
+    # Where candidate batches run: in this process, a local process pool or Ray (executors.py).
+    executor: ExecutorConfig = ExecutorConfig()
+    # Scoring refuses to start when its dense cache and model copies would exceed this (None: no
+    # limit); the chunk sizes under it are chosen by calibrate.chunking.
+    max_memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from optin_onnx.latency import compare_latency, latency_entry
 from optin_onnx.metrics import cosine_similarity, kl_divergence, top1_agreement
 from optin_onnx.options import PruneOptions
 from optin_onnx.probe import sample_feeds, sequence_inputs
-from optin_onnx.report import Report, count_parameters
+from optin_onnx.report import Report, count_parameters, peak_memory
 from optin_onnx.scoring.features import objective_output, output_kind
 from optin_onnx.scoring.types import Units
 from optin_onnx.stages.build import Built
@@ -115,6 +115,18 @@ def file_size(path: Path) -> int:
                                      if (path.parent / loc).exists())
 
 
+def scoring_summary(options: PruneOptions, prep: Prepared) -> dict[str, object]:
+    """How scoring divided its work, for the report: where it ran, the chunking and the limit it
+    was chosen under, and the share of tokens the Gram matrices sample."""
+    plan, real = prep.chunking, int(prep.cal.token_mask.sum())
+    return {"executor": options.executor, "workers": options.workers,
+            "samples_per_chunk": plan.chunk_size, "candidates_per_run": plan.candidates_per_run,
+            "memory_limit_gib": options.max_memory_gib,
+            "one_sample_forward_mib": plan.sample_bytes / 2**20,
+            "gram_tokens": (f"{min(options.tokens, real)} of {real} real tokens" if prep.seq_len
+                            else f"{options.tokens} per feature map, at most its positions")}
+
+
 def make_report(prep: Prepared, options: PruneOptions, built: Built, keep: Units,
                 checked: Checked, notes: list[str], stage_seconds: dict[str, float],
                 output: str | Path | None) -> Report:
@@ -132,6 +144,7 @@ def make_report(prep: Prepared, options: PruneOptions, built: Built, keep: Units
                  "units_before": b.n_units, "units_after": len(keep[b.name])}
                 for b in prep.structure.blocks],
         latency=checked.latency, fidelity=checked.fidelity, verify=checked.verification.to_dict(),
-        stage_seconds=stage_seconds,
+        stage_seconds=stage_seconds, peak_memory=peak_memory(),
+        scoring=scoring_summary(options, prep),
         declined=[f"{d.name}: {'; '.join(d.reasons)}" for d in prep.structure.declined],
         notes=notes)

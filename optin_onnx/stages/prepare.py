@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from optin_onnx.analysis import Structure, analyze_graph
-from optin_onnx.calibrate import CalibrationSet, make_calibration, subset
+from optin_onnx.calibrate import CalibrationSet, Chunking, chunking, make_calibration, subset
 from optin_onnx.errors import OptinError
 from optin_onnx.flops import MacModel, mac_model
 from optin_onnx.graph import copy_model, normalize
@@ -61,6 +61,7 @@ class Prepared:
     macs: MacModel
     providers: list[str]
     notes: tuple[str, ...]
+    chunking: Chunking  # samples per chunk and candidates per run, under --max-memory-gib
 
 
 def as_model(model: ModelLike) -> ir.Model:
@@ -100,11 +101,14 @@ def prepare(model: ModelLike, calib: CalibLike, options: PruneOptions, *,
             raise OptinError("no prunable structure found" + (f" ({why})" if why else
                              " (no MatMul/Gemm chain ends in a weight contraction)"))
     with clock("calibrate"):
-        full = make_calibration(arrays, options.chunk_size)
+        plan = chunking(ir.to_proto(m), arrays, options.chunk_size, options.candidates_per_run,
+                        None if options.max_memory_gib is None else
+                        int(options.max_memory_gib * 2**30))
+        full = make_calibration(arrays, plan.chunk_size)
         n_score = min(max(1, options.samples), full.n)
         held = np.arange(n_score, min(full.n, n_score + HELD_OUT))
-        cal = subset(full, np.arange(n_score), options.chunk_size)
-        held_cal = subset(full, held, options.chunk_size) if held.size else cal
+        cal = subset(full, np.arange(n_score), plan.chunk_size)
+        held_cal = subset(full, held, plan.chunk_size) if held.size else cal
         # Text: FLOPs at the mean real length. No sequence input (images): shapes are fixed,
         # the length is moot and reported as 0.
         has_seq = bool(sequence_inputs(m))
@@ -112,4 +116,4 @@ def prepare(model: ModelLike, calib: CalibLike, options: PruneOptions, *,
         macs = mac_model(m, structure, seq_len, like=arrays)
     source = None if isinstance(model, (ir.Model, onnx.ModelProto)) else Path(model)
     return Prepared(m, original, source, structure, arrays, full, cal, held_cal,
-                    bool(held.size), seq_len, macs, providers, tuple(notes))
+                    bool(held.size), seq_len, macs, providers, tuple(notes), plan)

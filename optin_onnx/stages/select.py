@@ -14,7 +14,8 @@ import numpy as np
 from optin_onnx.iterate import Round, budgets, rounds
 from optin_onnx.options import PruneOptions
 from optin_onnx.scoring.importance import Importance, make_importance
-from optin_onnx.scoring.types import ScoreConfig, Scores, Units
+from optin_onnx.calibrate import Chunking
+from optin_onnx.scoring.types import ExecutorConfig, ScoreConfig, Scores, Units
 from optin_onnx.search import SearchResult, search
 from optin_onnx.stages.clock import Clock
 from optin_onnx.stages.prepare import Prepared
@@ -55,12 +56,18 @@ class _Tally:
             self.progress(self.done, self.total)
 
 
-def score_config(options: PruneOptions, providers: list[str]) -> ScoreConfig:
-    """The scorers' settings from the options."""
+def score_config(options: PruneOptions, providers: list[str],
+                 chunking: Chunking | None = None) -> ScoreConfig:
+    """The scorers' settings from the options (candidates per run as ``chunking`` sized them
+    under the memory limit, where given)."""
+    per_run = options.candidates_per_run if chunking is None else chunking.candidates_per_run
     return ScoreConfig(lam=options.lam, tokens=options.tokens, seed=options.seed,
-                       candidates_per_run=options.candidates_per_run,
+                       candidates_per_run=per_run,
                        neuron_group=options.neuron_group, feature_kind=options.feature_kind,
-                       teacher=options.round_teacher, providers=providers)
+                       teacher=options.round_teacher, providers=providers,
+                       executor=ExecutorConfig(options.executor, options.workers,
+                                               options.ray_address),
+                       max_memory_bytes=None if chunking is None else chunking.limit_bytes)
 
 
 def score(prep: Prepared, criterion: Importance, base: Units | None = None, *,
@@ -87,7 +94,7 @@ def select(prep: Prepared, options: PruneOptions, *, progress: Progress | None =
            clock: Clock | None = None) -> Selection:
     """Score and search in ``options.steps`` rounds down to ``options.flops``."""
     schedule = budgets(options.flops, options.steps)
-    criterion = make_importance(options.method, score_config(options, prep.providers))
+    criterion = make_importance(options.method, score_config(options, prep.providers, prep.chunking))
     done = tuple(rounds(partial(score, prep, criterion, progress=progress, clock=clock),
                         partial(search_level, prep, options, clock=clock), schedule))
     notes = []
