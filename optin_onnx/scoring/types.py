@@ -77,11 +77,17 @@ class Scores:
         """New scores whose importance is ``md / mean(md) + lam * kd / mean(kd)``, both means over
         every candidate, so ``lam`` is the relative weight of the output term whatever the feature
         scale. A new object, so one scoring serves several values of ``lam``."""
-        md_all = np.concatenate(list(self.md.values())) if self.md else np.zeros(0)
-        kd_all = np.concatenate(list(self.kd.values())) if self.kd else np.zeros(0)
-        md_mean = np.nanmean(md_all) if md_all.size else 0.0
-        kd_mean = np.nanmean(kd_all) if kd_all.size else 0.0
+        md_mean, kd_mean = _mean_of_measured(self.md), _mean_of_measured(self.kd)
         md_scale = md_mean if md_mean > 0 else 1.0
         kd_scale = kd_mean if kd_mean > 0 else 1.0
         return replace(self, importance={name: self.md[name] / md_scale
                                          + lam * self.kd[name] / kd_scale for name in self.md})
+
+
+def _mean_of_measured(terms: dict[str, np.ndarray]) -> float:
+    """The mean over every candidate that was scored (NaN marks units that were not), 0 when none
+    was. ``np.nanmean`` would warn on stderr when every value is NaN (a model giving NaN
+    outputs), ahead of the one-line error the CLI then prints."""
+    values = np.concatenate(list(terms.values())) if terms else np.zeros(0)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else 0.0
