@@ -17,7 +17,7 @@ does (the candidate arithmetic is the same code; only onnxruntime's thread count
   progress advances as tasks finish. Ray is an optional dependency, imported only here.
 
 What moves per task is the task (block index and unit indices) out and two floats per candidate
-back; the job moves once per worker process (docs/DESIGN.md, "Scoring on many cores").
+back; the job moves once per worker process (docs/DESIGN.md, "Scoring on many cores and machines").
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ Result = tuple[np.ndarray, np.ndarray]
 #: Called with the number of units a finished task scored.
 Done = Callable[[int], None]
 
-#: Attempts Ray makes at a task whose worker process died (out of memory, a lost node).
+#: Retries Ray makes of a task whose worker process died (out of memory, a lost node).
 RAY_RETRIES = 3
 
 
