@@ -247,6 +247,6 @@ def providers_for(name: str) -> list[str]:
     return PROVIDERS[name]
 
 
-__all__ = ["Executor", "FeatureKind", "Method", "PROVIDERS", "PruneOptions", "Prune", "Provider", "Simplify",
-           "Spec", "Teacher", "add_flags", "choices", "from_args", "gib_to_bytes", "option",
-           "providers_for", "specs"]
+__all__ = ["Executor", "FeatureKind", "Method", "PROVIDERS", "PruneOptions", "Prune", "Provider",
+           "Simplify", "Spec", "Teacher", "add_flags", "choices", "from_args", "gib_to_bytes",
+           "option", "providers_for", "specs"]

@@ -94,7 +94,8 @@ def select(prep: Prepared, options: PruneOptions, *, progress: Progress | None =
            clock: Clock | None = None) -> Selection:
     """Score and search in ``options.steps`` rounds down to ``options.flops``."""
     schedule = budgets(options.flops, options.steps)
-    criterion = make_importance(options.method, score_config(options, prep.providers, prep.chunking))
+    criterion = make_importance(options.method,
+                                score_config(options, prep.providers, prep.chunking))
     done = tuple(rounds(partial(score, prep, criterion, progress=progress, clock=clock),
                         partial(search_level, prep, options, clock=clock), schedule))
     notes = []
