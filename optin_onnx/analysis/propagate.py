@@ -116,6 +116,16 @@ class Propagator(Groups):
         """Sub-units per unit on ``axis`` of ``v`` (1 unless grouped-query heads)."""
         return self.grouping.get((v.name, axis), 1)
 
+    def keep_unless_on(self, node: ir.Node, axes: set[int], reason: str,
+                       natural: bool = False) -> None:
+        """Pass ``node``'s input tracks to its output, unless the op acts across one of ``axes``
+        (normalises, slices) where a group has a unit axis: then that group stops there."""
+        t = self.track(node.inputs[0])
+        for a, (gid, role) in t.items():
+            if a in axes and role is not Role.INNER:
+                return self.barrier(gid, f"{node.op_type} '{node.name}' {reason}", natural)
+        self.tracks[node.outputs[0].name] = dict(t)
+
     def barrier_all(self, track: Track, reason: str, natural: bool = False) -> None:
         for gid, _ in track.values():
             self.barrier(gid, reason, natural)

@@ -311,11 +311,7 @@ def slice_(p: Propagator, node: ir.Node) -> None:
         axes = np.arange(len(attr(node, "starts", []))) if axes is None else axes
     if axes is None:
         return p.barrier_all(t, f"Slice '{node.name}' has run-time axes")
-    sliced = {int(a) % rank for a in np.reshape(axes, -1)}
-    for a, (gid, role) in t.items():
-        if a in sliced and role is not Role.INNER:
-            return p.barrier(gid, f"Slice '{node.name}' slices the channel axis")
-    p.tracks[node.outputs[0].name] = dict(t)
+    p.keep_unless_on(node, {int(a) % rank for a in np.reshape(axes, -1)}, "slices the channel axis")
 
 
 def unsqueeze(p: Propagator, node: ir.Node) -> None:

@@ -6,32 +6,23 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
-from optin_onnx.analysis.structure import Role
 from optin_onnx.graph import attr
 
 if TYPE_CHECKING:
     from optin_onnx.analysis.propagate import Propagator
 
+
 def softmax(p: Propagator, node: ir.Node) -> None:
-    t = p.track(node.inputs[0])
     rank = len(p.shape(node.inputs[0]))
     opset = p.graph.opset_imports.get("", 13)
     axis = attr(node, "axis", -1 if opset >= 13 else 1) % rank
     normalised = {axis} if opset >= 13 else set(range(axis, rank))
-    for a, (gid, role) in t.items():
-        if a in normalised and role is not Role.INNER:
-            return p.barrier(gid, f"{node.op_type} '{node.name}' normalises over the axis")
-    p.tracks[node.outputs[0].name] = dict(t)
+    p.keep_unless_on(node, normalised, "normalises over the axis")
 
 
 def layer_norm(p: Propagator, node: ir.Node) -> None:
-    t = p.track(node.inputs[0])
     rank = len(p.shape(node.inputs[0]))
     axis = attr(node, "axis", -1) % rank
     for v in node.inputs[1:]:
         p.barrier_all(p.track(v), f"LayerNormalization '{node.name}' takes the axis as a parameter")
-    for a, (gid, role) in t.items():
-        if a >= axis and role is not Role.INNER:
-            return p.barrier(gid, f"LayerNormalization '{node.name}' normalises over the axis",
-                           natural=True)
-    p.tracks[node.outputs[0].name] = dict(t)
+    p.keep_unless_on(node, set(range(axis, rank)), "normalises over the axis", natural=True)
