@@ -29,6 +29,8 @@ Simplify = Literal["auto", "on", "off"]
 Provider = Literal["cpu", "cuda"]
 #: Where scoring runs its candidate batches (optin_onnx.scoring.executors).
 Executor = Literal["local", "processes", "ray"]
+#: Corrections of the kept weights (:func:`optin_onnx.reconstruct.correct`).
+Reconstruct = Literal["none", "scales", "refit"]
 
 #: onnxruntime execution providers behind each ``--provider`` (CPU is the fallback for any op the
 #: GPU provider lacks).
@@ -46,7 +48,8 @@ class Spec:
     needs its own. ``to_cli`` turns the field's default into what the parser shows and parses,
     ``from_cli`` turns the parsed value back into the field's (``--max-calib-gib`` is GiB on the
     command line, bytes in the object); ``parse`` is the parser's ``type`` where the field's own
-    type cannot parse a word."""
+    type cannot parse a word. ``const``: what the flag alone, without a value, means (the
+    value is then optional)."""
 
     flag: str
     help: str = ""
@@ -58,6 +61,7 @@ class Spec:
     parse: Callable[[str], Any] | None = None
     to_cli: Callable[[Any], Any] | None = None
     from_cli: Callable[[Any], Any] | None = None
+    const: Any = None
 
 
 def option(default: Any, flag: str, help: str = "", **spec: Any) -> Any:
@@ -133,9 +137,13 @@ class PruneOptions:
         "is the loss a unit adds; default %(default)s)")
     allow_block_removal: bool = option(False, "--allow-block-removal",
                                        "allow removing every head (or neuron) of a layer")
-    reconstruct: bool = option(
-        False, "--reconstruct", "least-squares scales for the kept heads/neurons, fitted block by "
-        "block so each pruned block's output matches the dense one on the calibration set")
+    # Off by default until the refit's cost and its effect on the text benchmarks are measured
+    # (docs/DESIGN.md, "Why the defaults are what they are").
+    reconstruct: Reconstruct = option(
+        "none", "--reconstruct", "correct the kept weights: refit (ridge refit of the layer "
+        "reading each block's kept units against the dense residual stream, kept only where the "
+        "held-out samples confirm it; the flag alone means refit), scales (one least-squares "
+        "scale per kept unit) or none (default %(default)s)", const="refit")
     provider: Provider = option("cpu", "--provider", "onnxruntime execution provider "
                                 "(default %(default)s)")
     executor: Executor = option(
@@ -217,6 +225,8 @@ def add_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = Non
                 base = next((t for t in get_args(kind) if t is not type(None)), kind)
             kwargs["type"] = spec.parse or base
             kwargs["default"] = shown
+            if spec.const is not None:
+                kwargs.update(nargs="?", const=spec.const)
             if "choices" not in kwargs:
                 kwargs["metavar"] = spec.flag.lstrip("-").upper().replace("-", "_")
         parser.add_argument(spec.flag, **kwargs)
@@ -248,5 +258,5 @@ def providers_for(name: str) -> list[str]:
 
 
 __all__ = ["Executor", "FeatureKind", "Method", "PROVIDERS", "PruneOptions", "Prune", "Provider",
-           "Simplify", "Spec", "Teacher", "add_flags", "choices", "from_args", "gib_to_bytes",
-           "option", "providers_for", "specs"]
+           "Reconstruct", "Simplify", "Spec", "Teacher", "add_flags", "choices", "from_args",
+           "gib_to_bytes", "option", "providers_for", "specs"]

@@ -565,7 +565,7 @@ def test_bad_option_of_analyze_and_make_calib(argv, wanted, tmp_path, capsys, mo
     ({"lam": float("nan")}, "--lam must be finite, got nan"),
     ({"prune": "all"}, "--prune must be one of heads, neurons, both, got 'all'"),
     ({"feature_kind": "x"}, "--feature must be one of auto, ffn, residual-ln, blocks, got 'x'"),
-    ({"reconstruct": "yes"}, "reconstruct must be True or False, got 'yes'"),
+    ({"reconstruct": "yes"}, "--reconstruct must be one of none, scales, refit, got 'yes'"),
     ({"latency_cases": [(1, 2, 3)]}, "--latency must be (batch, sequence) pairs, got (1, 2, 3)"),
 ])
 def test_api_options_are_checked_like_the_cli(override, wanted, tmp_path):

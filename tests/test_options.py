@@ -53,4 +53,4 @@ def test_renamed_flags_keep_the_old_spelling_out_of_help(new, old, field, value)
 def test_flags_convert_to_the_fields():
     got = parse("--max-calib-gib", "1", "--latency", "2x8", "--no-canonicalize", "--reconstruct")
     assert got.max_calib_bytes == 2**30 and got.latency_cases == ((2, 8),)
-    assert got.canonicalize is False and got.reconstruct is True
+    assert got.canonicalize is False and got.reconstruct == "refit"

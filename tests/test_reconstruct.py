@@ -1,12 +1,13 @@
-"""Stage *reconstruct*: the least-squares problem is formed exactly, a fit never worsens the loss
-it fits, the guard falls back to the unscaled weights, and the result stays a plain, verified graph."""
+"""Stage *reconstruct*, scales: the least-squares problem is formed exactly, a fit never worsens
+the loss it fits, the guard falls back to the unscaled weights, and the result stays a plain,
+verified graph. The refit has its own file (tests/test_refit.py)."""
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from optin_onnx import reconstruct as rc
+from optin_onnx.reconstruct import scales as rc
 from optin_onnx.analysis import Role, analyze_graph
 from optin_onnx.calibrate import capture, make_calibration
 from optin_onnx.graph import const_array, nodes_by_name, normalize
@@ -92,11 +93,12 @@ def test_guard_keeps_the_weights_when_a_scale_is_out_of_range(tiny, monkeypatch)
 
 def test_prune_with_reconstruct_is_verified_and_plain(tiny_exports, tmp_path):
     feeds = tiny_feeds(40, 12, seed=3)
-    plain = prune(tiny_exports[FORM], feeds, flops=0.5, samples=24, latency_cases=[], simplify="off")
+    plain = prune(tiny_exports[FORM], feeds, flops=0.5, samples=24, latency_cases=[], simplify="off",
+                  reconstruct="none")
     fixed = prune(tiny_exports[FORM], feeds, flops=0.5, samples=24, latency_cases=[], simplify="off",
-                  reconstruct=True)
+                  reconstruct="scales")
     assert fixed.report.verify["passed"]
-    assert any(n.startswith("least-squares correction applied") for n in fixed.report.notes)
+    assert any(n.startswith("least-squares scales applied") for n in fixed.report.notes)
     assert sorted(n.op_type for n in fixed.model.graph.node) == \
         sorted(n.op_type for n in plain.model.graph.node)
     # Same mask, corrected weights: the held-out outputs move towards the dense model here.

@@ -9,7 +9,8 @@ Targets (:mod:`tools.bench.targets`): ``bbc`` (frozen MiniLM + logistic head, BB
 embedding, mean-pooled and L2-normalised, evaluated on the BBC test texts: cosine to the dense
 embedding and overlap of the top-10 nearest neighbours).
 
-Methods (:mod:`tools.bench.methods`): ``optin``, ``optin+ls``, ``local``, ``magnitude``,
+Methods (:mod:`tools.bench.methods`): ``optin``, ``optin+ls``, ``optin+refit``, ``local``,
+``magnitude``,
 ``random`` (mean of 3 seeds), scored once on the calibration texts (the first ``--samples`` of the
 training split), then one search + rewrite per FLOPs level; ``onnxsim-magnitude|wanda|heads`` are
 onnx-simplifier's own pruning passes on onnxruntime's fused graph, their sparsity swept to the same
@@ -60,7 +61,7 @@ def bench(args) -> dict:
     import onnx_ir as ir
 
     t = text_target(args.model, args.samples, args.split, args.cache)
-    prep = prepare(t.path, t.calib)
+    prep = prepare(t.path, t.calib, held=t.held)
     dense = outputs(ir.to_proto(prep.model), t.evaluate, t.batch)
 
     def measure(out):

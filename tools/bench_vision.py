@@ -13,8 +13,10 @@ calibrating on the views of some photos and evaluating on the views of the other
 
 Methods as for the text models (:mod:`tools.bench.methods`): ``optin`` (trajectory over the block
 outputs), ``local`` (the first block output after the group only), ``magnitude``, ``random`` (mean
-of 3 seeds), ``optin+ls`` (OPTIN's mask followed by the least-squares correction, for groups read
-by one 1x1 conv or Gemm); the channel search keeps multiples of ``--channel-multiple`` and the
+of 3 seeds), ``optin+ls`` (OPTIN's mask followed by the least-squares scales, for groups read
+by one 1x1 conv or Gemm), ``optin+refit`` (OPTIN's mask followed by the refit of every 1x1-conv or
+Gemm reader, checked on the held-out calibration images after ``--samples``; none for the digit
+nets at their default of all 64, where the guard then checks on the scoring images); the channel search keeps multiples of ``--channel-multiple`` and the
 FLOPs reported are counted on the rewritten graph. With ``--latency-seconds`` the OPTIN model of
 each level is timed against the dense one in onnxruntime (batch 1 and 32, interleaved; only
 meaningful on an otherwise idle machine). Writes ``docs/bench/vision_<target>.json`` and ``.png``
@@ -49,7 +51,7 @@ def bench(args) -> dict:
     from optin_onnx.report import compare_latency, latency_entry
 
     t = VISION[args.target](args.net, args.samples)
-    prep = prepare(t.path, t.calib)
+    prep = prepare(t.path, t.calib, held=t.held)
     dense_proto = ir.to_proto(prep.model)
     dense = outputs(dense_proto, t.evaluate, t.batch)
     (name, images), = t.evaluate.items()

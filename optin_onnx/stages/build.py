@@ -2,7 +2,8 @@
 canonicalize -> simplify.
 
 The model the slim one must equal once masked (what verify compares against) is the prepared
-model, or its least-squares correction: :attr:`Built.reference`.
+model, or its correction (``--reconstruct scales`` or ``refit``, :mod:`optin_onnx.reconstruct`):
+:attr:`Built.reference`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import onnx_ir as ir
 from optin_onnx.options import PruneOptions
 from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
 from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
-from optin_onnx.reconstruct import reconstruct
+from optin_onnx.reconstruct import correct
 from optin_onnx.rewrite import rewrite
 from optin_onnx.scoring.types import Units
 from optin_onnx.simplify import choose as choose_simplified
@@ -36,17 +37,6 @@ class Built:
     notes: tuple[str, ...]
 
 
-def correct(prep: Prepared, keep: Units) -> tuple[ir.Model, str]:
-    """The prepared model with least-squares scales for the kept units folded in, and the note
-    saying which blocks took them."""
-    fixed = reconstruct(prep.model, prep.structure, keep, prep.cal, providers=prep.providers)
-    applied = [c.block for c in fixed.corrections if c.applied]
-    return fixed.model, (f"least-squares correction applied to {len(applied)} of "
-                         f"{len(fixed.corrections)} pruned blocks"
-                         + "".join(f"; {c.block} kept as is ({c.reason})"
-                                   for c in fixed.corrections if not c.applied))
-
-
 def build(prep: Prepared, options: PruneOptions, keep: Units, *,
           clock: Clock | None = None) -> Built:
     """The slim model keeping ``keep``; ``options.reconstruct``, ``canonicalize``, ``simplify``
@@ -54,10 +44,14 @@ def build(prep: Prepared, options: PruneOptions, keep: Units, *,
     clock = clock or Clock()
     notes = []
     reference = prep.model
-    if options.reconstruct:
+    if options.reconstruct != "none":
         with clock("reconstruct"):
-            reference, note = correct(prep, keep)
-            notes.append(note)
+            # Fitted on the scoring samples; the refit is checked on the held-out ones (none
+            # without them).
+            reference, correction_notes = correct(
+                options.reconstruct, prep.model, prep.structure, keep, prep.cal,
+                prep.held if prep.has_held else None, prep.providers)
+            notes.extend(correction_notes)
     with clock("rewrite"):
         slim_ir = rewrite(reference, prep.structure, keep)
     if options.canonicalize:

@@ -3,8 +3,9 @@
 Every method shares the analysis, the MAC model, the search and the rewrite; only the importance
 differs: ``optin`` (trajectory scores), ``local`` (ablation: the unit's own layer output only),
 ``magnitude`` (weights sliced away with the unit), ``random`` (one run per seed of
-:data:`SEEDS`), and ``optin+ls`` (OPTIN's selection, then the least-squares reconstruct stage).
-Scores are computed once per method and run (``optin+ls`` reuses ``optin``'s); each level is then
+:data:`SEEDS`), ``optin+ls`` and ``optin+refit`` (OPTIN's selection, then the reconstruct stage's
+scales or refit: :data:`CORRECTION`). Scores are computed once per method and run (the corrected
+rows reuse ``optin``'s); each level is then
 a search. With ``Settings.round_step`` the scored methods prune in rounds instead
 (``optin_onnx.iterate``): one chain of rounds gives the selection of every level.
 """
@@ -26,9 +27,11 @@ if TYPE_CHECKING:
     from optin_onnx.stages.prepare import Prepared
 
 #: Our methods, in the order their rows are written.
-OURS = ("optin", "optin+ls", "local", "magnitude", "random")
+OURS = ("optin", "optin+ls", "optin+refit", "local", "magnitude", "random")
 #: Methods scored on calibration data (the others read only the weights, or nothing).
-SCORED = ("optin", "optin+ls", "local")
+SCORED = ("optin", "optin+ls", "optin+refit", "local")
+#: Methods that are OPTIN's selection followed by a correction (``optin_onnx.reconstruct``).
+CORRECTION = {"optin+ls": "scales", "optin+refit": "refit"}
 SEEDS = (0, 1, 2)
 
 #: A FLOPs level -> the selection kept at it.
@@ -77,13 +80,13 @@ class Importances:
                       channel_multiple=self.settings.channel_multiple, alive=alive)
 
     def _importance(self, method: str, lam: float = 1.0, seed: int = 0) -> Importance:
-        """``method``'s criterion from the package's registry (``optin+ls`` scores as ``optin``),
+        """``method``'s criterion from the package's registry (corrected rows score as ``optin``),
         with this run's settings."""
         from optin_onnx.scoring.importance import make_importance
         from optin_onnx.scoring.types import ScoreConfig
 
         s = self.settings
-        return make_importance("optin" if method == "optin+ls" else method,
+        return make_importance("optin" if method in CORRECTION else method,
                                ScoreConfig(neuron_group=s.neuron_group, lam=lam, seed=seed,
                                            feature_kind=s.feature, teacher=s.round_teacher))
 

@@ -1,8 +1,9 @@
 """A benchmark run: every method at every FLOPs level, on one prepared model.
 
-Per level and method: the selection (:mod:`tools.bench.methods`), the least-squares correction for
-``optin+ls``, the rewrite, the evaluation, and the FLOPs counted on the rewritten graph. onnxsim's
-rows (:mod:`tools.bench.onnxsim`) are swept to the same levels.
+Per level and method: the selection (:mod:`tools.bench.methods`), the correction for ``optin+ls``
+and ``optin+refit`` (:data:`~tools.bench.methods.CORRECTION`), the rewrite, the evaluation, and
+the FLOPs counted on the rewritten graph. onnxsim's rows (:mod:`tools.bench.onnxsim`) are swept
+to the same levels.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from tools.bench.methods import Importances, Settings, mean_row
+from tools.bench.methods import CORRECTION, Importances, Settings, mean_row
 from tools.bench.onnxsim import ONNXSIM, sweep
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def run(prep: Prepared, path, methods: list[str], settings: Settings,
     import onnx_ir as ir
 
     from optin_onnx.flops import total_macs
-    from optin_onnx.reconstruct import reconstruct
+    from optin_onnx.reconstruct import correct
     from optin_onnx.rewrite import rewrite
 
     scores = Importances(prep, settings)
@@ -55,8 +56,9 @@ def run(prep: Prepared, path, methods: list[str], settings: Settings,
                 for pick in runs:
                     t1 = time.perf_counter()
                     sel = pick(level)
-                    base = (reconstruct(prep.model, prep.structure, sel.keep, prep.cal).model
-                            if method == "optin+ls" else prep.model)
+                    base = (correct(CORRECTION[method], prep.model, prep.structure, sel.keep,
+                                    prep.cal, prep.held if prep.has_held else None).model
+                            if method in CORRECTION else prep.model)
                     slim = rewrite(base, prep.structure, sel.keep)
                     spent = time.perf_counter() - t1
                     proto = ir.to_proto(slim)

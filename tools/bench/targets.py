@@ -20,6 +20,9 @@ import numpy as np
 #: Training texts a validation split skips: calibration sets are prefixes of the training split,
 #: so any calibration size up to this stays disjoint from validation.
 VAL_SKIP = 256
+#: Samples after the calibration ones that a refit checks its fits on (``Target.held``), as
+#: ``prune`` holds out the calibration file's samples after ``--samples``.
+HELD_OUT = 32
 #: Texts in a validation split.
 VAL_SIZE = 1000
 VAL_SEED = 1
@@ -38,6 +41,7 @@ class Target:
     labels: np.ndarray | None
     top5: bool = False  # report top-5 agreement (1000-class ImageNet logits)
     batch: int = 32  # evaluation batch
+    held: dict[str, np.ndarray] | None = None  # held-out calibration samples (the refit's guard)
 
     @property
     def eval_size(self) -> int:
@@ -113,19 +117,22 @@ def text_target(name: str, samples: int, split: str = "test", cache: str | None 
     split or the ``val`` split (:func:`validation_split`) to evaluate."""
     t = TEXT[name](cache)
     texts, labels = t.data["test"] if split == "test" else validation_split(t.data["train"])
-    return Target(t.path, t.description, t.kind, encode(t.data["train"][0][:samples],
-                                                        t.max_length),
-                  encode(texts, t.max_length), labels if t.kind == "logits" else None)
+    train = t.data["train"][0]
+    return Target(t.path, t.description, t.kind, encode(train[:samples], t.max_length),
+                  encode(texts, t.max_length), labels if t.kind == "logits" else None,
+                  held=encode(train[samples:samples + HELD_OUT], t.max_length))
 
 
 def _digits(net: str, samples: int | None) -> Target:
     from models.cnn import digits_cnn, digits_data
 
     data = digits_data(net)
-    calib = data["calib"][0][:samples] if samples else data["calib"][0]
+    images = data["calib"][0]
+    calib = images[:samples] if samples else images
+    held = images[len(calib):len(calib) + HELD_OUT]
     return Target(digits_cnn(net), f"ccexam {net} digit CNN on sklearn load_digits",
                   "logits", {"input": calib}, {"input": data["test"][0]}, data["test"][1],
-                  top5=True, batch=64)
+                  top5=True, batch=64, held={"input": held} if len(held) else None)
 
 
 def _efficientnet(net: str, samples: int | None) -> Target:
@@ -137,10 +144,13 @@ def _efficientnet(net: str, samples: int | None) -> Target:
     x = efficientnet_input(images)
     # A seeded draw over every calibration photo's views (they are stored photo by photo: the
     # first 32 would all be views of one photo).
-    calib = np.random.default_rng(0).permutation(split["calib"])[:samples or 32]
+    order = np.random.default_rng(0).permutation(split["calib"])
+    calib = order[:samples or 32]
+    held = order[len(calib):len(calib) + HELD_OUT]
     return Target(efficientnet_lite0_onnx(), "EfficientNet-Lite0 (ImageNet) on packaged natural "
                   "images", "logits", {"input": x[np.sort(calib)]}, {"input": x[split["eval"]]},
-                  None, top5=True, batch=64)
+                  None, top5=True, batch=64,
+                  held={"input": x[np.sort(held)]} if len(held) else None)
 
 
 #: Vision target name -> builder(digit net, calibration images or None for the default).

@@ -1,4 +1,4 @@
-"""Stage *reconstruct* (optional, ``--reconstruct``): least-squares correction of what remains.
+"""Stage *reconstruct*, ``--reconstruct scales``: one least-squares scale per kept unit.
 
 In the spirit of Kwon et al.'s mask tuning, but from onnxruntime activations and on OPTIN's mask:
 block by block, in graph order, find one scale per kept unit so that the pruned block's output
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from optin_onnx.analysis import Block, Role, Structure
+from optin_onnx.analysis import Block, Consumer, Role, Structure
 from optin_onnx.calibrate import CalibrationSet, capture
 from optin_onnx.graph import const_array, copy_model, nodes_by_name
 from optin_onnx.instrument import masked_model, oriented, unit_masks
@@ -48,6 +48,13 @@ class ReconstructResult:
     model: ir.Model
     corrections: list[Correction] = field(default_factory=list)
 
+    def notes(self) -> list[str]:
+        """The report's line: how many blocks were corrected, and why the others were not."""
+        applied = [c.block for c in self.corrections if c.applied]
+        return [f"least-squares scales applied to {len(applied)} of {len(self.corrections)} "
+                f"pruned blocks" + "".join(f"; {c.block} kept as is ({c.reason})"
+                                           for c in self.corrections if not c.applied)]
+
 
 def _normal_equations(block: Block, x: np.ndarray, w: np.ndarray, y: np.ndarray,
                       units: Sequence[int], role: Role) -> tuple[np.ndarray, np.ndarray, float]:
@@ -68,11 +75,20 @@ def _normal_equations(block: Block, x: np.ndarray, w: np.ndarray, y: np.ndarray,
     return g, b, float(np.sum(y * y))
 
 
-def _matrix(node: ir.Node, c) -> tuple[np.ndarray, int] | None:
+def consumer_matrix(node: ir.Node, c: Consumer) -> tuple[np.ndarray, int] | None:
     """The consumer's weight as [K, N] and the output's channel axis, or None when the consumer
-    is not a matrix product per position."""
+    is not a plain matrix product per position (a Gemm that scales or transposes its data input,
+    a weight that is not a constant matrix, a conv other than 1x1 with stride 1 and no padding)."""
     weight = const_array(node.inputs[c.weight_index])
-    if node.op_type in ("MatMul", "Gemm"):
+    if weight is None:
+        return None
+    if node.op_type == "MatMul":
+        return (oriented(weight, c), -1) if weight.ndim == 2 else None
+    if node.op_type == "Gemm":
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or \
+                attrs.get("beta", 1.0) != 1.0 or c.data_index != 0:
+            return None
         return oriented(weight, c), -1
     if node.op_type != "Conv" or weight.ndim < 3 or any(k != 1 for k in weight.shape[2:]):
         return None
@@ -124,7 +140,7 @@ def reconstruct(model: ir.Model, structure: Structure, keep: Mapping[str, Sequen
             continue
         c = b.consumers[0]
         out_nodes = nodes_by_name(out.graph)
-        matrix = _matrix(out_nodes[c.node], c)
+        matrix = consumer_matrix(out_nodes[c.node], c)
         if matrix is None:
             result.corrections.append(Correction(b.name, 0.0, 0.0, False,
                                                  "the consumer is not a 1x1 conv or a matrix "
