@@ -17,8 +17,8 @@ from tests.helpers import form_id, run, tiny_feeds
 
 FLOPS = 0.6
 N_CALIB, CALIB_SEQ, N_SCORE = 24, 16, 16
-STAGES = {"load", "analyse", "calibrate", "score", "search", "rewrite", "canonicalize", "simplify", "verify",
-          "report"}
+STAGES = {"load", "analyse", "calibrate", "score", "search", "reconstruct", "rewrite", "canonicalize",
+          "simplify", "verify", "report"}
 FORMS = [("torchscript", "classifier", False), ("dynamo", "pool", True)]
 
 
@@ -51,7 +51,8 @@ def pruned(tiny_exports, tmp_path_factory):
             np.savez(calib, **feeds)
         dst = d / "out.onnx"
         result = prune(src, calib, PruneOptions(flops=FLOPS, latency_cases=[(1, 16)],
-                                                latency_seconds=1, samples=N_SCORE), output=dst)
+                                                latency_seconds=1, samples=N_SCORE,
+                                                reconstruct="refit"), output=dst)
         out[form] = (src, before, dst, result, feeds)
     return out
 
@@ -145,9 +146,10 @@ def test_report_fields_are_populated(pruned, form):
     else:
         assert set(r.fidelity) == {"cosine_to_dense"}
         assert -1 <= r.fidelity["cosine_to_dense"] <= 1
-    # 8 held-out samples: fidelity is measured on them (no note about that); the onnxsim decision
-    # is always noted
-    assert not any("held-out" in n for n in r.notes)
+    # 8 held-out samples: fidelity is measured on them (no note about that), and the refit (asked
+    # for by the fixture) is checked on them; the onnxsim decision is always noted
+    assert not any("measured on the scoring set" in n for n in r.notes)
+    assert sum(n.startswith("refit ") for n in r.notes) == 1
     assert sum(n.startswith("onnxsim ") for n in r.notes) == 1
 
     assert set(r.stage_seconds) == STAGES

@@ -213,3 +213,17 @@ def test_im2col_patches_reproduce_the_conv():
             {"x": x.astype(np.float32)})[0]
     rows = w.patches(x) @ k.reshape(4, -1).T
     np.testing.assert_allclose(rows, np.moveaxis(y, 1, -1).reshape(-1, 4), atol=1e-4)
+
+
+def test_streamed_dense_targets_give_the_cached_result(tiny_exports, monkeypatch):
+    """Above the cache limit every consumer re-runs the dense model chunk by chunk instead of
+    keeping its activations: the fits are the same."""
+    m, s, keep = _tiny(tiny_exports, FORMS[0])
+    cal = make_calibration(tiny_feeds(16, 12, seed=1), chunk_size=8)
+    held = make_calibration(tiny_feeds(16, 12, seed=2), chunk_size=8)
+    cached = rf.refit(m, s, keep, cal, held)
+    monkeypatch.setattr(rf, "TEACHER_CACHE_BYTES", 0)
+    streamed = rf.refit(m, s, keep, cal, held)
+    assert [(b.block, b.method, b.damping) for b in streamed.blocks] == \
+        [(b.block, b.method, b.damping) for b in cached.blocks]
+    assert streamed.held_after == pytest.approx(cached.held_after, rel=1e-6)

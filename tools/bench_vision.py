@@ -15,8 +15,8 @@ Methods as for the text models (:mod:`tools.bench.methods`): ``optin`` (trajecto
 outputs), ``local`` (the first block output after the group only), ``magnitude``, ``random`` (mean
 of 3 seeds), ``optin+ls`` (OPTIN's mask followed by the least-squares scales, for groups read
 by one 1x1 conv or Gemm), ``optin+refit`` (OPTIN's mask followed by the refit of every 1x1-conv or
-Gemm reader, checked on the held-out calibration images after ``--samples``; none for the digit
-nets at their default of all 64, where the guard then checks on the scoring images); the channel search keeps multiples of ``--channel-multiple`` and the
+Gemm reader, checked on the held-out calibration images after ``--samples``: the digit nets
+have 64, so the row needs ``--samples`` below 64); the channel search keeps multiples of ``--channel-multiple`` and the
 FLOPs reported are counted on the rewritten graph. With ``--latency-seconds`` the OPTIN model of
 each level is timed against the dense one in onnxruntime (batch 1 and 32, interleaved; only
 meaningful on an otherwise idle machine). Writes ``docs/bench/vision_<target>.json`` and ``.png``

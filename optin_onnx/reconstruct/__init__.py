@@ -32,16 +32,21 @@ class Corrected(NamedTuple):
 
 
 def correct(how: str, model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int]],
-            cal: CalibrationSet, held: CalibrationSet,
+            cal: CalibrationSet, held: CalibrationSet | None,
             providers: Sequence[str] | None = None) -> Corrected:
     """``model`` corrected by ``how`` (one of :data:`CORRECTIONS`) for the selection ``keep``:
-    fitted on ``cal`` (the scoring samples), checked on ``held`` (refit only)."""
+    fitted on ``cal`` (the scoring samples), checked on ``held`` (refit only: without held-out
+    samples nothing could reject a fit that does not generalise, so none is made)."""
     if how == "none":
         return Corrected(model, [])
     if how == "scales":
         got = reconstruct(model, structure, keep, cal, providers=providers)
         return Corrected(got.model, got.notes())
     if how == "refit":
+        if held is None:
+            return Corrected(model, ["refit not applied: no held-out calibration samples to check "
+                                     "it on (give the calibration file more samples than "
+                                     "--samples)"])
         fitted = refit(model, structure, keep, cal, held, providers)
         return Corrected(fitted.model, fitted.notes())
     raise ValueError(f"unknown correction {how!r}; expected one of {CORRECTIONS}")

@@ -49,6 +49,11 @@ if TYPE_CHECKING:
 #: Ridge dampings tried per block (relative to the mean diagonal of X^T X); the held-out samples
 #: choose among them, so no single value has to suit every layer.
 DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
+#: Held-out gains smaller than this fraction of the target's squared norm are rounding noise.
+NOISE = 1e-9
+#: Dense activations at every refit point are kept in memory up to this size (else recomputed for
+#: each consumer: one more dense run per consumer).
+TEACHER_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -217,14 +222,36 @@ def _runs(sess: InferenceSession, data: CalibrationSet, names: list[str]
         yield chunk.feeds.get(MASK_INPUT), dict(zip(names, sess.run(names, chunk.feeds)))
 
 
+class _Teacher:
+    """The dense model's values at the refit's points, chunk by chunk. Captured once for every
+    consumer while they fit in :data:`TEACHER_CACHE_BYTES` (estimated from the first chunk, with
+    room for longer chunks); above that each request runs the dense model again, trading time for
+    bounded memory."""
+
+    def __init__(self, sess: InferenceSession, names: list[str],
+                 sets: Sequence[CalibrationSet]) -> None:
+        self.sess, self.cache = sess, {}
+        first = sets[0].chunks[0]
+        sample = sum(v.nbytes for v in sess.run(names, first.feeds)) / (first.stop - first.start)
+        if 2 * sample * sum(data.n for data in sets) <= TEACHER_CACHE_BYTES:
+            for data in sets:
+                self.cache[id(data)] = [v for _, v in _runs(sess, data, names)]
+
+    def runs(self, data: CalibrationSet, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        """{name: dense value} of ``names``, one chunk of ``data`` at a time."""
+        if id(data) in self.cache:
+            return iter(self.cache[id(data)])
+        return (v for _, v in _runs(self.sess, data, names))
+
+
 def _relative_error(model: onnx.ModelProto, data: CalibrationSet, output: str,
-                    dense: InferenceSession,
+                    dense: _Teacher,
                     providers: Sequence[str] | None) -> float:
     """Squared error of ``model``'s ``output`` to the dense session's, relative to the dense
     output's squared norm (real tokens only for per-token outputs)."""
     sess = runtime.session(model, providers, outputs=[output])
     err = norm = 0.0
-    for (mask, got), (_, want) in zip(_runs(sess, data, [output]), _runs(dense, data, [output])):
+    for (mask, got), want in zip(_runs(sess, data, [output]), dense.runs(data, [output])):
         g = _rows(got[output].astype(np.float64), -1, mask)
         w = _rows(want[output].astype(np.float64), -1, mask)
         err += float(np.sum((g - w) ** 2))
@@ -247,9 +274,9 @@ def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
     plans = {(b.name, c.node): _plan(out, b, c) for b, c in jobs}
     points = [p.point for p in plans.values() if isinstance(p, _Plan)]
     output = model.graph.outputs[0].name
-    # One dense session serves every target: each run fetches only the value it needs.
-    dense = runtime.session(ir.to_proto(model), providers,
-                            outputs=list(dict.fromkeys(points + [output])))
+    names = list(dict.fromkeys(points + [output]))
+    dense = _Teacher(runtime.session(ir.to_proto(model), providers, outputs=names), names,
+                     (cal, held))
     result = RefitResult(out)
     for b, c in jobs:
         plan = plans[(b.name, c.node)]
@@ -277,7 +304,7 @@ def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
 
 def _fit_block(out: ir.Model, structure: Structure, masks: Mapping[str, np.ndarray],
                block: Block, plan: _Plan, sets: tuple[CalibrationSet, CalibrationSet],
-               dense: InferenceSession,
+               dense: _Teacher,
                providers: Sequence[str] | None, dampings: Sequence[float]) -> BlockRefit:
     """Fit ``plan``'s consumer on the first of ``sets`` (scoring samples), choose on the second
     (held-out), and write the winner into ``out``."""
@@ -300,8 +327,8 @@ def _fit_block(out: ir.Model, structure: Structure, masks: Mapping[str, np.ndarr
     grams = []
     for data in sets:
         gram = Gram(len(kept) + free, w0.shape[1])
-        pairs = zip(_runs(sess, data, [x_name, plan.point]), _runs(dense, data, [plan.point]))
-        for (mask, got), (_, want) in pairs:
+        pairs = zip(_runs(sess, data, [x_name, plan.point]), dense.runs(data, [plan.point]))
+        for (mask, got), want in pairs:
             x = (plan.window.patches(got[x_name]) if plan.window else
                  _rows(got[x_name], c.data_axis, mask))[:, kept].astype(np.float64)
             diff = (_rows(want[plan.point], plan.axis, mask).astype(np.float64)
@@ -334,7 +361,8 @@ def choose(fit: Gram, check: Gram, w0: np.ndarray, free: int, dampings: Sequence
     """The candidate with the lowest held-out error (``check``), fitted on ``fit``: FLAP's bias
     compensation (with a bias row, ``free`` = 1) and a ridge solve per damping; as (method,
     damping, weight rows with the bias row last, held-out error before, after), or None when
-    none lowers the held-out error of the weights as they are (``w0``, bias unchanged)."""
+    none lowers the held-out error of the weights as they are (``w0``, bias unchanged) by more
+    than rounding (:data:`NOISE`)."""
     base = np.vstack([w0, np.zeros((free, w0.shape[1]))])
     candidates: list[tuple[str, float | None, np.ndarray]] = []
     if free and fit.rows:
@@ -347,7 +375,10 @@ def choose(fit: Gram, check: Gram, w0: np.ndarray, free: int, dampings: Sequence
     before = check.error(base)
     method, damping, w = min(candidates, key=lambda cand: check.error(cand[2]))
     after = check.error(w)
-    return (method, damping, w, before, after) if after < before else None
+    # The errors come from accumulated sums: a gain below the rounding of the target's own
+    # squared norm (a block with nothing to correct) is noise, not a better fit.
+    gain = before - after
+    return (method, damping, w, before, after) if gain > NOISE * check.tt else None
 
 
 def _replace(model: ir.Model, node: ir.Node, slot: int, arr: np.ndarray, name: str) -> None:
