@@ -13,14 +13,14 @@ calibrating on the views of some photos and evaluating on the views of the other
 
 Methods as for the text models (:mod:`tools.bench.methods`): ``optin`` (trajectory over the block
 outputs), ``local`` (the first block output after the group only), ``magnitude``, ``random`` (mean
-of 3 seeds), ``optin+ls`` (OPTIN's mask followed by the least-squares scales, for groups read
-by one 1x1 conv or Gemm), ``optin+refit`` (OPTIN's mask followed by the refit of every 1x1-conv or
-Gemm reader, checked on the held-out calibration images after ``--samples``: the digit nets
-have 64, so the row needs ``--samples`` below 64); the channel search keeps multiples of ``--channel-multiple`` and the
-FLOPs reported are counted on the rewritten graph. With ``--latency-seconds`` the OPTIN model of
-each level is timed against the dense one in onnxruntime (batch 1 and 32, interleaved; only
-meaningful on an otherwise idle machine). Writes ``docs/bench/vision_<target>.json`` and ``.png``
-and its block of docs/RESULTS.md.
+of 3 seeds), ``optin+ls`` (OPTIN's mask followed by the least-squares scales, for groups read by
+one 1x1 conv or Gemm), ``optin+refit`` (OPTIN's mask followed by the refit of every conv or
+Gemm reader, checked on the held-out calibration images after ``--samples``: the digit nets have
+64, so the row needs ``--samples`` below 64); the channel search keeps multiples of
+``--channel-multiple`` and the FLOPs reported are counted on the rewritten graph. With
+``--latency-seconds`` the OPTIN model of each level is timed against the dense one in onnxruntime
+(batch 1 and 32, interleaved; only meaningful on an otherwise idle machine). Writes
+``docs/bench/vision_<target>.json`` and ``.png`` and its block of docs/RESULTS.md.
 """
 from __future__ import annotations
 
