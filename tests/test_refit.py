@@ -227,3 +227,13 @@ def test_streamed_dense_targets_give_the_cached_result(tiny_exports, monkeypatch
     assert [(b.block, b.method, b.damping) for b in streamed.blocks] == \
         [(b.block, b.method, b.damping) for b in cached.blocks]
     assert streamed.held_after == pytest.approx(cached.held_after, rel=1e-6)
+
+
+@pytest.mark.parametrize("flags, wanted", [([], "none"), (["--reconstruct"], "refit"),
+                                           (["--reconstruct", "scales"], "scales"),
+                                           (["--reconstruct", "none"], "none")])
+def test_cli_reconstruct_flags(flags, wanted):
+    from optin_onnx import cli
+
+    args = cli._parser().parse_args(["prune", "in.onnx", "out.onnx", "--calib", "c.npz", *flags])
+    assert args.reconstruct == wanted
