@@ -151,19 +151,21 @@ class Propagator(Groups):
         roles = {t[3][1] for t in tracked}
         groupings = [self.group_of(v, a) for _, v, a, _ in tracked]
         most = max(groupings)
-        if any(most % g for g in groupings):
-            return self.barrier(tracked[0][3][0], f"{node.op_type} '{node.name}' couples heads "
-                                                  f"grouped {sorted(set(groupings))} at a time")
-        for (_, v, a, (g, role)), grouping in zip(tracked, groupings):
-            if grouping < most and role is not Role.INNER:
-                # Query heads meet a key/value axis that serves ``most // grouping`` of them.
-                self.regroup(g, most // grouping)
+        why = None
+        if len(roles) > 1:
+            why = f"mixes {sorted(r.value for r in roles)} axes"
+        elif any(most % g for g in groupings):
+            why = f"couples heads grouped {sorted(set(groupings))} at a time"
+        else:
+            for (_, v, a, (g, role)), grouping in zip(tracked, groupings):
+                if grouping < most and role is not Role.INNER:
+                    # Query heads meet a key/value axis that serves ``most // grouping`` of them.
+                    self.regroup(g, most // grouping)
         gid = tracked[0][3][0]
         for t in tracked[1:]:
             gid = self.union(gid, t[3][0])
-        if len(roles) > 1:
-            self.barrier(gid, f"{node.op_type} '{node.name}' mixes {sorted(r.value for r in roles)} axes")
-            return
+        if why is not None:  # every operand's group stops here, not only the first's
+            return self.barrier(gid, f"{node.op_type} '{node.name}' {why}")
         role = roles.pop()
         for i, v, a in entries:
             if a in self.track(v):

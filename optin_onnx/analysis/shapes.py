@@ -115,13 +115,14 @@ def trace_element(value: ir.Value, index: int, probe: dict[str, np.ndarray],
         cond = node.inputs[0].producer()
         if cond is None or cond.op_type != "Equal":
             return None
+        others = [v for v in cond.inputs if v.name != node.inputs[2].name]
+        if len(others) != 1 or not _static(others[0]):
+            return None  # not Equal(t, a constant): nothing proves the condition false
+        minus = const_array(others[0])
+        minus = probe.get(others[0].name) if minus is None else minus
         elem = trace_element(node.inputs[2], index, probe, path + (2,))
-        minus = [probe.get(v.name) if const_array(v) is None else const_array(v)
-                 for v in cond.inputs]
-        same = [v.name == node.inputs[2].name for v in cond.inputs]
-        if isinstance(elem, DimElement) and any(same) and all(
-                m is not None and (s or np.reshape(m, -1)[index % np.size(m)] == -1)
-                for m, s in zip(minus, same)) and _static(cond.inputs[same.index(False)]):
+        if isinstance(elem, DimElement) and minus is not None and np.size(minus) and \
+                np.reshape(minus, -1)[index % np.size(minus)] == -1:
             return elem
         return None
     if op == "Reshape":  # of a 1-D shape tensor into [-1]: the same elements
