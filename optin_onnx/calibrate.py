@@ -7,6 +7,7 @@ different batch sizes), so candidates can later be stacked along it whatever the
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,13 @@ class CalibrationSet:
     @property
     def mean_length(self) -> float:
         return float(self.token_mask.sum(1).mean())
+
+    def mapped(self, fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+               ) -> CalibrationSet:
+        """The same samples and chunks with ``fn`` applied to every feed dict (a pruned model's
+        inputs: see :func:`optin_onnx.analysis.pruned_feeds`)."""
+        return CalibrationSet(fn(self.feeds), self.token_mask,
+                              [Chunk(c.start, c.stop, fn(c.feeds)) for c in self.chunks])
 
 
 def make_calibration(feeds: dict[str, np.ndarray], chunk_size: int = 16) -> CalibrationSet:

@@ -51,7 +51,7 @@ def measure_latency(
     rather than a ``ModelProto`` for models with external data, so onnxruntime can find it.
     """
     sess = session(model, providers, threads=threads)
-    return _time_sessions([sess], feeds, warmup, repeats, max_seconds)[0]
+    return _time_sessions([sess], [feeds], warmup, repeats, max_seconds)[0]
 
 
 def compare_latency(
@@ -64,17 +64,20 @@ def compare_latency(
     repeats: int = 20,
     max_seconds: float = 20.0,
     threads: int | None = None,
+    pruned_feeds: dict[str, np.ndarray] | None = None,
 ) -> tuple[LatencyStats, LatencyStats]:
     """Time the dense and the pruned model against each other; returns ``(dense, pruned)``.
 
     Runs alternate (dense, pruned, dense, pruned, ...) so that both models see the same machine
     state: on a shared two-core box, load from other processes or CPU frequency changes would
     otherwise land on whichever model happened to be timed second and bias the speed-up.
-    ``max_seconds`` bounds both models together; the other arguments are as for
+    ``max_seconds`` bounds both models together; ``pruned_feeds`` are the pruned model's inputs
+    where they differ (a KV cache with fewer heads); the other arguments are as for
     :func:`measure_latency`.
     """
     sessions = [session(m, providers, threads=threads) for m in (dense, pruned)]
-    before, after = _time_sessions(sessions, feeds, warmup, repeats, max_seconds)
+    before, after = _time_sessions(sessions, [feeds, pruned_feeds or feeds], warmup, repeats,
+                                   max_seconds)
     return before, after
 
 
@@ -92,31 +95,32 @@ def latency_entry(before: LatencyStats, after: LatencyStats) -> dict[str, float]
 
 def _time_sessions(
     sessions: list[ort.InferenceSession],
-    feeds: dict[str, np.ndarray],
+    feeds: list[dict[str, np.ndarray]],
     warmup: int,
     repeats: int,
     max_seconds: float,
 ) -> list[LatencyStats]:
-    """Run ``sessions`` round-robin and summarise each one's timed runs."""
+    """Run ``sessions`` round-robin, each on its own ``feeds``, and summarise each one's timed
+    runs."""
     if warmup < 0 or repeats < 1 or not max_seconds > 0:
         raise OptinError(
             f"latency needs warmup >= 0, repeats >= 1 and max_seconds > 0 "
             f"(got warmup={warmup}, repeats={repeats}, max_seconds={max_seconds})"
         )
-    for sess in sessions:
-        _check_feeds(sess, feeds)
+    for sess, inputs in zip(sessions, feeds):
+        _check_feeds(sess, inputs)
     min_runs = min(3, repeats)
     start = time.perf_counter()
     for _ in range(warmup):
-        for sess in sessions:
-            sess.run(None, feeds)
+        for sess, inputs in zip(sessions, feeds):
+            sess.run(None, inputs)
         if time.perf_counter() - start >= max_seconds:
             break
     times: list[list[float]] = [[] for _ in sessions]
     for i in range(repeats):
-        for sess, samples in zip(sessions, times):
+        for sess, inputs, samples in zip(sessions, feeds, times):
             t0 = time.perf_counter()
-            sess.run(None, feeds)
+            sess.run(None, inputs)
             samples.append((time.perf_counter() - t0) * 1e3)
         if i + 1 >= min_runs and time.perf_counter() - start >= max_seconds:
             break

@@ -121,7 +121,9 @@ class Report:
     ``latency`` maps a case name such as ``"cpu b1 s128"`` to ``{"before_ms", "after_ms",
     "speedup"}`` (see :func:`latency_entry`). ``verify`` holds ``max_abs_err``, ``tolerance``,
     ``cases`` (the input shapes checked) and ``passed``. ``declined`` lists structures left unpruned,
-    each with its reason. ``peak_memory`` is :func:`peak_memory` at the end of the run;
+    each with its reason. ``interface`` lists the graph inputs and outputs whose shape the prune
+    changed (a decoder's KV cache: ``{"name", "kind": "input"|"output", "axis", "before",
+    "after"}``). ``peak_memory`` is :func:`peak_memory` at the end of the run;
     ``scoring`` says how scoring divided its work: executor, workers, samples per chunk,
     candidates per run, the memory limit, and how many tokens the Gram matrices sample of how many
     real ones.
@@ -146,6 +148,7 @@ class Report:
     peak_memory: dict[str, float] = field(default_factory=dict)
     scoring: dict[str, Any] = field(default_factory=dict)
     declined: list[str] = field(default_factory=list)
+    interface: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from optin_onnx.analysis import Block, Structure
+from optin_onnx.analysis import Block, PortChange, Structure
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, copy_model, nodes_by_name
 
@@ -168,11 +168,24 @@ def rewrite(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[i
         else:
             sliced.append((block, units))
     _slice_blocks(graph, sliced, namer)
+    _resize_ports(graph, structure.interface({b.name: u for b, u in sliced}))
     RemoveUnusedNodesPass()(out)
     # Recorded intermediate shapes (the dynamo exporter writes them) are stale now; graph inputs
-    # and outputs keep theirs, since pruning never changes them.
+    # and outputs keep theirs: pruning changes them only at cache ports, resized above.
     for node in graph:
         for v in node.outputs:
             if not v.is_graph_output():
                 v.shape = None
     return out
+
+
+def _resize_ports(graph: ir.Graph, changes: Mapping[str, PortChange]) -> None:
+    """Declare the kept size on each graph input and output that carries a pruned axis (a KV
+    cache's head axis); a symbolic dimension stays symbolic."""
+    for v in (*graph.inputs, *graph.outputs):
+        change = changes.get(v.name)
+        if change is None or v.shape is None or not isinstance(v.shape[change.axis], int):
+            continue
+        dims = list(v.shape)
+        dims[change.axis] = len(change.kept)
+        v.shape = ir.Shape(dims)

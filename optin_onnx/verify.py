@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from optin_onnx.analysis import Structure
+from optin_onnx.analysis import Structure, pruned_feeds
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.errors import OptinError, first_line
 from optin_onnx.instrument import masked_model, unit_masks
@@ -99,6 +99,9 @@ def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
                         providers)
     candidate = session(slim, providers)
     result = VerifyResult(0.0, 0.0, tolerance)
+    # A KV cache shrinks with the heads kept: the slim model reads and writes the kept part.
+    changes = structure.interface(keep)
+    names = [o.name for o in reference.get_outputs()]
     images = image_inputs(dense)
     for batch, seq, grow in verify_cases(cal, sequence_inputs(dense), images):
         feeds = sample_feeds(cal.feeds, batch, seq, sequence_inputs(dense))
@@ -113,8 +116,10 @@ def verify(dense: ir.Model, slim: onnx.ModelProto, structure: Structure,
             result.skipped.append(f"{label}: the input model cannot run at this shape "
                                   f"({first_line(exc)})")
             continue
+        want = [changes[name].take(w) if name in changes else w
+                for name, w in zip(names, want)]
         try:
-            got = candidate.run(None, feeds)
+            got = candidate.run(None, pruned_feeds(feeds, changes))
         except RUN_ERRORS as exc:
             raise OptinError(f"verification failed: the slim graph cannot run at case {label}, "
                              f"where the masked dense graph can ({first_line(exc)})") from None

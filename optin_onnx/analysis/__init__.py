@@ -6,12 +6,13 @@ import onnx_ir as ir
 
 from optin_onnx.analysis.groups import Group
 from optin_onnx.analysis.propagate import propagate
-from optin_onnx.analysis.structure import (AttrEdit, Block, Consumer, Declined, ParamSlice, Removal, Role,
-                                           ShapeEdit, Structure)
+from optin_onnx.analysis.structure import (AttrEdit, Block, Consumer, Declined, ParamSlice, Port,
+                                           PortChange, Removal, Role, ShapeEdit, Structure,
+                                           pruned_feeds)
 from optin_onnx.graph import const_array, nodes_by_name, subgraphs
 
 __all__ = ["analyze_graph", "AttrEdit", "pre_layer_norm", "residual_features", "Block", "Consumer",
-           "Declined", "ParamSlice", "Removal", "Role", "ShapeEdit", "Structure"]
+           "Declined", "ParamSlice", "Port", "PortChange", "Removal", "Role", "ShapeEdit", "Structure", "pruned_feeds"]
 
 #: Ops a removed block's contribution may pass through on its way to the residual add.
 _PASS_THROUGH = {"Reshape", "Identity", "Dropout"}
@@ -99,14 +100,16 @@ def _to_block(g: Group, nodes: dict[str, ir.Node], probe) -> Block | Declined | 
     kind = "attention" if g.has_head else "mlp"
     if any(nodes[s].op_type == "Conv" for s in g.sources):
         kind = "channels"  # conv channel groups are never emptied: no removal
-    removal = _removal(consumer, probe) if len(g.consumers) == 1 and kind != "channels" else None
+    # A block with cache ports is never emptied: its present outputs would keep no head.
+    removal = _removal(consumer, probe) if len(g.consumers) == 1 and kind != "channels" \
+        and not g.ports else None
     return Block(
         name=name, kind=kind, n_units=n_units, unit_size=unit,
         sources=list(dict.fromkeys(g.sources)), consumers=list(dict.fromkeys(g.consumers)),
         slices=list(dict.fromkeys(g.slices)), shape_edits=list(dict.fromkeys(g.shape_edits)),
         nodes=list(dict.fromkeys(g.nodes)), feature=_feature(consumer),
         removal=removal,
-        attr_edits=list(dict.fromkeys(g.attr_edits)))
+        attr_edits=list(dict.fromkeys(g.attr_edits)), ports=list(dict.fromkeys(g.ports)))
 
 
 def _control_flow(model: ir.Model) -> list[Declined]:

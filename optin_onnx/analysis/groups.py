@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from optin_onnx.analysis.structure import AttrEdit, Consumer, ParamSlice, Role, ShapeEdit
+from optin_onnx.analysis.structure import AttrEdit, Consumer, ParamSlice, Port, Role, ShapeEdit
 
 Track = dict[int, tuple[int, Role]]  # axis -> (group id, role)
 
@@ -30,6 +30,7 @@ class Group:
     nodes: list[str] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
     attr_edits: list[AttrEdit] = field(default_factory=list)  # attributes counting the units
+    ports: list[Port] = field(default_factory=list)  # graph inputs/outputs on the axis (KV cache)
     # A composite: the output axis of a channel Concat, made of these (group, channel offset)
     # parts. What is recorded on it is handed to the parts, with offsets, at the end of the pass.
     parts: list[tuple[int, int]] = field(default_factory=list)
@@ -87,7 +88,7 @@ class Groups:
         ga.hard |= gb.hard
         ga.natural |= gb.natural
         for name in ("sources", "consumers", "slices", "shape_edits", "nodes", "barriers",
-                     "attr_edits"):
+                     "attr_edits", "ports"):
             getattr(ga, name).extend(getattr(gb, name))
         return a
 
@@ -97,7 +98,7 @@ class Groups:
         the group recorded so far is re-stamped; :class:`Propagator` re-stamps its tracks."""
         g = self.groups[self.find(gid)]
         g.grouping *= factor
-        for name in ("consumers", "slices", "shape_edits", "attr_edits"):
+        for name in ("consumers", "slices", "shape_edits", "attr_edits", "ports"):
             setattr(g, name, [r if r.role is Role.INNER else replace(r, group=r.group * factor)
                               for r in getattr(g, name)])
 

@@ -40,15 +40,15 @@ groups of its operands, so every conv that writes one residual stream lands in o
 *repeat* of H*W: the classifier's weight rows c*H*W .. c*H*W + H*W - 1 belong to channel c.
 """
 from __future__ import annotations
-from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
 from optin_onnx.analysis.groups import Group, Groups, Track
 from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, SOURCES, UNARY
-from optin_onnx.analysis.structure import ParamSlice, Role
-from optin_onnx.graph import captured, const_array
+from optin_onnx.analysis.handlers.layout import shape_axes, shape_reads
+from optin_onnx.analysis.structure import ParamSlice, Port, Role
+from optin_onnx.graph import attr, captured, const_array
 
 
 class Propagator(Groups):
@@ -244,7 +244,52 @@ class Propagator(Groups):
                         if role is not Role.INNER:
                             self.mac_axes.append((node.name, gid, "out"))
         for v in self.graph.outputs:
-            self.barrier_all(self.track(v), f"reaches graph output '{v.name}'", natural=True)
+            for a, (gid, role) in self.track(v).items():
+                # The inner axis of a unit never changes size: harmless in an output.
+                if role is not Role.INNER and not self.cache_port(v, a, gid, role):
+                    self.barrier(gid, f"reaches graph output '{v.name}'", natural=True)
+
+    def cache_port(self, out: ir.Value, axis: int, gid: int, role: Role) -> bool:
+        """Let graph output ``out`` carry the group's ``axis`` when it is a KV cache: a Concat,
+        along another axis, of a graph input (the past) with values of the group (the new keys or
+        values), the past read nowhere else on that axis. Then the past and the present both
+        shrink with the units kept (:class:`~optin_onnx.analysis.structure.Port`); the run-time
+        slice the Concat recorded for the past operand is dropped, since the input itself holds
+        the kept units only. Anything else reaching a graph output stays a barrier::
+
+            past (graph input) --[Identity/Cast]--+
+                                                  Concat(axis=past length) --> present (output)
+            x --MatMul(Wk)--Reshape--Transpose----+            |
+                                                               +--> MatMul(Q K^T) ...
+        """
+        cat = _through_copies(out)
+        if cat is None or cat.op_type != "Concat" or \
+                self.group(gid).parts or len(cat.inputs) < 2:
+            return False
+        rank = len(self.shape(cat.outputs[0]) or ())
+        if not rank or attr(cat, "axis", 0) % rank == axis:
+            return False
+        g = self.group(gid)
+        pasts = []
+        for i, v in enumerate(cat.inputs):
+            if axis in self.track(v):
+                if self.find(self.track(v)[axis][0]) != self.find(gid):
+                    return False
+                continue
+            source = _source_input(v)
+            runtime = [s for s in g.slices
+                       if s.runtime and (s.node, s.input_index, s.axis) == (cat.name, i, axis)]
+            if source is None or not runtime or _reads_axis(source, axis, rank, cat):
+                return False
+            pasts.append((source, runtime))
+        if len(pasts) != 1:
+            return False
+        source, runtime = pasts[0]
+        g.slices = [s for s in g.slices if s not in runtime]
+        group = runtime[0].group
+        g.ports += [Port(source.name, False, axis, role, group),
+                    Port(out.name, True, axis, role, group)]
+        return True
 
     def carry_factors(self, node: ir.Node) -> None:
         """Folds and groupings stay with an axis through ops that keep axes (transposes,
@@ -277,3 +322,51 @@ def propagate(model: ir.Model, probe: dict[str, np.ndarray]
     prop.resolve()
     groups = [g for gid, g in prop.groups.items() if prop.find(gid) == gid and not g.parts]
     return groups, prop.mac_factors()
+
+
+#: Ops that pass a value on unchanged, as far as a cache's axes go.
+_COPIES = {"Identity", "Cast"}
+
+
+def _is_copy(node: ir.Node | None) -> bool:
+    return node is not None and (node.op_type in _COPIES or (
+        node.op_type == "Concat" and len([v for v in node.inputs if v is not None]) == 1))
+
+
+def _through_copies(v: ir.Value) -> ir.Node | None:
+    """The first producer of ``v`` that is not a copy (Identity, Cast, a one-input Concat)."""
+    node = v.producer()
+    while _is_copy(node):
+        node = node.inputs[0].producer()
+    return node
+
+
+def _source_input(v: ir.Value) -> ir.Value | None:
+    """The graph input that ``v`` copies, or None."""
+    while _is_copy(v.producer()):
+        v = v.producer().inputs[0]
+    return v if v.producer() is None and const_array(v) is None and v.is_graph_input() else None
+
+
+def _reads_axis(source: ir.Value, axis: int, rank: int, cat: ir.Node) -> bool:
+    """Whether graph input ``source`` is read on ``axis`` anywhere but through copies into ``cat``:
+    only a ``Shape`` whose readers pick other axes (the past length, the batch) reads it
+    harmlessly."""
+    stack = [source]
+    while stack:
+        v = stack.pop()
+        for use in v.uses():
+            node = use.node
+            if node is cat:
+                continue
+            if _is_copy(node):
+                stack.append(node.outputs[0])
+            elif node.op_type == "Shape":
+                if axis in shape_axes(node, rank) and any(
+                        picked is None or axis in picked for _, picked in shape_reads(node, rank)):
+                    return True
+            else:
+                return True
+        if v.is_graph_output():
+            return True
+    return False

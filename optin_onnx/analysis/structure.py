@@ -5,6 +5,7 @@ alone: a tensor shared by several nodes is sliced per use, which is what unshari
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -78,6 +79,20 @@ class AttrEdit:
     name: str
     role: Role
     index: int = -1
+    group: int = 1
+
+
+@dataclass(frozen=True)
+class Port:
+    """A graph input or output whose ``axis`` is the block's axis: a decoder's KV cache, the past
+    keys/values read in and the present ones (past joined with the new) written out. The model's
+    interface changes with the prune: that axis holds the kept units only, so a serving stack must
+    allocate the cache at the new size (the report lists every change)."""
+
+    name: str
+    output: bool
+    axis: int
+    role: Role
     group: int = 1
 
 
@@ -158,6 +173,8 @@ class Block:
     # Attributes that count the block's units or channels (a depthwise conv's ``group``, a fused
     # attention op's ``num_heads``): they shrink with the block.
     attr_edits: list[AttrEdit] = field(default_factory=list)
+    # Graph inputs and outputs that carry the block's axis (a KV cache): they shrink with it.
+    ports: list[Port] = field(default_factory=list)
 
     @property
     def unit_name(self) -> str:
@@ -205,3 +222,43 @@ class Structure:
     n_layers: int = 0
     # node -> the factors its MACs scale with (a conv between two groups: two; see flops.py)
     mac_factors: dict[str, list[Factor]] = field(default_factory=dict)
+
+    def interface(self, keep: Mapping[str, Sequence[int]]) -> dict[str, PortChange]:
+        """Graph input or output name -> how a prune keeping ``keep`` changes it (see
+        :class:`Port`); empty unless the model carries a pruned axis across its interface."""
+        out = {}
+        for b in self.blocks:
+            units = sorted(keep.get(b.name, range(b.n_units)))
+            for p in b.ports:
+                out[p.name] = PortChange(p.name, p.output, p.axis, b.width(p.role, group=p.group),
+                                         b.indices(units, p.role, group=p.group))
+        return out
+
+
+@dataclass(frozen=True)
+class PortChange:
+    """One graph input or output after a prune: ``axis`` had ``before`` elements and keeps
+    ``kept`` (dense positions, ascending)."""
+
+    name: str
+    output: bool
+    axis: int
+    before: int
+    kept: np.ndarray
+
+    def take(self, array: np.ndarray) -> np.ndarray:
+        """The part of a dense-model ``array`` for this port that the pruned model reads or
+        writes."""
+        return np.take(array, self.kept, axis=self.axis)
+
+    def describe(self) -> str:
+        kind = "output" if self.output else "input"
+        return f"{kind} '{self.name}' axis {self.axis}: {self.before} -> {len(self.kept)}"
+
+
+def pruned_feeds(feeds: Mapping[str, np.ndarray], changes: Mapping[str, PortChange]
+                 ) -> dict[str, np.ndarray]:
+    """The pruned model's inputs for the dense model's ``feeds``: a KV cache keeps the kept
+    units' part of the dense one (what the pruned model would have written there itself)."""
+    return {k: changes[k].take(a) if k in changes and not changes[k].output else a
+            for k, a in feeds.items()}

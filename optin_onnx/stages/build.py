@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
+from optin_onnx.analysis import pruned_feeds
 from optin_onnx.options import PruneOptions
 from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
 from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
@@ -54,9 +55,11 @@ def build(prep: Prepared, options: PruneOptions, keep: Units, *,
             notes.extend(correction_notes)
     with clock("rewrite"):
         slim_ir = rewrite(reference, prep.structure, keep)
+    # The slim model's own inputs: a KV cache keeps the kept heads' part.
+    calib = pruned_feeds(prep.calib, prep.structure.interface(keep))
     if options.canonicalize:
         with clock("canonicalize"):
-            probes = [probe(slim_ir, dummy_feeds(slim_ir, batch=b, seq=s, like=prep.calib))
+            probes = [probe(slim_ir, dummy_feeds(slim_ir, batch=b, seq=s, like=calib))
                       for b, s in CANONICALIZE_PROBES]
             n_fixed = canonicalize_reshapes(slim_ir, probes)
             if n_fixed:
@@ -65,7 +68,7 @@ def build(prep: Prepared, options: PruneOptions, keep: Units, *,
     slim = ir.to_proto(slim_ir)
     with clock("simplify"):
         batch, seq = (list(options.latency_cases) or [(1, prep.seq_len or None)])[-1]
-        feeds = sample_feeds(prep.calib, batch, seq, sequence_inputs(reference))
+        feeds = sample_feeds(calib, batch, seq, sequence_inputs(reference))
         slim, why = choose_simplified(slim, feeds, options.simplify, prep.providers)
         if why:
             notes.append(why)

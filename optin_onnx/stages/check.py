@@ -4,6 +4,7 @@ is written), then what the report states: MACs, fidelity on the held-out samples
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from optin_onnx.analysis import PortChange, pruned_feeds
 from optin_onnx.calibrate import CalibrationSet, capture
 from optin_onnx.errors import OptinError, first_line
 from optin_onnx.flops import total_macs
@@ -39,11 +41,14 @@ class Checked:
 
 
 def fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, name: str, kind: str,
-             cal: CalibrationSet, providers: list[str]) -> dict[str, float]:
+             cal: CalibrationSet, providers: list[str],
+             changes: Mapping[str, PortChange] | None = None) -> dict[str, float]:
     """How close the slim model's output ``name`` stays to the dense one's on ``cal``: KL and
     top-1 agreement for logits, cosine for an embedding, cosine over real tokens for token
-    outputs."""
+    outputs. ``changes``: the slim model's resized inputs (a KV cache), fed their kept part."""
     want = [c[name] for c in capture(dense, cal, [name], providers)]
+    if changes:
+        cal = cal.mapped(lambda feeds: pruned_feeds(feeds, changes))
     got = [c[name] for c in capture(slim, cal, [name], providers)]
     if kind in ("logits", "embedding"):
         t, s = np.concatenate(want), np.concatenate(got)
@@ -79,7 +84,9 @@ def check(prep: Prepared, options: PruneOptions, built: Built, keep: Units, *,
             raise OptinError(result.failure())
         notes.extend(f"verify case {case} skipped" for case in result.skipped)
     with clock("report"):
-        macs_after = total_macs(ir.from_proto(slim), prep.seq_len, like=prep.calib)
+        changes = prep.structure.interface(keep)
+        macs_after = total_macs(ir.from_proto(slim), prep.seq_len,
+                                like=pruned_feeds(prep.calib, changes))
         outputs = reference.graph.outputs
         objective = next(v for v in outputs
                          if v.name == objective_output(reference, prep.structure))
@@ -87,17 +94,21 @@ def check(prep: Prepared, options: PruneOptions, built: Built, keep: Units, *,
             notes.append(f"scored and measured on output '{objective.name}': the outputs before "
                          f"it do not depend on any pruned block")
         kind = output_kind(reference, objective.name, len(objective.shape or ()) or 2, "auto")
+        resized = [c.describe() for c in changes.values() if len(c.kept) != c.before]
+        if resized:
+            notes.append("the model's interface changed (a KV cache keeps the kept heads only: "
+                         "allocate it at the new size): " + "; ".join(resized))
         measured = fidelity(prep.original, slim, objective.name, kind, prep.held,
-                            prep.providers)
+                            prep.providers, changes)
         if not prep.has_held:
             notes.append("no held-out calibration samples: fidelity measured on the scoring set")
         latency = {}
         for batch, seq in options.latency_cases:
             feeds = sample_feeds(prep.calib, batch, seq, sequence_inputs(reference))
             try:
-                before, after = compare_latency(prep.original, slim, feeds,
-                                                providers=prep.providers,
-                                                max_seconds=options.latency_seconds)
+                before, after = compare_latency(
+                    prep.original, slim, feeds, providers=prep.providers,
+                    max_seconds=options.latency_seconds, pruned_feeds=pruned_feeds(feeds, changes))
             except RUN_ERRORS as exc:  # a shape the model cannot take: the prune stands
                 notes.append(f"latency case b{batch} s{seq} skipped: onnxruntime cannot run the "
                              f"model at that shape ({first_line(exc)})")
@@ -147,4 +158,7 @@ def make_report(prep: Prepared, options: PruneOptions, built: Built, keep: Units
         stage_seconds=stage_seconds, peak_memory=peak_memory(),
         scoring=scoring_summary(options, prep),
         declined=[f"{d.name}: {'; '.join(d.reasons)}" for d in prep.structure.declined],
+        interface=[{"name": c.name, "kind": "output" if c.output else "input", "axis": c.axis,
+                    "before": c.before, "after": len(c.kept)}
+                   for c in prep.structure.interface(keep).values() if len(c.kept) != c.before],
         notes=notes)

@@ -178,10 +178,25 @@ def shape(p: Propagator, node: ir.Node) -> None:
     leading dims after a Gemm) and the inner axis of a unit (the TorchScript SDPA export reads
     head_dim as ``Gather(Shape(q), 3)`` to build a Reshape target and the softmax scale)."""
     t = p.track(node.inputs[0])
-    rank = len(p.shape(node.inputs[0]))
+    for user, picked in shape_reads(node, len(p.shape(node.inputs[0]))):
+        if picked is None or (any(int(a) in t and t[int(a)][1] is not Role.INNER
+                                  for a in picked) and not _only_reshape_targets(user.outputs[0])):
+            return p.barrier_all(t, f"Shape '{node.name}' of the pruned tensor is used by "
+                                  f"{user.op_type} '{user.name}'")
+
+
+def shape_axes(node: ir.Node, rank: int) -> np.ndarray:
+    """The input axes a ``Shape`` node's output lists (its ``start`` and ``end`` range)."""
     start = attr(node, "start", 0)
     start = start + rank if start < 0 else start
-    dims = np.arange(rank)[slice(start, attr(node, "end", None))]
+    return np.arange(rank)[slice(start, attr(node, "end", None))]
+
+
+def shape_reads(node: ir.Node, rank: int) -> list[tuple[ir.Node, np.ndarray | None]]:
+    """Each reader of a ``Shape`` node's output with the input axes it picks: a Gather or a
+    Slice by constants; None where the reader could use any of them."""
+    dims = shape_axes(node, rank)
+    out = []
     for use in node.outputs[0].uses():
         user, picked = use.node, None
         args = [const_array(v) for v in user.inputs[1:]]
@@ -191,10 +206,8 @@ def shape(p: Propagator, node: ir.Node) -> None:
                 and (len(args) < 3 or args[2] is None or int(np.reshape(args[2], -1)[0]) == 0):
             step = int(np.reshape(args[3], -1)[0]) if len(args) > 3 and args[3] is not None else 1
             picked = dims[int(np.reshape(args[0], -1)[0]):int(np.reshape(args[1], -1)[0]):step]
-        if picked is None or (any(int(a) in t and t[int(a)][1] is not Role.INNER
-                                  for a in picked) and not _only_reshape_targets(user.outputs[0])):
-            return p.barrier_all(t, f"Shape '{node.name}' of the pruned tensor is used by "
-                                  f"{user.op_type} '{user.name}'")
+        out.append((user, picked))
+    return out
 
 
 #: Ops that only move elements of a shape tensor around, scale them by a constant or pick them
