@@ -216,13 +216,14 @@ def distilbert(attention: Attention = "default", seed: int = 0) -> ZooModel:
 
 
 def albert(attention: Attention = "default", seed: int = 0) -> ZooModel:
-    """ALBERT applies one layer's weights to every layer: 2 applications of 1 shared layer (one
-    group per shared projection), after an embedding projection 32 -> 64."""
+    """ALBERT applies one layer's weights to every layer: 2 applications of 1 shared layer, after
+    an embedding projection 32 -> 64. The analysis ties the applications: one attention block,
+    pruned once, the weights staying shared."""
     from transformers import AlbertModel
 
     cfg = _config("AlbertConfig", embedding_size=32)
     return _text_model(_build(AlbertModel, cfg, attention, seed, add_pooling_layer=False),
-                       _text(token_types=True))
+                       _text(token_types=True), units=(HEADS,))
 
 
 def electra(attention: Attention = "default", seed: int = 0) -> ZooModel:

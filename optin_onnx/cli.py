@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="print the prunable structure of a model")
     a.add_argument("model")
     a.add_argument("--calib", help="calibration .npz (probe shapes from real inputs)")
-    a.add_argument("--seq-len", type=int, default=128, help="sequence length for MACs (default 128)")
+    a.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for MACs (default: the calibration's mean real length, "
+                        "else 128)")
     a.add_argument("--verbose", action="store_true",
                    help="also list the projections that end at the model width, with where")
     add_flags(a, ["max_calib_bytes"])
@@ -67,12 +69,14 @@ def _analyze(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from optin_onnx.calibrate import make_calibration
     from optin_onnx.flops import mac_model
     from optin_onnx.options import gib_to_bytes
     from optin_onnx.pipeline import analyze, as_calibration, as_model
     from optin_onnx.validate import check_number
 
-    check_number("--seq-len", args.seq_len, True, 1, True)
+    if args.seq_len is not None:
+        check_number("--seq-len", args.seq_len, True, 1, True)
     limit = gib_to_bytes(args.max_calib_bytes)
     loaded = as_model(args.model)
     calib = as_calibration(loaded, args.calib, limit) if args.calib else None
@@ -88,8 +92,10 @@ def _analyze(args) -> None:
         raise SystemExit(1)
     from optin_onnx.probe import sequence_inputs
 
-    macs = mac_model(model, structure, args.seq_len, like=calib)
-    where = f"sequence {args.seq_len}" if sequence_inputs(model) else "its fixed input size"
+    seq_len = args.seq_len or (max(1, round(make_calibration(calib).mean_length)) if calib
+                               else 128)
+    macs = mac_model(model, structure, seq_len, like=calib)
+    where = f"sequence {seq_len}" if sequence_inputs(model) else "its fixed input size"
     title = (f"{args.model}: {structure.n_layers} layers, MACs at batch 1, {where}: "
              f"{macs.total / 1e6:.1f} M")
     transformer = [b for b in structure.blocks if b.kind != "channels"]

@@ -30,6 +30,27 @@ def nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
     return {n.name: n for n in graph}
 
 
+def const_root(value: ir.Value | None) -> ir.Value | None:
+    """The value that holds the constant behind ``value`` (an initializer or a ``Constant``
+    node's output), through ``Identity`` nodes as for :func:`const_array`; None if not constant.
+    Two uses with the same root read one stored tensor: a weight shared on purpose (ALBERT's
+    layers) or de-duplicated by the exporter."""
+    for _ in range(64):
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return value
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return value if const_array(value) is not None else None
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            return None
+        value = node.inputs[0]
+    return None
+
+
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind ``value``: an initializer, or the output of a ``Constant`` node, also
     when reached through ``Identity`` nodes (the TorchScript exporter de-duplicates equal weights,

@@ -16,7 +16,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from optin_onnx.analysis import Block, PortChange, Structure
 from optin_onnx.errors import OptinError
-from optin_onnx.graph import const_array, copy_model, nodes_by_name
+from optin_onnx.graph import const_array, const_root, copy_model, nodes_by_name
 
 
 class _Namer:
@@ -88,6 +88,9 @@ def _slice_blocks(graph: ir.Graph, blocks: list[tuple[Block, list[int]]], namer:
             cuts.setdefault((s.node, s.input_index, s.axis), []).append(positions)
             if s.runtime:
                 runtime[(s.node, s.input_index, s.axis)] = block.width(s.role, s.repeat, s.group)
+    # One sliced copy per stored tensor and cut: a weight applied in several layers (ALBERT),
+    # cut alike in each, stays one shared tensor.
+    made: dict[tuple[int, int, bytes], ir.Value] = {}
     for (node_name, index, axis), positions in cuts.items():
         node = nodes[node_name]
         if (node_name, index, axis) in runtime:
@@ -98,9 +101,15 @@ def _slice_blocks(graph: ir.Graph, blocks: list[tuple[Block, list[int]]], namer:
         arr = const_array(node.inputs[index])
         if arr is None:
             raise OptinError(f"internal: {node_name} input {index} is no longer a constant")
-        sliced = np.delete(arr, np.concatenate(positions), axis=axis)
+        dropped = np.unique(np.concatenate(positions))
+        key = (id(const_root(node.inputs[index])), axis, dropped.tobytes())
+        if key in made:
+            node.replace_input_with(index, made[key])
+            continue
+        sliced = np.delete(arr, dropped, axis=axis)
         base = node.inputs[index].name or f"{node_name}_w"
         _set_const(graph, node, index, sliced, namer(f"{base}__sliced"))
+        made[key] = node.inputs[index]
     for block, units in blocks:
         dropped = sorted(set(range(block.n_units)) - set(units))
         for e in block.shape_edits:  # a width shrinks by what this block drops from it

@@ -41,6 +41,8 @@ groups of its operands, so every conv that writes one residual stream lands in o
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx_ir as ir
 
@@ -48,7 +50,7 @@ from optin_onnx.analysis.groups import Group, Groups, Track
 from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, SOURCES, UNARY
 from optin_onnx.analysis.handlers.layout import shape_axes, shape_reads
 from optin_onnx.analysis.structure import ParamSlice, Port, Role
-from optin_onnx.graph import attr, captured, const_array
+from optin_onnx.graph import attr, captured, const_array, const_root
 
 
 class Propagator(Groups):
@@ -291,6 +293,42 @@ class Propagator(Groups):
                     Port(out.name, True, axis, role, group)]
         return True
 
+    def tie_shared_weights(self) -> None:
+        """One group for every application of a shared weight. ALBERT runs one layer's weights
+        in every layer (the TorchScript export reaches them through ``Identity`` nodes): the
+        groups of those applications become one, pruned once, so the weights stay shared and
+        the kept units are the same wherever they are applied. A group whose source or consumer
+        weight holds the same values as another group's is joined with it (and a barrier of
+        either stops both): the same stored tensor, or a copy of it (the dynamo exporter writes
+        each application's own copy). Weights of one repeated value (all zeros) say nothing
+        about sharing and tie nothing."""
+        nodes = {n.name: n for n in self.graph}
+        owner: dict[tuple[str, bytes], int] = {}
+        digests: dict[int, bytes | None] = {}
+        for gid in list(self.groups):
+            g = self.groups[gid]
+            if self.find(gid) != gid or g.parts:
+                continue
+            # A weight's output channels (source) and its input channels (consumer) are
+            # different axes: one projection ends one group and starts the next.
+            uses = [("source", s, 1) for s in g.sources] + \
+                [("consumer", c.node, c.weight_index) for c in g.consumers]
+            for side, name, slot in uses:
+                node = nodes.get(name)
+                root = None if node is None or len(node.inputs) <= slot else \
+                    const_root(node.inputs[slot])
+                if root is None:
+                    continue
+                if id(root) not in digests:
+                    digests[id(root)] = _digest(const_array(root))
+                if digests[id(root)] is None:
+                    continue
+                key = (side, digests[id(root)])
+                if key in owner:
+                    self.union(owner[key], gid)
+                else:
+                    owner[key] = gid
+
     def carry_factors(self, node: ir.Node) -> None:
         """Folds and groupings stay with an axis through ops that keep axes (transposes,
         element-wise ops, the batch axes of a MatMul): each output axis takes those of the input
@@ -320,8 +358,19 @@ def propagate(model: ir.Model, probe: dict[str, np.ndarray]
     prop = Propagator(model, probe)
     prop.run()
     prop.resolve()
+    prop.tie_shared_weights()
     groups = [g for gid, g in prop.groups.items() if prop.find(gid) == gid and not g.parts]
     return groups, prop.mac_factors()
+
+
+def _digest(arr: np.ndarray | None) -> bytes | None:
+    """A fingerprint of a weight's values (dtype, shape, bytes); None for a weight of one
+    repeated value."""
+    if arr is None or arr.size < 2 or np.all(arr.reshape(-1)[0] == arr):
+        return None
+    h = hashlib.blake2b(f"{arr.dtype.str}{arr.shape}".encode(), digest_size=20)
+    h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    return h.digest()
 
 
 #: Ops that pass a value on unchanged, as far as a cache's axes go.

@@ -59,9 +59,10 @@ def fast_scorer(structure: Structure) -> Scorer:
     """The exact scorer that is fastest for ``structure``.
 
     The rank-k scorer needs every block to have one consumer; a conv channel group has many
-    (every conv reading a residual stream), so a structure with channel groups is scored on the
-    masked model, one candidate per run."""
-    if any(b.kind == "channels" for b in structure.blocks):
+    (every conv reading a residual stream), and so has a block whose weights are applied in
+    several layers (ALBERT), so such a structure is scored on the masked model, one candidate
+    per run."""
+    if any(b.kind == "channels" or len(b.consumers) != 1 for b in structure.blocks):
         return score_masked
     return score_rank_k
 
