@@ -86,3 +86,22 @@ def load_analyze(model) -> tuple[ir.Model, Structure]:
     m = graph.normalize(ir.from_proto(model) if isinstance(model, onnx.ModelProto)
                         else ir.load(str(model)))
     return m, analysis.analyze_graph(m, probe.probe(m))
+
+
+def zoo_exports(root, arch: str, attention: str = "default"):
+    """``get(exporter) -> (ZooModel, path)``: the zoo architecture ``arch`` exported under
+    ``root`` on first use per exporter (a module fixture keeps one per test file)."""
+    import warnings
+
+    from models import zoo
+
+    done = {}
+
+    def get(exporter: str):
+        if exporter not in done:
+            zm = zoo.ZOO[arch](attention)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                done[exporter] = zm, zoo.export(zm, root / f"{arch}-{exporter}.onnx", exporter)
+        return done[exporter]
+    return get

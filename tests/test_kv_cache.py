@@ -8,8 +8,6 @@ Anything else that puts a head axis on the interface stays a barrier.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -19,7 +17,7 @@ from models import zoo
 from optin_onnx.analysis import pruned_feeds
 from optin_onnx.instrument import masked_model, unit_masks
 from optin_onnx.pipeline import analyze, as_model, prune
-from tests.helpers import run
+from tests.helpers import run, zoo_exports
 
 LAYERS = 2
 
@@ -27,17 +25,7 @@ LAYERS = 2
 @pytest.fixture(scope="module")
 def cache_exports(tmp_path_factory):
     """The zoo's cached Llama (GQA: 2 key/value heads of 2 query heads each), per exporter."""
-    root = tmp_path_factory.mktemp("cache")
-    out = {}
-
-    def get(exporter: str):
-        if exporter not in out:
-            zm = zoo.ZOO["llama-cache"]("default")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out[exporter] = zm, zoo.export(zm, root / f"{exporter}.onnx", exporter)
-        return out[exporter]
-    return get
+    return zoo_exports(tmp_path_factory.mktemp("cache_exports"), "llama-cache")
 
 
 def cache_ports(structure) -> dict[str, list[tuple[str, bool, int]]]:

@@ -8,8 +8,6 @@ model still stores each sliced weight once.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import pytest
@@ -17,21 +15,13 @@ import pytest
 from models import zoo
 from optin_onnx.pipeline import analyze, prune
 from optin_onnx.report import count_parameters
+from tests.helpers import zoo_exports
 
 
 @pytest.fixture(scope="module")
 def albert(tmp_path_factory):
-    root = tmp_path_factory.mktemp("albert")
-    out = {}
-
-    def get(exporter: str):
-        if exporter not in out:
-            zm = zoo.ZOO["albert"]("default")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out[exporter] = zm, zoo.export(zm, root / f"{exporter}.onnx", exporter)
-        return out[exporter]
-    return get
+    """The zoo's ALBERT (one layer applied twice), per exporter."""
+    return zoo_exports(tmp_path_factory.mktemp("albert"), "albert")
 
 
 @pytest.mark.parametrize("exporter", ["torchscript",
