@@ -19,7 +19,7 @@ from optin_onnx.io import CALIBRATION_LIMIT_BYTES, save_model
 from optin_onnx.io import calibration_for as as_calibration
 from optin_onnx.options import PruneOptions
 from optin_onnx.passes.unfuse_projections import split_fused_projections
-from optin_onnx.probe import dummy_feeds, probe
+from optin_onnx.probe import probe_like
 from optin_onnx.report import Report
 from optin_onnx.scoring.importance import IMPORTANCES
 from optin_onnx.scoring.types import Scores
@@ -54,9 +54,8 @@ def analyze(model: ModelLike, calib: CalibLike | None = None,
     :func:`prune`) only sets the probe's input shapes."""
     m = as_model(model)
     split_fused_projections(m)
-    feeds = None if calib is None else dummy_feeds(m, like=as_calibration(m, calib,
-                                                                          max_calib_bytes))
-    return m, analyze_graph(m, probe(m, feeds))
+    like = None if calib is None else as_calibration(m, calib, max_calib_bytes)
+    return m, analyze_graph(m, probe_like(m, like))
 
 
 def prune(model: ModelLike, calib: CalibLike, options: PruneOptions | None = None, *,

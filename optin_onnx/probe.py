@@ -101,3 +101,21 @@ def probe(model: ir.Model, feeds: dict[str, np.ndarray] | None = None) -> dict[s
     values = runtime.run_all_values(proto, feeds)
     values.update(feeds)
     return values
+
+
+def probe_like(model: ir.Model, like: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """:func:`probe` on the calibration samples ``like`` cut or tiled to the probe sizes; a model
+    that cannot run at :data:`PROBE_SEQ` tokens (a length that must be a multiple of a window, a
+    position table shorter than that) is probed at the calibration's own length instead. The
+    first error is the one raised when neither runs."""
+    try:
+        return probe(model, dummy_feeds(model, like=like))
+    except OptinError as first:
+        lengths = {like[k].shape[1] for k in sequence_inputs(model) & set(like or {})}
+        if len(lengths) != 1 or PROBE_SEQ in lengths:
+            raise
+        try:
+            return probe(model, dummy_feeds(model, seq=lengths.pop(), like=like))
+        except OptinError:
+            raise first from None
+

@@ -355,3 +355,52 @@ def test_block_names_stay_unique_when_an_ffn_is_not_prunable(branch):
     for b in s.blocks:
         layer = int(b.sources[0][1])  # sources are named l<layer>_...
         assert b.layer == layer and b.name.startswith(f"layer{layer}."), (b.name, b.sources)
+
+
+def windowed_token_model() -> onnx.ModelProto:
+    """Token ids [B, S] -> embeddings -> a Reshape into windows of 8 tokens and back (valid only
+    when S is a multiple of 8) -> an MLP block."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((50, C)).astype(np.float32), "emb"),
+             numpy_helper.from_array(np.array([0, -1, 8, C], np.int64), "windows"),
+             numpy_helper.from_array(np.array([0, -1, C], np.int64), "tokens"),
+             numpy_helper.from_array(rng.standard_normal((C, 24)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((24, C)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed"),
+             helper.make_node("Reshape", ["h", "windows"], ["hw"], name="to_windows"),
+             helper.make_node("Reshape", ["hw", "tokens"], ["h2"], name="from_windows"),
+             helper.make_node("MatMul", ["h2", "w1"], ["a"], name="fc1"),
+             helper.make_node("Relu", ["a"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "windowed",
+                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", C])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_probe_falls_back_to_the_calibration_length():
+    """The probe's own length (11 tokens) is no multiple of the window: the analysis probes at
+    the calibration's 16 tokens instead; a calibration length that is no multiple either gets
+    onnxruntime's error at the probe length, in one line."""
+    from optin_onnx.errors import OptinError
+    from optin_onnx.pipeline import analyze
+
+    model = windowed_token_model()
+    ids = np.random.default_rng(1).integers(0, 50, (4, 16))
+    _, structure = analyze(model, {"input_ids": ids})
+    assert [(b.kind, b.n_units) for b in structure.blocks] == [("mlp", 24)]
+    with pytest.raises(OptinError, match="could not run the model"):
+        analyze(model, {"input_ids": ids[:, :12]})
+
+
+def test_windowed_model_prunes_at_the_calibration_length():
+    """Every stage that runs the model away from the calibration (canonicalize's probes, verify's
+    longer case) finds lengths the model takes."""
+    from optin_onnx.pipeline import prune
+
+    ids = np.random.default_rng(1).integers(0, 50, (24, 16))
+    result = prune(windowed_token_model(), {"input_ids": ids}, flops=0.7, latency_cases=[],
+                   samples=8)
+    assert result.verification.passed and not result.verification.skipped
+    assert len(result.selection.keep["layer0.mlp"]) < 24

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from optin_onnx.analysis import pruned_feeds
+from optin_onnx.errors import OptinError
 from optin_onnx.options import PruneOptions
 from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
 from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
@@ -26,6 +28,23 @@ from optin_onnx.stages.prepare import Prepared
 #: (batch, sequence) of the two probe runs canonicalize compares: an element becomes constant only
 #: where both runs agree, so the two sizes differ in both axes.
 CANONICALIZE_PROBES = ((3, 11), (2, 7))
+
+
+def _canonicalize_probes(model: ir.Model, calib: dict[str, np.ndarray]
+                         ) -> list[dict[str, np.ndarray]] | None:
+    """Two probe runs at :data:`CANONICALIZE_PROBES`, or, for a model that cannot run at those
+    lengths (a window size), at the calibration's own length and twice it; None if neither."""
+    lengths = {calib[k].shape[1] for k in sequence_inputs(model) & set(calib)}
+    tries = [CANONICALIZE_PROBES]
+    if len(lengths) == 1:
+        n = lengths.pop()
+        tries.append(((3, n), (2, 2 * n)))
+    for sizes in tries:
+        try:
+            return [probe(model, dummy_feeds(model, batch=b, seq=s, like=calib)) for b, s in sizes]
+        except OptinError:
+            continue
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,12 +78,14 @@ def build(prep: Prepared, options: PruneOptions, keep: Units, *,
     calib = pruned_feeds(prep.calib, prep.structure.interface(keep))
     if options.canonicalize:
         with clock("canonicalize"):
-            probes = [probe(slim_ir, dummy_feeds(slim_ir, batch=b, seq=s, like=calib))
-                      for b, s in CANONICALIZE_PROBES]
-            n_fixed = canonicalize_reshapes(slim_ir, probes)
+            probes = _canonicalize_probes(slim_ir, calib)
+            n_fixed = canonicalize_reshapes(slim_ir, probes) if probes else 0
             if n_fixed:
                 notes.append(f"{n_fixed} run-time Reshape targets replaced by constants "
                              f"(their shape-computing nodes removed)")
+            elif not probes:
+                notes.append("run-time Reshape targets kept: the model runs at none of the "
+                             "canonicalize probe lengths")
     slim = ir.to_proto(slim_ir)
     with clock("simplify"):
         batch, seq = (list(options.latency_cases) or [(1, prep.seq_len or None)])[-1]

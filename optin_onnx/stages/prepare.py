@@ -24,7 +24,7 @@ from optin_onnx.guard import Labelled, refuse_unsafe_writes
 from optin_onnx.io import calibration_for, files_read, load_model
 from optin_onnx.options import PruneOptions, providers_for
 from optin_onnx.passes.unfuse_projections import split_fused_projections
-from optin_onnx.probe import dummy_feeds, probe, sequence_inputs
+from optin_onnx.probe import probe_like, sequence_inputs
 from optin_onnx.stages.clock import Clock
 
 #: A model as the API takes it: a path, or an object that is copied, never changed.
@@ -95,7 +95,7 @@ def prepare(model: ModelLike, calib: CalibLike, options: PruneOptions, *,
         if n_unfused:
             notes.append(f"{n_unfused} fused projections (Split or Slices of one product) split back into one "
                          f"MatMul per output")
-        structure = analyze_graph(m, probe(m, dummy_feeds(m, like=arrays)))
+        structure = analyze_graph(m, probe_like(m, arrays))
         if not structure.blocks:
             why = "; ".join(f"{d.name}: {d.reasons[0]}" for d in structure.declined[:3])
             raise OptinError("no prunable structure found" + (f" ({why})" if why else
