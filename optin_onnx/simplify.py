@@ -1,5 +1,5 @@
 """Stage *simplify*: re-run onnx-simplifier on the slim graph (folds the per-use shape copies the
-rewrite made, shares equal constants again). Dynamic input axes are kept as they are. If onnxsim
+rewrite made, shares equal constants again). Dynamic axes keep their declared names. If onnxsim
 fails or cannot check its result, the unsimplified graph is kept and the reason is returned.
 
 onnxsim is not always a speed-up: on BERT exports it rewrites MatMul+Add over 3-D inputs into
@@ -33,7 +33,28 @@ def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
         return model, f"onnxsim failed ({str(exc).splitlines()[0][:200]}); kept the unsimplified graph"
     if not ok:
         return model, "onnxsim could not validate its result; kept the unsimplified graph"
+    _keep_axis_names(model, out)
     return out, None
+
+
+def _keep_axis_names(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """Give ``after``'s graph inputs and outputs the symbolic axis names ``before`` declared
+    (in place). onnxsim's shape inference renames some (``batch`` becomes ``unk__0`` where two
+    inputs disagree on a name), and a serving stack binds its dynamic axes by those names. A
+    dimension onnxsim proved static stays static."""
+    declared = {v.name: v.type.tensor_type.shape for v in (*before.graph.input,
+                                                          *before.graph.output)
+                if v.type.HasField("tensor_type")}
+    for v in (*after.graph.input, *after.graph.output):
+        old = declared.get(v.name)
+        if old is None or not v.type.HasField("tensor_type"):
+            continue
+        new = v.type.tensor_type.shape
+        if len(new.dim) != len(old.dim):
+            continue
+        for a, b in zip(old.dim, new.dim):
+            if a.HasField("dim_param") and not b.HasField("dim_value"):
+                b.dim_param = a.dim_param
 
 
 def choose(raw: onnx.ModelProto, feeds: dict[str, np.ndarray], mode: str = "auto",

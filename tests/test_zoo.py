@@ -142,9 +142,10 @@ def test_heads_are_found(exports, form):
     with_heads(exports, form)
 
 
-def symbolic_axes(proto: onnx.ModelProto) -> list[tuple[str, list[int]]]:
-    """(input name, its symbolic axes) for every graph input."""
-    return [(vi.name, [a for a, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_param])
+def symbolic_axes(proto: onnx.ModelProto) -> list[tuple[str, list[tuple[int, str]]]]:
+    """(input name, its symbolic axes with their names) for every graph input."""
+    return [(vi.name, [(a, d.dim_param) for a, d in enumerate(vi.type.tensor_type.shape.dim)
+                       if d.dim_param])
             for vi in proto.graph.input]
 
 
@@ -177,3 +178,14 @@ def test_prune_cuts_heads_and_verifies(exports, form):
     cut = sum(b.n_units - len(result.selection.keep[b.name])
               for b in result.structure.blocks if b.kind == "attention")
     assert cut > 0
+
+
+def test_simplified_prune_keeps_axis_names(exports):
+    """onnxsim renames some symbolic axes of the slim GPT-2 (``batch`` -> ``unk__0``); the
+    simplify stage gives every graph input its declared names back."""
+    from optin_onnx.pipeline import prune
+
+    zm, path = with_heads(exports, ("gpt2", "torchscript", "default"))
+    result = prune(path, zm.feeds(12), flops=0.7, latency_cases=[], samples=8, simplify="on")
+    assert result.verification.passed
+    assert symbolic_axes(result.model) == symbolic_axes(onnx.load(str(path)))
