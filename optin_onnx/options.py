@@ -17,7 +17,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from optin_onnx.errors import OptinError
 from optin_onnx.io import CALIBRATION_LIMIT_BYTES
-from optin_onnx.validate import check_flops, check_latency_cases, check_number, check_options
+from optin_onnx.validate import (check_flops, check_latency_cases, check_number, check_options,
+                                 check_output_names)
 
 #: Importance criteria; the registry :data:`optin_onnx.scoring.importance.IMPORTANCES` holds one
 #: class per name (a test keeps both lists equal).
@@ -82,6 +83,14 @@ def _parse_cases(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"expected BATCHxSEQ[,BATCHxSEQ...], got '{text}'")
 
 
+def _parse_names(text: str) -> list[str]:
+    """``--objective-output``: ``NAME[,NAME...]``."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected NAME[,NAME...], got '{text}'")
+    return names
+
+
 def _show_cases(cases: Sequence[tuple[int, int]]) -> str:
     return ",".join(f"{b}x{s}" for b, s in cases)
 
@@ -109,6 +118,12 @@ class PruneOptions:
                           "held out for fidelity (default %(default)s)", lowest=1)
     prune: Prune = option("both", "--prune", "what to prune (default %(default)s)")
     lam: float = option(1.0, "--lam", "weight of the logit/output term", lowest=0.0)
+    # Which graph outputs the output term compares (scoring.features.objective_outputs); the check
+    # stage measures fidelity on the same ones.
+    objective_outputs: Sequence[str] | None = option(
+        None, "--objective-output", "graph outputs the output term compares and fidelity is "
+        "measured on, NAME[,NAME...] (default: every output a pruned block can change)",
+        check=check_output_names, parse=_parse_names)
     seed: int = option(0, "--seed", "seed for the sampled tokens", lowest=0)
     tokens: int = option(768, "--tokens", "tokens K in the MD Gram matrices", lowest=1)
     width_multiple: int = option(1, "--ffn-multiple", "keep FFN widths a multiple of N "
@@ -189,8 +204,10 @@ class PruneOptions:
 
     def __post_init__(self) -> None:
         check_options(self, specs(), choices())
-        # Pairs as given (a list from the parser, tuples from the API), stored immutable.
+        # Pairs and names as given (lists from the parser, tuples from the API), stored immutable.
         object.__setattr__(self, "latency_cases", tuple(tuple(c) for c in self.latency_cases))
+        if self.objective_outputs is not None:
+            object.__setattr__(self, "objective_outputs", tuple(self.objective_outputs))
 
 
 def specs() -> dict[str, tuple[Spec, Any]]:

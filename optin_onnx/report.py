@@ -119,14 +119,18 @@ class Report:
     compare directly. ``layers`` has one entry per prunable block:
     ``{"block", "kind": "attention"|"mlp", "units_before", "units_after", "unit": "heads"|"neurons"}``.
     ``latency`` maps a case name such as ``"cpu b1 s128"`` to ``{"before_ms", "after_ms",
-    "speedup"}`` (see :func:`latency_entry`). ``verify`` holds ``max_abs_err``, ``tolerance``,
-    ``cases`` (the input shapes checked) and ``passed``. ``declined`` lists structures left unpruned,
-    each with its reason. ``interface`` lists the graph inputs and outputs whose shape the prune
-    changed (a decoder's KV cache: ``{"name", "kind": "input"|"output", "axis", "before",
-    "after"}``). ``peak_memory`` is :func:`peak_memory` at the end of the run;
-    ``scoring`` says how scoring divided its work: executor, workers, samples per chunk,
-    candidates per run, the memory limit, and how many tokens the Gram matrices sample of how many
-    real ones.
+    "speedup"}`` (see :func:`latency_entry`). ``objective_outputs`` are the graph outputs the
+    output term compared (``--objective-output``; by default every output a pruned block can
+    change); ``fidelity_by_output`` maps each to its fidelity metrics, and ``fidelity`` is the
+    first one's (the key reports had before there could be several); ``outputs_left_out`` maps
+    every other graph output to why it was not compared. ``verify`` holds ``max_abs_err``,
+    ``tolerance``, ``cases`` (the input shapes checked) and ``passed``. ``declined`` lists
+    structures left unpruned, each with its reason. ``interface`` lists the graph inputs and
+    outputs whose shape the prune changed (a decoder's KV cache: ``{"name", "kind":
+    "input"|"output", "axis", "before", "after"}``). ``peak_memory`` is :func:`peak_memory` at
+    the end of the run; ``scoring`` says how scoring divided its work: executor, workers, samples
+    per chunk, candidates per run, the memory limit, and how many tokens the Gram matrices sample
+    of how many real ones.
     """
 
     input_path: str
@@ -143,6 +147,9 @@ class Report:
     layers: list[dict[str, Any]] = field(default_factory=list)
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     fidelity: dict[str, float] = field(default_factory=dict)
+    fidelity_by_output: dict[str, dict[str, float]] = field(default_factory=dict)
+    objective_outputs: list[str] = field(default_factory=list)
+    outputs_left_out: dict[str, str] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, float] = field(default_factory=dict)
@@ -208,8 +215,10 @@ def _renderable(report: Report) -> Group:
     ]
     if report.layers:
         parts.append(_layers_table(report.layers))
-    if report.fidelity:
-        parts.append(_fidelity_table(report.fidelity))
+    if report.objective_outputs:
+        parts.append(_objectives_text(report.objective_outputs, report.outputs_left_out))
+    if report.fidelity_by_output or report.fidelity:
+        parts.append(_fidelity_table(report.fidelity_by_output or {"": report.fidelity}))
     parts.append(_verify_text(report.verify))
     if report.stage_seconds:
         parts.append(_stages_table(report.stage_seconds))
@@ -260,12 +269,25 @@ def _layers_table(layers: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _fidelity_table(fidelity: dict[str, float]) -> Table:
+def _objectives_text(objectives: list[str], left_out: dict[str, str]) -> Text:
+    text = Text.assemble(("Scored against: ", "bold"), ", ".join(objectives))
+    if left_out:
+        text.append("; left out: " + ", ".join(f"{name} ({why})"
+                                               for name, why in left_out.items()))
+    return text
+
+
+def _fidelity_table(by_output: dict[str, dict[str, float]]) -> Table:
+    """One row per metric of each output (the output column only when there is one to name)."""
     table = Table(title="Fidelity")
+    named = any(by_output)
+    if named:
+        table.add_column("Output")
     table.add_column("Metric")
     table.add_column("Value", justify="right")
-    for name, value in fidelity.items():
-        table.add_row(Text(name), f"{value:.6g}")
+    for output, metrics in by_output.items():
+        for name, value in metrics.items():
+            table.add_row(*([Text(output)] if named else []), Text(name), f"{value:.6g}")
     return table
 
 

@@ -55,6 +55,19 @@ def check_latency_cases(value: Any) -> None:
             check_number("--latency sequence length", case[1], True, 0, True)
 
 
+def check_output_names(value: Any) -> None:
+    """``--objective-output``: None (every output a pruned block can change) or a non-empty list
+    of names. A bare string is refused rather than read as one name: ``"a,b"`` would silently
+    become one output named ``a,b``. Whether each name is an output of the model is checked once
+    the model is loaded (:func:`optin_onnx.scoring.features.objective_outputs`)."""
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(name, str) and name for name in value):
+        raise OptinError(f"--objective-output must be a non-empty list of output names, "
+                         f"got {value!r}")
+
+
 def check_options(opt: Any, specs: Mapping[str, tuple[Spec, Any]],
                   choices: Mapping[str, tuple[str, ...]]) -> None:
     """Check every field of ``opt`` against its spec (``specs``: {field: (spec, type)}, as

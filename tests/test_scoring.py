@@ -27,6 +27,12 @@ SCORE_FORMS = [
     ("dynamo", "none", False),
 ]
 TERMS = ("importance", "md", "kd")
+
+
+def term_of(scores, term: str, block: str) -> np.ndarray:
+    """One value per unit: ``kd`` has a column per objective output, and these models have one."""
+    values = getattr(scores, term)[block]
+    return values[:, 0] if term == "kd" else values
 CFG = dict(tokens=40, candidates_per_run=3)  # 40 < the 55 real tokens: the sample is a subset
 
 
@@ -60,19 +66,18 @@ def test_fast_scorer_equals_naive_reference(tiny_exports, form):
     assert [b.name for b in s.blocks] == ["layer0.attention", "layer0.mlp",
                                           "layer1.attention", "layer1.mlp"]
     for term in TERMS:
-        f, n = getattr(fast, term), getattr(naive, term)
-        assert set(f) == set(n) == {b.name for b in s.blocks}
+        assert set(getattr(fast, term)) == set(getattr(naive, term)) == {b.name for b in s.blocks}
         for b in s.blocks:
-            assert f[b.name].shape == n[b.name].shape == (b.n_units,)
-            scale = np.abs(n[b.name]).max()
+            f, n = term_of(fast, term, b.name), term_of(naive, term, b.name)
+            assert f.shape == n.shape == (b.n_units,)
+            scale = np.abs(n).max()
             assert scale > 0, f"{term} of {b.name} is all zero: nothing was measured"
-            err = np.abs(f[b.name] - n[b.name]).max()
+            err = np.abs(f - n).max()
             assert err <= 1e-5 * scale, f"{term} of {b.name}: |fast - naive| = {err:.3g}, " \
                                         f"scale {scale:.3g}"
             half = b.n_units // 2
             np.testing.assert_array_equal(
-                np.argsort(-f[b.name], kind="stable")[:half],
-                np.argsort(-n[b.name], kind="stable")[:half],
+                np.argsort(-f, kind="stable")[:half], np.argsort(-n, kind="stable")[:half],
                 err_msg=f"top-{half} ranking of {term} in {b.name}")
 
 
@@ -82,7 +87,7 @@ def test_fast_equals_naive_with_neuron_groups(tiny_exports):
     _, s, fast, naive = fast_and_naive(tiny_exports[("dynamo", "classifier", True)], neuron_group=4)
     for term in TERMS:
         for b in s.blocks:
-            f, n = getattr(fast, term)[b.name], getattr(naive, term)[b.name]
+            f, n = term_of(fast, term, b.name), term_of(naive, term, b.name)
             assert f.shape == (b.n_units,) and np.all(np.isfinite(n))
             assert np.abs(f - n).max() <= 1e-5 * np.abs(n).max(), (term, b.name)
     exact = fast_and_naive(tiny_exports[("dynamo", "classifier", True)])[3]
@@ -100,13 +105,14 @@ def test_scores_are_non_negative_and_finalized(tiny_exports, form):
             for b in s.blocks:
                 v = getattr(scores, term)[b.name]
                 assert np.all(np.isfinite(v)) and np.all(v >= 0), (term, b.name)
-        # importance = md / mean(md) + lam * kd / mean(kd), both means over every unit.
+        # importance = md / mean(md) + lam * kd / mean(kd), both means over every unit (one
+        # objective output: kd has one column).
         md_mean = np.concatenate(list(scores.md.values())).mean()
         kd_mean = np.concatenate(list(scores.kd.values())).mean()
         for b in s.blocks:
-            np.testing.assert_allclose(scores.importance[b.name],
-                                       scores.md[b.name] / md_mean + scores.kd[b.name] / kd_mean,
-                                       rtol=1e-12)
+            assert scores.kd[b.name].shape == (b.n_units, 1)
+            np.testing.assert_allclose(scores.importance[b.name], scores.md[b.name] / md_mean
+                                       + scores.kd[b.name][:, 0] / kd_mean, rtol=1e-12)
 
 
 def _gram(token_rows: np.ndarray) -> np.ndarray:
@@ -158,7 +164,7 @@ def test_raw_terms_match_the_definition_written_out(tiny_exports, form):
             else:
                 kd = _kl(dense[out_name], student[out_name])
             assert naive.md[b.name][u] == pytest.approx(md, rel=1e-3), (b.name, u)
-            assert naive.kd[b.name][u] == pytest.approx(kd, rel=1e-3), (b.name, u)
+            assert naive.kd[b.name][u, 0] == pytest.approx(kd, rel=1e-3), (b.name, u)
             checked += 1
     assert checked == 4 + 2 + 4 + 2
 
@@ -189,9 +195,8 @@ def test_lambda_weighs_the_output_term(tiny_exports):
     kd_mean = np.concatenate(list(base.kd.values())).mean()
     for b in s.blocks:
         np.testing.assert_allclose(heavy.md[b.name], base.md[b.name], rtol=1e-9)
-        np.testing.assert_allclose(heavy.importance[b.name],
-                                   base.md[b.name] / md_mean + 5.0 * base.kd[b.name] / kd_mean,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(heavy.importance[b.name], base.md[b.name] / md_mean
+                                   + 5.0 * base.kd[b.name][:, 0] / kd_mean, rtol=1e-6)
 
 
 @pytest.mark.parametrize("form", [("torchscript", "classifier", False), ("dynamo", "none", True)],
@@ -224,7 +229,7 @@ def test_a_neuron_with_zero_output_weights_scores_zero(tiny_exports, form, tmp_p
         top = max(v.max() for v in scores.importance.values())
         assert imp[unit] < 1e-6 * top, f"zeroed neuron scored {imp[unit]:.3g} (max {top:.3g})"
         assert scores.md["layer0.mlp"][unit] < 1e-6 * scores.md["layer0.mlp"].max()
-        assert scores.kd["layer0.mlp"][unit] < 1e-6 * scores.kd["layer0.mlp"].max()
+        assert scores.kd["layer0.mlp"][unit, 0] < 1e-6 * scores.kd["layer0.mlp"].max()
         others = np.delete(imp, unit)
         assert others.min() > 100 * max(imp[unit], 1e-30), "the other neurons should matter"
 

@@ -36,14 +36,16 @@ def candidate_sets(block: Block, group: int, proxy: np.ndarray | None,
 
 def spread(scores: np.ndarray, sets: list[np.ndarray], proxy: np.ndarray | None,
            n_units: int) -> np.ndarray:
-    """Per-unit values from per-set values (a set's value shared in proportion to the proxy)."""
-    out = np.full(n_units, np.nan)
+    """Per-unit values from per-set values (a set's value shared in proportion to the proxy).
+    ``scores`` is [sets] or [sets, terms] (one L_KD per objective output); the result is
+    [n_units] or [n_units, terms]."""
+    out = np.full((n_units, *scores.shape[1:]), np.nan)
     for value, units in zip(scores, sets):
         if len(units) == 1 or proxy is None:
             out[units] = value / len(units)
         else:
             share = proxy[units] / max(proxy[units].sum(), 1e-30)
-            out[units] = value * share
+            out[units] = np.multiply.outer(share, value)
     return out
 
 

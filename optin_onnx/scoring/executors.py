@@ -44,7 +44,8 @@ from optin_onnx.scoring.types import EXECUTORS, Captured, ExecutorConfig, Scores
 
 #: One task: (block index, the candidate sets to score, each a unit-index array).
 Task = tuple[int, list[np.ndarray]]
-#: Per candidate of a task: (L_MD, L_KD) added to the base loss.
+#: Per candidate of a task: L_MD [candidates] and L_KD [candidates, objective outputs] added to
+#: the base loss.
 Result = tuple[np.ndarray, np.ndarray]
 #: Called with the number of units a finished task scored.
 Done = Callable[[int], None]
@@ -72,14 +73,15 @@ class SuffixJob:
     cal: CalibrationSet
     dense: Captured
     obj: Objective
-    base_loss: dict[str, tuple[float, float]]
+    base_loss: dict[str, np.ndarray]  # per block, laid out as Objective.loss returns it
 
 
 def gather(structure: Structure, tasks: Sequence[Task], results: Sequence[Result],
            sets_of: dict[str, list[np.ndarray]], proxies: dict[str, np.ndarray | None],
-           started: float, lam: float) -> Scores:
+           started: float, lam: float, n_outputs: int) -> Scores:
     """The per-unit scores from every task's per-candidate results (tasks of a block cover its
-    candidate sets in order), timed from ``started`` (``time.perf_counter``)."""
+    candidate sets in order; L_KD has ``n_outputs`` columns), timed from ``started``
+    (``time.perf_counter``)."""
     md: dict[str, list[np.ndarray]] = {b.name: [] for b in structure.blocks}
     kd: dict[str, list[np.ndarray]] = {b.name: [] for b in structure.blocks}
     for (index, _), (task_md, task_kd) in zip(tasks, results):
@@ -87,12 +89,13 @@ def gather(structure: Structure, tasks: Sequence[Task], results: Sequence[Result
         md[name].append(task_md)
         kd[name].append(task_kd)
 
-    def per_unit(parts: list[np.ndarray], b: Block) -> np.ndarray:
-        return spread(np.concatenate(parts) if parts else np.zeros(0), sets_of[b.name],
+    def per_unit(parts: list[np.ndarray], b: Block, empty: np.ndarray) -> np.ndarray:
+        return spread(np.concatenate(parts) if parts else empty, sets_of[b.name],
                       proxies[b.name], b.n_units)
 
-    return Scores(md={b.name: per_unit(md[b.name], b) for b in structure.blocks},
-                  kd={b.name: per_unit(kd[b.name], b) for b in structure.blocks},
+    return Scores(md={b.name: per_unit(md[b.name], b, np.zeros(0)) for b in structure.blocks},
+                  kd={b.name: per_unit(kd[b.name], b, np.zeros((0, n_outputs)))
+                      for b in structure.blocks},
                   seconds=time.perf_counter() - started).finalize(lam)
 
 

@@ -67,8 +67,8 @@ class RankKJob(SuffixJob):
     axes: dict[str, int | None]
 
     def run(self, task: Task, threads: int | None) -> Result:
-        """(L_MD, L_KD) added to the base loss, per candidate set of ``task``, in one stacked
-        suffix run per calibration chunk."""
+        """L_MD and L_KD (one per objective output) added to the base loss, per candidate set
+        of ``task``, in one stacked suffix run per calibration chunk."""
         index, batch = task
         p = self.plans[index]
         b, c, w = p.block, p.consumer, p.w
@@ -92,9 +92,8 @@ class RankKJob(SuffixJob):
             split = {k: _split(v, n, axes[k]) for k, v in outs.items()}
             for i in range(n):
                 student[i].append({k: v[i] for k, v in split.items()})
-        losses = np.array([np.subtract(self.obj.loss(b, s), self.base_loss[b.name])
-                           for s in student]).reshape(n, 2)
-        return losses[:, 0], losses[:, 1]
+        losses = np.array([self.obj.loss(b, s) - self.base_loss[b.name] for s in student])
+        return losses[:, 0], losses[:, 1:]
 
 
 def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
@@ -118,7 +117,7 @@ def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
     obj = Objective(model, structure, cal, cfg)
     dtypes = value_dtypes(proto, cal)
     plans = []
-    needed = {obj.output, *obj.all_features()}
+    needed = {*obj.outputs, *obj.all_features()}
     for b in structure.blocks:
         c = b.consumers[0]
         node = nodes[c.node]
@@ -147,4 +146,4 @@ def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
     job = RankKJob(SuffixSessions(proto, dtypes, cfg.providers), cal, dense, obj, base_loss,
                    plans, axes)
     return gather(structure, tasks, run_tasks(job, tasks, cfg.executor, progress), sets_of,
-                  proxies, t0, cfg.lam)
+                  proxies, t0, cfg.lam, len(obj.outputs))

@@ -6,6 +6,8 @@ The kinds themselves are described in ``optin_onnx.scoring.trajectory``.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import onnx_ir as ir
 
 from optin_onnx.analysis import Structure, pre_layer_norm
@@ -14,20 +16,62 @@ from optin_onnx.errors import OptinError
 FEATURE_KINDS = ("auto", "ffn", "residual-ln", "blocks")
 
 
-def objective_output(model: ir.Model, structure: Structure) -> str:
-    """The graph output the output term (L_KD) compares: the first one that some block can
-    change. Third-party exports put pass-throughs first (``Identity(input_ids)``, the attention
-    mask): pruning cannot move those, and a loss on them would be zero for every unit."""
+def dependent_outputs(model: ir.Model, structure: Structure) -> list[str]:
+    """The graph outputs some prunable block can change, in graph-output order: those downstream
+    of a block's consumer."""
     consumers = {c.node for b in structure.blocks for c in b.consumers}
     reached: set[str] = set()
     for node in model.graph:
         if node.name in consumers or any(v is not None and v.name in reached
                                          for v in node.inputs):
             reached.update(v.name for v in node.outputs if v is not None)
-    for v in model.graph.outputs:
-        if v.name in reached:
-            return v.name
-    raise OptinError("no graph output depends on a prunable block: nothing to score against")
+    return [v.name for v in model.graph.outputs if v.name in reached]
+
+
+def objective_outputs(model: ir.Model, structure: Structure,
+                      requested: Sequence[str] | None = None,
+                      exclude: Collection[str] = ()) -> list[str]:
+    """The graph outputs the output term (L_KD) compares: ``requested`` (``--objective-output``),
+    in its order, or by default every output some block can change, in graph-output order.
+
+    Why not every output: third-party exports return pass-throughs too, often first
+    (``Identity(input_ids)``, the attention mask); pruning cannot move those, and their loss would
+    be zero for every unit. Why not only the first dependent one: a sentence-embedding export
+    returns both the token states and a pooled vector, and a unit can matter to one more than to
+    the other. ``exclude`` names outputs that must never be an objective whatever is requested
+    (a decoder's ``present.*`` KV-cache outputs, whose shape follows the kept heads, so teacher
+    and student values cannot be compared)."""
+    names = [v.name for v in model.graph.outputs]
+    dependent = dependent_outputs(model, structure)
+    if requested is None:
+        chosen = [n for n in dependent if n not in exclude]
+        if not chosen:
+            raise OptinError("no graph output depends on a prunable block: nothing to score "
+                             "against" + (f" (excluded: {', '.join(sorted(exclude))})"
+                                          if dependent else ""))
+        return chosen
+    for name in requested:
+        if name not in names:
+            raise OptinError(f"--objective-output: the model has no output '{name}' (its "
+                             f"outputs: {', '.join(names)})")
+        if name in exclude:
+            raise OptinError(f"--objective-output: output '{name}' cannot be an objective (its "
+                             f"values are not comparable once pruned)")
+        if name not in dependent:
+            raise OptinError(f"--objective-output: output '{name}' does not depend on any "
+                             f"prunable block, so pruning cannot change it")
+    return list(dict.fromkeys(requested))
+
+
+def outputs_left_out(model: ir.Model, structure: Structure, objectives: Collection[str],
+                     exclude: Collection[str] = ()) -> dict[str, str]:
+    """Every graph output that is not an objective, with why (for the report); ``exclude`` as
+    given to :func:`objective_outputs`."""
+    dependent = set(dependent_outputs(model, structure))
+    return {v.name: ("no prunable block reaches it" if v.name not in dependent else
+                     "a KV cache output (its shape follows the kept heads)" if v.name in exclude else
+                     "not chosen by --objective-output")
+            for v in model.graph.outputs if v.name not in objectives}
 
 
 def output_kind(model: ir.Model, name: str, rank: int, requested: str) -> str:

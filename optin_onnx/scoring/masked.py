@@ -63,16 +63,18 @@ def mask_feeds(structure: Structure, units: Mapping[str, np.ndarray]) -> dict[st
 
 def score_one_by_one(block: Block, sets: list[np.ndarray], proxy: np.ndarray | None,
                      student: Callable[[np.ndarray], Captured], obj: Objective,
-                     progress: Progress | None, base_loss: tuple[float, float] = (0.0, 0.0)
+                     progress: Progress | None, base_loss: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-unit (L_MD, L_KD) that each candidate set adds to ``base_loss``, given how to run the
-    model with a set masked (``student``)."""
-    md, kd = np.zeros(len(sets)), np.zeros(len(sets))
+    """Per-unit L_MD [units] and L_KD [units, objective outputs] that each candidate set adds to
+    ``base_loss`` (:meth:`Objective.loss`'s layout), given how to run the model with a set masked
+    (``student``)."""
+    losses = np.zeros((len(sets), base_loss.size))
     for i, units in enumerate(sets):
-        md[i], kd[i] = np.subtract(obj.loss(block, student(units)), base_loss)
+        losses[i] = obj.loss(block, student(units)) - base_loss
         if progress:
             progress(len(units))
-    return spread(md, sets, proxy, block.n_units), spread(kd, sets, proxy, block.n_units)
+    return (spread(losses[:, 0], sets, proxy, block.n_units),
+            spread(losses[:, 1:], sets, proxy, block.n_units))
 
 
 @dataclass
@@ -86,12 +88,12 @@ class MaskedJob(SuffixJob):
     kept: dict[str, np.ndarray] | None  # the base selection's unit masks
 
     def run(self, task: Task, threads: int | None) -> Result:
-        """(L_MD, L_KD) added to the base loss, per candidate set of ``task``, one suffix run
-        per candidate and calibration chunk."""
+        """L_MD and L_KD (one per objective output) added to the base loss, per candidate set
+        of ``task``, one suffix run per candidate and calibration chunk."""
         index, batch = task
         b = self.blocks[index]
         sfx, sess = self.suffixes.open(mask_input_name(b), self.obj.wanted(b), threads)
-        losses = np.zeros((len(batch), 2))
+        losses = np.zeros((len(batch), self.obj.zero_loss().size))
         for i, units in enumerate(batch):
             student = []
             for chunk, values in zip(self.cal.chunks, self.dense):
@@ -101,8 +103,8 @@ class MaskedJob(SuffixJob):
                 feeds.update({k: chunk.feeds[k] if k in chunk.feeds else self.masks[k]
                               for k in sfx.graph_inputs})
                 student.append(dict(zip(sfx.outputs, sess.run(sfx.outputs, feeds))))
-            losses[i] = np.subtract(self.obj.loss(b, student), self.base_loss[b.name])
-        return losses[:, 0], losses[:, 1]
+            losses[i] = self.obj.loss(b, student) - self.base_loss[b.name]
+        return losses[:, 0], losses[:, 1:]
 
 
 def score_masked(model: ir.Model, structure: Structure, cal: CalibrationSet,
@@ -116,7 +118,7 @@ def score_masked(model: ir.Model, structure: Structure, cal: CalibrationSet,
     mm = MaskedModel(model, structure, cal, cfg)
     obj = mm.obj
     nodes = nodes_by_name(model.graph)
-    needed = {obj.output, *obj.all_features()}
+    needed = {*obj.outputs, *obj.all_features()}
     for b in structure.blocks:
         needed.update(suffix_cut(mm.proto, mask_input_name(b), obj.wanted(b), mm.dtypes))
         needed.update(nodes[c.node].inputs[c.data_index].name for c in b.consumers)
@@ -141,4 +143,4 @@ def score_masked(model: ir.Model, structure: Structure, cal: CalibrationSet,
     job = MaskedJob(SuffixSessions(mm.proto, mm.dtypes, cfg.providers), cal, dense, obj,
                     base_loss, list(structure.blocks), masks, kept)
     return gather(structure, tasks, run_tasks(job, tasks, cfg.executor, progress), sets_of,
-                  proxies, t0, cfg.lam)
+                  proxies, t0, cfg.lam, len(obj.outputs))

@@ -1,9 +1,10 @@
 """The teacher side of the trajectory loss, and which model is the teacher.
 
 :class:`Objective` holds what every candidate is compared against (the features F_z it is
-measured on, the sampled tokens, the teacher's Gram matrices and output) and turns a student's
-captured values into the two loss terms. :func:`anchor` decides the teacher when scoring on top of
-an earlier selection (rounds), and what loss a score is measured from.
+measured on, the sampled tokens, the teacher's Gram matrices and objective outputs) and turns a
+student's captured values into the loss terms: L_MD, and one L_KD per objective output.
+:func:`anchor` decides the teacher when scoring on top of an earlier selection (rounds), and what
+loss a score is measured from.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import onnx_ir as ir
 from optin_onnx.analysis import Block, Structure, residual_features
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
 from optin_onnx.errors import OptinError
-from optin_onnx.scoring.features import feature_kind, objective_output, output_kind
+from optin_onnx.scoring.features import feature_kind, objective_outputs, output_kind
 from optin_onnx.scoring.liveness import Point
 from optin_onnx.scoring.losses import (TokenSample, cosine_loss, kl_loss, md_loss,
                                        normalised_gram, rows)
@@ -23,7 +24,9 @@ from optin_onnx.scoring.types import Captured, ScoreConfig, Units
 
 
 class Objective:
-    """The teacher side of the loss: features, sampled tokens, Gram matrices, output."""
+    """The teacher side of the loss: features, sampled tokens, Gram matrices, and the objective
+    outputs (``outputs``: :func:`~optin_onnx.scoring.features.objective_outputs` of
+    ``cfg.objective_outputs``)."""
 
     def __init__(self, model: ir.Model, structure: Structure, cal: CalibrationSet,
                  cfg: ScoreConfig, points: tuple[list[Point], dict[str, int]] | None = None):
@@ -44,7 +47,7 @@ class Objective:
             mlp = [b for b in structure.blocks if b.kind == "mlp"]
             carriers = mlp if mlp else structure.blocks
             self.layer_feature = {b.layer: b.feature for b in carriers}
-        self.output = objective_output(model, structure)
+        self.outputs = objective_outputs(model, structure, cfg.objective_outputs)
         self.tokens = TokenSample.draw(cal.token_mask, cfg.tokens, cfg.seed)
         self.has_mask = MASK_INPUT in cal.feeds
         self._plain: dict[int, TokenSample] = {}
@@ -69,17 +72,19 @@ class Objective:
         return list(dict.fromkeys(self.layer_feature.values()))
 
     def set_teacher(self, model: ir.Model, dense: Captured) -> None:
-        """Take the teacher's values from ``dense`` (its captured features and output), and
-        resolve the output kind now that the output's rank is known."""
-        rank = dense[0][self.output].ndim
-        if rank == 4:  # a dense NCHW output (a segmentation decoder): channels are the vector
-            self.axis[self.output] = 1
-        self.kind = output_kind(model, self.output, rank, self.cfg.output_kind)
+        """Take the teacher's values from ``dense`` (its captured features and outputs), and
+        resolve each output's kind now that its rank is known."""
+        self.kinds: dict[str, str] = {}
+        self.teacher_out: dict[str, np.ndarray] = {}
+        for name in self.outputs:
+            rank = dense[0][name].ndim
+            if rank == 4:  # a dense NCHW output (a segmentation decoder): channels are the vector
+                self.axis[name] = 1
+            self.kinds[name] = output_kind(model, name, rank, self.cfg.output_kind)
+            self.teacher_out[name] = (normalised_gram(self.gather(name, dense))
+                                      if self.kinds[name] == "tokens" else
+                                      np.concatenate([d[name] for d in dense]))
         self.gram = {f: normalised_gram(self.gather(f, dense)) for f in self.all_features()}
-        if self.kind == "tokens":
-            self.teacher_out = normalised_gram(self.gather(self.output, dense))
-        else:
-            self.teacher_out = np.concatenate([d[self.output] for d in dense])
 
     def gather(self, name: str, chunks: Iterable[dict[str, np.ndarray]]) -> np.ndarray:
         """The K sampled token rows of feature ``name`` across chunks (in sample order).
@@ -109,31 +114,40 @@ class Objective:
                          feature[idx // per_sample, :, idx % per_sample])
         return np.concatenate(parts)
 
-    def loss(self, block: Block, student: Captured) -> tuple[float, float]:
-        """(L_MD summed over ``block``'s features, L_KD on the output) of a student's values."""
+    def loss(self, block: Block, student: Captured) -> np.ndarray:
+        """[L_MD summed over ``block``'s features, L_KD of each objective output] of a student's
+        values; the scale of each output's L_KD is evened out later, in
+        :meth:`~optin_onnx.scoring.types.Scores.finalize`."""
         md = sum(md_loss(self.gram[f], self.gather(f, student)) for f in self.features_for(block))
-        if self.kind == "tokens":
-            kd = md_loss(self.teacher_out, self.gather(self.output, student))
-        else:
-            out = np.concatenate([s[self.output] for s in student])
-            kd = kl_loss(self.teacher_out, out) if self.kind == "logits" else \
-                cosine_loss(self.teacher_out, out)
-        return float(md), float(kd)
+        return np.array([float(md), *(self.output_loss(name, student) for name in self.outputs)])
+
+    def output_loss(self, name: str, student: Captured) -> float:
+        """L_KD on output ``name``, by its kind: L_MD of token outputs, KL of logits, 1 - cosine
+        of an embedding."""
+        kind, teacher = self.kinds[name], self.teacher_out[name]
+        if kind == "tokens":
+            return float(md_loss(teacher, self.gather(name, student)))
+        out = np.concatenate([s[name] for s in student])
+        return float(kl_loss(teacher, out) if kind == "logits" else cosine_loss(teacher, out))
+
+    def zero_loss(self) -> np.ndarray:
+        """The loss of the teacher against itself: what a score starts from."""
+        return np.zeros(1 + len(self.outputs))
 
     def wanted(self, block: Block) -> list[str]:
         """The values a student run for a candidate of ``block`` must return."""
-        return list(dict.fromkeys(self.features_for(block) + [self.output]))
+        return list(dict.fromkeys(self.features_for(block) + self.outputs))
 
     def wanted_all(self) -> list[str]:
         """Every value the teacher side needs."""
-        return list(dict.fromkeys(self.all_features() + [self.output]))
+        return list(dict.fromkeys(self.all_features() + self.outputs))
 
 TEACHERS = ("dense", "current")
 
 
 def anchor(obj: Objective, model: ir.Model, structure: Structure, cfg: ScoreConfig,
            base: Units | None, current: Captured, dense: Callable[[], Captured]
-           ) -> dict[str, tuple[float, float]]:
+           ) -> dict[str, np.ndarray]:
     """Set the teacher and return, per block, the loss the scores are measured from.
 
     Without ``base``, or with ``cfg.teacher == "current"``, the teacher is the model being scored
@@ -144,6 +158,6 @@ def anchor(obj: Objective, model: ir.Model, structure: Structure, cfg: ScoreConf
         raise OptinError(f"teacher must be one of {', '.join(TEACHERS)}, got '{cfg.teacher}'")
     if base is None or cfg.teacher == "current":
         obj.set_teacher(model, current)
-        return {b.name: (0.0, 0.0) for b in structure.blocks}
+        return {b.name: obj.zero_loss() for b in structure.blocks}
     obj.set_teacher(model, dense())
     return {b.name: obj.loss(b, current) for b in structure.blocks}

@@ -45,7 +45,10 @@ class ScoreConfig:
     # measurements").
     candidates_per_run: int = 4
     neuron_group: int = 1  # 1 = exact per-neuron scores
-    output_kind: str = "auto"  # auto | logits | embedding | tokens
+    output_kind: str = "auto"  # auto | logits | embedding | tokens (of every objective output)
+    # The graph outputs the output term compares (features.objective_outputs); None: every output
+    # some block can change.
+    objective_outputs: tuple[str, ...] | None = None
     features: str = "trajectory"  # trajectory | local (ablation: the unit's own layer only)
     # With a base selection (pruning in rounds): "current" makes the base model the teacher
     # (OPTIN's score on the pruned model as if it were the dense one); "dense" keeps the original
@@ -63,9 +66,10 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class Scores:
-    """Per-block importance (higher = keep), with the two raw loss terms behind it.
+    """Per-block importance (higher = keep), with the raw loss terms behind it.
 
-    ``md`` and ``kd`` are what a trajectory scorer measured; ``importance`` is what the search
+    ``md`` ([units]) and ``kd`` ([units, objective outputs]: one column of L_KD per output the
+    output term compares) are what a trajectory scorer measured; ``importance`` is what the search
     reads (the baselines fill only it)."""
 
     importance: dict[str, np.ndarray] = field(default_factory=dict)
@@ -74,20 +78,28 @@ class Scores:
     seconds: float = 0.0
 
     def finalize(self, lam: float) -> Scores:
-        """New scores whose importance is ``md / mean(md) + lam * kd / mean(kd)``, both means over
-        every candidate, so ``lam`` is the relative weight of the output term whatever the feature
-        scale. A new object, so one scoring serves several values of ``lam``."""
-        md_mean, kd_mean = _mean_of_measured(self.md), _mean_of_measured(self.kd)
-        md_scale = md_mean if md_mean > 0 else 1.0
-        kd_scale = kd_mean if kd_mean > 0 else 1.0
-        return replace(self, importance={name: self.md[name] / md_scale
-                                         + lam * self.kd[name] / kd_scale for name in self.md})
+        """New scores whose importance is ``md / mean(md) + lam * mean_o(kd_o / mean(kd_o))``,
+        every ``mean(.)`` over every candidate, ``mean_o`` over the objective outputs.
+
+        Each term is divided by its own mean so that ``lam`` is the relative weight of the output
+        term whatever the feature scale, and so that no output outweighs another by its scale (a
+        KL of logits and a Gram-matrix loss of token states differ by orders of magnitude). The
+        outputs are averaged, not summed, so that ``lam`` keeps that meaning however many outputs
+        there are; with one output this is the one-output formula, to the bit. A new object, so
+        one scoring serves several values of ``lam``."""
+        md_scale = _scale(np.concatenate(list(self.md.values())) if self.md else np.zeros(0))
+        kd_all = np.concatenate(list(self.kd.values())) if self.kd else np.zeros((0, 1))
+        kd_scale = np.array([_scale(kd_all[:, o]) for o in range(kd_all.shape[1])])
+        return replace(self, importance={
+            name: self.md[name] / md_scale + (lam * self.kd[name] / kd_scale).mean(axis=1)
+            for name in self.md})
 
 
-def _mean_of_measured(terms: dict[str, np.ndarray]) -> float:
-    """The mean over every candidate that was scored (NaN marks units that were not), 0 when none
-    was. ``np.nanmean`` would warn on stderr when every value is NaN (a model giving NaN
-    outputs), ahead of the one-line error the CLI then prints."""
-    values = np.concatenate(list(terms.values())) if terms else np.zeros(0)
+def _scale(values: np.ndarray) -> float:
+    """The mean over every candidate that was scored (NaN marks units that were not), or 1 when
+    that is not positive (nothing scored, or a term that is zero everywhere). ``np.nanmean``
+    would warn on stderr when every value is NaN (a model giving NaN outputs), ahead of the
+    one-line error the CLI then prints."""
     values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else 0.0
+    mean = float(values.mean()) if values.size else 0.0
+    return mean if mean > 0 else 1.0

@@ -1,5 +1,6 @@
 """Stage *check*: verify (the slim model computes what the masked reference computes, or nothing
-is written), then what the report states: MACs, fidelity on the held-out samples, latency.
+is written), then what the report states: MACs, fidelity on the held-out samples (per objective
+output: the outputs scoring compared), latency.
 :func:`make_report` assembles the report once the model is written (it states the file's size).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from optin_onnx.metrics import cosine_similarity, kl_divergence, top1_agreement
 from optin_onnx.options import PruneOptions
 from optin_onnx.probe import sample_feeds, sequence_inputs
 from optin_onnx.report import Report, count_parameters, peak_memory
-from optin_onnx.scoring.features import objective_output, output_kind
+from optin_onnx.scoring.features import output_kind
 from optin_onnx.scoring.types import Units
 from optin_onnx.stages.build import Built
 from optin_onnx.stages.clock import Clock
@@ -31,25 +32,35 @@ from optin_onnx.verify import RUN_ERRORS, VerifyResult, verify
 
 @dataclass(frozen=True)
 class Checked:
-    """What the report states about a verified slim model; ``notes``: checks skipped, and why."""
+    """What the report states about a verified slim model; ``fidelity``: per objective output,
+    in the prepare stage's order; ``notes``: checks skipped, and why."""
 
     verification: VerifyResult
     macs_after: int
-    fidelity: dict[str, float]
+    fidelity: dict[str, dict[str, float]]
     latency: dict[str, dict]
     notes: tuple[str, ...]
 
 
-def fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, name: str, kind: str,
+def fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, kinds: Mapping[str, str],
              cal: CalibrationSet, providers: list[str],
-             changes: Mapping[str, PortChange] | None = None) -> dict[str, float]:
-    """How close the slim model's output ``name`` stays to the dense one's on ``cal``: KL and
-    top-1 agreement for logits, cosine for an embedding, cosine over real tokens for token
-    outputs. ``changes``: the slim model's resized inputs (a KV cache), fed their kept part."""
-    want = [c[name] for c in capture(dense, cal, [name], providers)]
-    if changes:
-        cal = cal.mapped(lambda feeds: pruned_feeds(feeds, changes))
-    got = [c[name] for c in capture(slim, cal, [name], providers)]
+             changes: Mapping[str, PortChange] | None = None) -> dict[str, dict[str, float]]:
+    """How close each slim output named in ``kinds`` (output -> its kind) stays to the dense
+    one's on ``cal``, one run of each model for all of them. ``changes``: the slim model's
+    resized inputs (a KV cache), fed their kept part."""
+    names = list(kinds)
+    want = capture(dense, cal, names, providers)
+    slim_cal = cal.mapped(lambda feeds: pruned_feeds(feeds, changes)) if changes else cal
+    got = capture(slim, slim_cal, names, providers)
+    return {name: output_fidelity([c[name] for c in want], [c[name] for c in got], kinds[name],
+                                  cal)
+            for name in names}
+
+
+def output_fidelity(want: list[np.ndarray], got: list[np.ndarray], kind: str,
+                    cal: CalibrationSet) -> dict[str, float]:
+    """One output's fidelity from its dense and slim values per chunk of ``cal``: KL and top-1
+    agreement for logits, cosine for an embedding, cosine over real tokens for token outputs."""
     if kind in ("logits", "embedding"):
         t, s = np.concatenate(want), np.concatenate(got)
         if kind == "logits":
@@ -87,19 +98,14 @@ def check(prep: Prepared, options: PruneOptions, built: Built, keep: Units, *,
         changes = prep.structure.interface(keep)
         macs_after = total_macs(ir.from_proto(slim), prep.seq_len,
                                 like=pruned_feeds(prep.calib, changes))
-        outputs = reference.graph.outputs
-        objective = next(v for v in outputs
-                         if v.name == objective_output(reference, prep.structure))
-        if objective.name != outputs[0].name:
-            notes.append(f"scored and measured on output '{objective.name}': the outputs before "
-                         f"it do not depend on any pruned block")
-        kind = output_kind(reference, objective.name, len(objective.shape or ()) or 2, "auto")
         resized = [c.describe() for c in changes.values() if len(c.kept) != c.before]
         if resized:
             notes.append("the model's interface changed (a KV cache keeps the kept heads only: "
                          "allocate it at the new size): " + "; ".join(resized))
-        measured = fidelity(prep.original, slim, objective.name, kind, prep.held,
-                            prep.providers, changes)
+        declared = {v.name: v for v in reference.graph.outputs}
+        kinds = {name: output_kind(reference, name, len(declared[name].shape or ()) or 2, "auto")
+                 for name in prep.objectives}
+        measured = fidelity(prep.original, slim, kinds, prep.held, prep.providers, changes)
         if not prep.has_held:
             notes.append("no held-out calibration samples: fidelity measured on the scoring set")
         latency = {}
@@ -154,7 +160,9 @@ def make_report(prep: Prepared, options: PruneOptions, built: Built, keep: Units
         layers=[{"block": b.name, "kind": b.kind, "unit": b.unit_name,
                  "units_before": b.n_units, "units_after": len(keep[b.name])}
                 for b in prep.structure.blocks],
-        latency=checked.latency, fidelity=checked.fidelity, verify=checked.verification.to_dict(),
+        latency=checked.latency, fidelity=checked.fidelity[prep.objectives[0]],
+        fidelity_by_output=checked.fidelity, objective_outputs=list(prep.objectives),
+        outputs_left_out=prep.outputs_left_out, verify=checked.verification.to_dict(),
         stage_seconds=stage_seconds, peak_memory=peak_memory(),
         scoring=scoring_summary(options, prep),
         declined=[f"{d.name}: {'; '.join(d.reasons)}" for d in prep.structure.declined],

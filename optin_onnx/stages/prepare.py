@@ -25,6 +25,7 @@ from optin_onnx.io import calibration_for, files_read, load_model
 from optin_onnx.options import PruneOptions, providers_for
 from optin_onnx.passes.unfuse_projections import split_fused_projections
 from optin_onnx.probe import probe_like, sequence_inputs
+from optin_onnx.scoring.features import objective_outputs, outputs_left_out
 from optin_onnx.stages.clock import Clock
 
 #: A model as the API takes it: a path, or an object that is copied, never changed.
@@ -46,7 +47,8 @@ class Prepared:
     samples (verify), the first ``samples`` (scoring) and up to :data:`HELD_OUT` after them
     (fidelity; the scoring set when none are left, ``has_held`` False). ``seq_len``: the length
     MACs are counted at (0: a model without a sequence axis). ``providers``: onnxruntime's, for
-    every later run."""
+    every later run. ``objectives``: the graph outputs scoring compares and fidelity is measured
+    on (``--objective-output``, resolved); ``outputs_left_out``: every other output, with why."""
 
     model: ir.Model
     original: onnx.ModelProto
@@ -62,6 +64,8 @@ class Prepared:
     providers: list[str]
     notes: tuple[str, ...]
     chunking: Chunking  # samples per chunk and candidates per run, under --max-memory-gib
+    objectives: tuple[str, ...]
+    outputs_left_out: dict[str, str]
 
 
 def as_model(model: ModelLike) -> ir.Model:
@@ -79,8 +83,9 @@ def prepare(model: ModelLike, calib: CalibLike, options: PruneOptions, *,
 
     ``writes``: the files the caller will write, refused before the calibration is read if one
     would replace an input or another (``save_model`` checks again, as the last line of
-    defence). Uses ``options.samples``, ``seq_len``, ``chunk_size`` and ``max_calib_bytes``.
-    Raises :class:`OptinError` for a model with nothing to prune."""
+    defence). Uses ``options.samples``, ``seq_len``, ``chunk_size``, ``max_calib_bytes`` and
+    ``objective_outputs``. Raises :class:`OptinError` for a model with nothing to prune, or
+    nothing (or an unknown output) to score against."""
     clock = clock or Clock()
     providers = providers_for(options.provider)  # a missing CUDA provider is found first
     notes = []
@@ -100,6 +105,11 @@ def prepare(model: ModelLike, calib: CalibLike, options: PruneOptions, *,
             why = "; ".join(f"{d.name}: {d.reasons[0]}" for d in structure.declined[:3])
             raise OptinError("no prunable structure found" + (f" ({why})" if why else
                              " (no MatMul/Gemm chain ends in a weight contraction)"))
+        # A KV cache's present outputs are state, not results: their shape follows the kept
+        # heads, and the result they feed is an objective already.
+        cache = {p.name for b in structure.blocks for p in b.ports if p.output}
+        objectives = tuple(objective_outputs(m, structure, options.objective_outputs, cache))
+        left_out = outputs_left_out(m, structure, objectives, cache)
     with clock("calibrate"):
         plan = chunking(ir.to_proto(m), arrays, options.chunk_size, options.candidates_per_run,
                         None if options.max_memory_gib is None else
@@ -116,4 +126,5 @@ def prepare(model: ModelLike, calib: CalibLike, options: PruneOptions, *,
         macs = mac_model(m, structure, seq_len, like=arrays)
     source = None if isinstance(model, (ir.Model, onnx.ModelProto)) else Path(model)
     return Prepared(m, original, source, structure, arrays, full, cal, held_cal,
-                    bool(held.size), seq_len, macs, providers, tuple(notes), plan)
+                    bool(held.size), seq_len, macs, providers, tuple(notes), plan, objectives,
+                    left_out)

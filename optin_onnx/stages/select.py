@@ -56,12 +56,14 @@ class _Tally:
             self.progress(self.done, self.total)
 
 
-def score_config(options: PruneOptions, providers: list[str],
+def score_config(options: PruneOptions, providers: list[str], objectives: Sequence[str],
                  chunking: Chunking | None = None) -> ScoreConfig:
-    """The scorers' settings from the options (candidates per run as ``chunking`` sized them
-    under the memory limit, where given)."""
+    """The scorers' settings from the options (the objective outputs as the prepare stage
+    resolved them; candidates per run as ``chunking`` sized them under the memory limit, where
+    given)."""
     per_run = options.candidates_per_run if chunking is None else chunking.candidates_per_run
     return ScoreConfig(lam=options.lam, tokens=options.tokens, seed=options.seed,
+                       objective_outputs=tuple(objectives),
                        candidates_per_run=per_run,
                        neuron_group=options.neuron_group, feature_kind=options.feature_kind,
                        teacher=options.round_teacher, providers=providers,
@@ -95,7 +97,8 @@ def select(prep: Prepared, options: PruneOptions, *, progress: Progress | None =
     """Score and search in ``options.steps`` rounds down to ``options.flops``."""
     schedule = budgets(options.flops, options.steps)
     criterion = make_importance(options.method,
-                                score_config(options, prep.providers, prep.chunking))
+                                score_config(options, prep.providers, prep.objectives,
+                                             prep.chunking))
     done = tuple(rounds(partial(score, prep, criterion, progress=progress, clock=clock),
                         partial(search_level, prep, options, clock=clock), schedule))
     notes = []
