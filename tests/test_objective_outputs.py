@@ -18,7 +18,9 @@ from optin_onnx.calibrate import make_calibration
 from optin_onnx.errors import OptinError
 from optin_onnx.options import PruneOptions
 from optin_onnx.probe import dummy_feeds, probe
-from optin_onnx.scoring.features import dependent_outputs, objective_outputs, outputs_left_out
+from optin_onnx.scoring.features import (dependent_outputs, objective_outputs, outputs_left_out,
+                                         outputs_reached)
+from optin_onnx.scoring.masked import score_masked
 from optin_onnx.scoring.trajectory import score_fast, score_naive
 from optin_onnx.scoring.types import ScoreConfig, Scores
 from tests.helpers import run
@@ -29,10 +31,11 @@ D, H = 8, 16
 OUTPUTS = ["x_out", "last_hidden_state", "pooled"]
 
 
-def embedding_export(pooled: bool = True) -> onnx.ModelProto:
+def embedding_export(pooled: bool = True, hidden: bool = False) -> onnx.ModelProto:
     """x [b, s, 8] -> two residual MLP layers (16 neurons each) -> last_hidden_state, then the
     mean over tokens -> MatMul -> Tanh -> pooled; ``x_out = Identity(x)`` comes first, as in
-    third-party sentence-embedding exports. ``pooled=False``: no pooled output."""
+    third-party sentence-embedding exports. ``pooled=False``: no pooled output; ``hidden``: the
+    residual stream between the layers is output ``h1`` too, last."""
     rng = np.random.default_rng(0)
 
     def w(name: str, shape: tuple[int, int]) -> onnx.TensorProto:
@@ -59,6 +62,8 @@ def embedding_export(pooled: bool = True) -> onnx.ModelProto:
         outs.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["b", D]))
     else:
         nodes = nodes[:-3]
+    if hidden:
+        outs.append(helper.make_tensor_value_info("h1", TensorProto.FLOAT, ["b", "s", D]))
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", D])], outs,
         inits)
@@ -71,13 +76,14 @@ def calibration(n: int = 6) -> np.ndarray:
     return np.random.default_rng(1).standard_normal((n, 5, D)).astype(np.float32)
 
 
-def analysed(pooled: bool = True) -> tuple[ir.Model, Structure]:
-    m = ir.from_proto(embedding_export(pooled))
+def analysed(pooled: bool = True, hidden: bool = False) -> tuple[ir.Model, Structure]:
+    m = ir.from_proto(embedding_export(pooled, hidden))
     return m, analyze_graph(m, probe(m, dummy_feeds(m, like={"x": calibration()})))
 
 
-def scores(pooled: bool, objectives: tuple[str, ...] | None, scorer=score_fast) -> Scores:
-    m, s = analysed(pooled)
+def scores(pooled: bool, objectives: tuple[str, ...] | None, scorer=score_fast,
+           hidden: bool = False) -> Scores:
+    m, s = analysed(pooled, hidden)
     return scorer(m, s, make_calibration({"x": calibration()}, 4),
                   ScoreConfig(lam=0.5, objective_outputs=objectives))
 
@@ -183,6 +189,22 @@ def test_fast_scores_of_two_outputs_agree_with_the_reference():
     for b in PINNED:
         np.testing.assert_allclose(fast.kd[b], naive.kd[b], rtol=1e-4, atol=1e-9)
         np.testing.assert_allclose(fast.importance[b], naive.importance[b], rtol=1e-4)
+
+
+def test_an_output_a_block_cannot_change_adds_nothing_to_its_scores():
+    """Layer 1's neurons cannot change ``h1`` (computed before them): its term is zero for them,
+    and the suffix runs of layer 1 (rank-k and masked) never ask for it."""
+    m, s = analysed(hidden=True)
+    assert outputs_reached(m, s) == {"layer0.mlp": ["last_hidden_state", "pooled", "h1"],
+                                     "layer1.mlp": ["last_hidden_state", "pooled"]}
+    fast = scores(True, None, hidden=True)
+    assert fast.kd["layer1.mlp"].shape == (16, 3)
+    assert np.all(fast.kd["layer1.mlp"][:, 2] == 0) and np.all(fast.kd["layer0.mlp"][:, 2] > 0)
+    for other in (scores(True, None, score_naive, hidden=True),
+                  scores(True, None, score_masked, hidden=True)):
+        for b in PINNED:
+            np.testing.assert_allclose(fast.kd[b], other.kd[b], rtol=1e-4, atol=1e-9)
+            np.testing.assert_allclose(fast.importance[b], other.importance[b], rtol=1e-4)
 
 
 def test_no_output_outweighs_another_by_its_scale():

@@ -16,15 +16,26 @@ from optin_onnx.errors import OptinError
 FEATURE_KINDS = ("auto", "ffn", "residual-ln", "blocks")
 
 
+def outputs_reached(model: ir.Model, structure: Structure) -> dict[str, list[str]]:
+    """Per block, the graph outputs it can change (those downstream of one of its consumers), in
+    graph-output order. A block need not reach every objective output: a decoder's layer-1
+    cache output is computed before layer 1's MLP, an encoder's per-layer hidden states before
+    the later layers."""
+    out = {}
+    for b in structure.blocks:
+        consumers = {c.node for c in b.consumers}
+        reached: set[str] = set()
+        for node in model.graph:
+            if node.name in consumers or any(v is not None and v.name in reached
+                                             for v in node.inputs):
+                reached.update(v.name for v in node.outputs if v is not None)
+        out[b.name] = [v.name for v in model.graph.outputs if v.name in reached]
+    return out
+
+
 def dependent_outputs(model: ir.Model, structure: Structure) -> list[str]:
-    """The graph outputs some prunable block can change, in graph-output order: those downstream
-    of a block's consumer."""
-    consumers = {c.node for b in structure.blocks for c in b.consumers}
-    reached: set[str] = set()
-    for node in model.graph:
-        if node.name in consumers or any(v is not None and v.name in reached
-                                         for v in node.inputs):
-            reached.update(v.name for v in node.outputs if v is not None)
+    """The graph outputs some prunable block can change, in graph-output order."""
+    reached = {name for names in outputs_reached(model, structure).values() for name in names}
     return [v.name for v in model.graph.outputs if v.name in reached]
 
 

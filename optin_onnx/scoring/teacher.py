@@ -16,7 +16,8 @@ import onnx_ir as ir
 from optin_onnx.analysis import Block, Structure, residual_features
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
 from optin_onnx.errors import OptinError
-from optin_onnx.scoring.features import feature_kind, objective_outputs, output_kind
+from optin_onnx.scoring.features import (feature_kind, objective_outputs, output_kind,
+                                         outputs_reached)
 from optin_onnx.scoring.liveness import Point
 from optin_onnx.scoring.losses import (TokenSample, cosine_loss, kl_loss, md_loss,
                                        normalised_gram, rows)
@@ -48,6 +49,10 @@ class Objective:
             carriers = mlp if mlp else structure.blocks
             self.layer_feature = {b.layer: b.feature for b in carriers}
         self.outputs = objective_outputs(model, structure, cfg.objective_outputs)
+        # Per block, the objective outputs its units can change; the others keep the teacher's
+        # values whatever is masked, so their term is zero and no run computes them.
+        self.reached = {block: [o for o in self.outputs if o in reached]
+                        for block, reached in outputs_reached(model, structure).items()}
         self.tokens = TokenSample.draw(cal.token_mask, cfg.tokens, cfg.seed)
         self.has_mask = MASK_INPUT in cal.feeds
         self._plain: dict[int, TokenSample] = {}
@@ -116,10 +121,12 @@ class Objective:
 
     def loss(self, block: Block, student: Captured) -> np.ndarray:
         """[L_MD summed over ``block``'s features, L_KD of each objective output] of a student's
-        values; the scale of each output's L_KD is evened out later, in
-        :meth:`~optin_onnx.scoring.types.Scores.finalize`."""
+        values (0 for an output ``block`` cannot change); the scale of each output's L_KD is
+        evened out later, in :meth:`~optin_onnx.scoring.types.Scores.finalize`."""
         md = sum(md_loss(self.gram[f], self.gather(f, student)) for f in self.features_for(block))
-        return np.array([float(md), *(self.output_loss(name, student) for name in self.outputs)])
+        reached = self.reached[block.name]
+        return np.array([float(md), *(self.output_loss(name, student) if name in reached else 0.0
+                                      for name in self.outputs)])
 
     def output_loss(self, name: str, student: Captured) -> float:
         """L_KD on output ``name``, by its kind: L_MD of token outputs, KL of logits, 1 - cosine
@@ -136,7 +143,7 @@ class Objective:
 
     def wanted(self, block: Block) -> list[str]:
         """The values a student run for a candidate of ``block`` must return."""
-        return list(dict.fromkeys(self.features_for(block) + self.outputs))
+        return list(dict.fromkeys(self.features_for(block) + self.reached[block.name]))
 
     def wanted_all(self) -> list[str]:
         """Every value the teacher side needs."""
