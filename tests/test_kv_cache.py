@@ -73,6 +73,10 @@ def test_cache_heads_pruned_exactly(cache_exports, exporter):
     reported = {(e["name"], e["kind"], e["after"]) for e in result.report.interface}
     assert (f"present.{int(cut.pop()[5])}.key", "output", 1) in reported
     assert any("interface changed" in n for n in result.report.notes)
+    # The cache is state, not a result: scored and measured on the hidden states only.
+    assert result.report.objective_outputs == ["output"]
+    assert set(result.report.outputs_left_out) == {f"present.{i}.{kind}" for i in range(LAYERS)
+                                                   for kind in ("key", "value")}
 
     reference = ir.to_proto(masked_model(as_model(onnx.load(str(path))), result.structure,
                                          unit_masks(result.structure, keep)))

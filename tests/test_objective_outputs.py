@@ -131,7 +131,7 @@ def test_excluded_outputs_are_never_objectives():
                                          r"last_hidden_state, pooled\)"):
         objective_outputs(m, s, exclude={"pooled", "last_hidden_state"})
     assert outputs_left_out(m, s, ["last_hidden_state"], exclude={"pooled"})["pooled"] == \
-        "excluded: not comparable once pruned"
+        "a KV cache output (its shape follows the kept heads)"
 
 
 # -- the output term -------------------------------------------------------------------------------
