@@ -18,7 +18,8 @@ from optin_onnx.probe import PROBE_SEQ, dummy_feeds
 from optin_onnx.runtime import run_all_values
 
 _HEAVY = {("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"),
-          ("", "Attention"), ("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")}
+          ("", "Attention"), ("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention"),
+          ("com.microsoft", "GroupQueryAttention")}
 
 
 @dataclass
@@ -97,6 +98,10 @@ def node_macs(model: ir.Model, seq_len: int, like: dict[str, np.ndarray] | None 
         elif n.op_type in ("MultiHeadAttention", "Attention"):  # Q K^T and P V per head
             q, k = shape(n.inputs[0]), shape(n.inputs[1])
             out[n.name] = int(np.prod(q)) * k[-2] + int(np.prod(o)) * k[-2]
+        elif n.op_type == "GroupQueryAttention":  # Q K^T and P V over past + new keys
+            present = n.outputs[1] if len(n.outputs) > 1 and n.outputs[1] is not None else None
+            keys = shape(present)[2] if present is not None else shape(n.inputs[1])[-2]
+            out[n.name] = (int(np.prod(shape(n.inputs[0]))) + int(np.prod(o))) * keys
         else:  # Conv / ConvTranspose: every output element sums Cin/group * kernel products
             w = shape(n.inputs[1])
             out[n.name] = int(np.prod(o)) * int(np.prod(w[1:])) if n.op_type == "Conv" \

@@ -46,9 +46,9 @@ import hashlib
 import numpy as np
 import onnx_ir as ir
 
+from optin_onnx.analysis.cache import reads_axis, source_input, through_copies
 from optin_onnx.analysis.groups import Group, Groups, Track
 from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, SOURCES, UNARY
-from optin_onnx.analysis.handlers.layout import shape_axes, shape_reads
 from optin_onnx.analysis.structure import ParamSlice, Port, Role
 from optin_onnx.graph import attr, captured, const_array, const_root
 
@@ -264,7 +264,7 @@ class Propagator(Groups):
             x --MatMul(Wk)--Reshape--Transpose----+            |
                                                                +--> MatMul(Q K^T) ...
         """
-        cat = _through_copies(out)
+        cat = through_copies(out)
         if cat is None or cat.op_type != "Concat" or \
                 self.group(gid).parts or len(cat.inputs) < 2:
             return False
@@ -278,10 +278,10 @@ class Propagator(Groups):
                 if self.find(self.track(v)[axis][0]) != self.find(gid):
                     return False
                 continue
-            source = _source_input(v)
+            source = source_input(v)
             runtime = [s for s in g.slices
                        if s.runtime and (s.node, s.input_index, s.axis) == (cat.name, i, axis)]
-            if source is None or not runtime or _reads_axis(source, axis, rank, cat):
+            if source is None or not runtime or reads_axis(source, axis, rank, cat):
                 return False
             pasts.append((source, runtime))
         if len(pasts) != 1:
@@ -372,50 +372,3 @@ def _digest(arr: np.ndarray | None) -> bytes | None:
     h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
     return h.digest()
 
-
-#: Ops that pass a value on unchanged, as far as a cache's axes go.
-_COPIES = {"Identity", "Cast"}
-
-
-def _is_copy(node: ir.Node | None) -> bool:
-    return node is not None and (node.op_type in _COPIES or (
-        node.op_type == "Concat" and len([v for v in node.inputs if v is not None]) == 1))
-
-
-def _through_copies(v: ir.Value) -> ir.Node | None:
-    """The first producer of ``v`` that is not a copy (Identity, Cast, a one-input Concat)."""
-    node = v.producer()
-    while _is_copy(node):
-        node = node.inputs[0].producer()
-    return node
-
-
-def _source_input(v: ir.Value) -> ir.Value | None:
-    """The graph input that ``v`` copies, or None."""
-    while _is_copy(v.producer()):
-        v = v.producer().inputs[0]
-    return v if v.producer() is None and const_array(v) is None and v.is_graph_input() else None
-
-
-def _reads_axis(source: ir.Value, axis: int, rank: int, cat: ir.Node) -> bool:
-    """Whether graph input ``source`` is read on ``axis`` anywhere but through copies into ``cat``:
-    only a ``Shape`` whose readers pick other axes (the past length, the batch) reads it
-    harmlessly."""
-    stack = [source]
-    while stack:
-        v = stack.pop()
-        for use in v.uses():
-            node = use.node
-            if node is cat:
-                continue
-            if _is_copy(node):
-                stack.append(node.outputs[0])
-            elif node.op_type == "Shape":
-                if axis in shape_axes(node, rank) and any(
-                        picked is None or axis in picked for _, picked in shape_reads(node, rank)):
-                    return True
-            else:
-                return True
-        if v.is_graph_output():
-            return True
-    return False

@@ -156,3 +156,28 @@ def _static(value: ir.Value, depth: int = 0) -> bool:
     if node.op_type == "ConstantOfShape":  # every element is the fill value, whatever the shape
         return True
     return all(v is None or _static(v, depth + 1) for v in node.inputs)
+
+
+def shape_axes(node: ir.Node, rank: int) -> np.ndarray:
+    """The input axes a ``Shape`` node's output lists (its ``start`` and ``end`` range)."""
+    start = attr(node, "start", 0)
+    start = start + rank if start < 0 else start
+    return np.arange(rank)[slice(start, attr(node, "end", None))]
+
+
+def shape_reads(node: ir.Node, rank: int) -> list[tuple[ir.Node, np.ndarray | None]]:
+    """Each reader of a ``Shape`` node's output with the input axes it picks: a Gather or a
+    Slice by constants; None where the reader could use any of them."""
+    dims = shape_axes(node, rank)
+    out = []
+    for use in node.outputs[0].uses():
+        user, picked = use.node, None
+        args = [const_array(v) for v in user.inputs[1:]]
+        if user.op_type == "Gather" and use.idx == 0 and args[0] is not None:
+            picked = dims[np.reshape(args[0], -1)]
+        elif user.op_type == "Slice" and use.idx == 0 and all(a is not None for a in args[:2]) \
+                and (len(args) < 3 or args[2] is None or int(np.reshape(args[2], -1)[0]) == 0):
+            step = int(np.reshape(args[3], -1)[0]) if len(args) > 3 and args[3] is not None else 1
+            picked = dims[int(np.reshape(args[0], -1)[0]):int(np.reshape(args[1], -1)[0]):step]
+        out.append((user, picked))
+    return out

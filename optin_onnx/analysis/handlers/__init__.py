@@ -57,6 +57,7 @@ _ORT: dict[str, Handler] = {
     "SkipSimplifiedLayerNormalization": ort_contrib.skip_layer_norm,
     "SimplifiedLayerNormalization": ort_contrib.skip_layer_norm,
     "MultiHeadAttention": ort_contrib.multi_head_attention,
+    "GroupQueryAttention": ort_contrib.group_query_attention,
 }
 
 HANDLERS: dict[tuple[str, str], Handler] = {
@@ -73,7 +74,7 @@ SOURCES: dict[tuple[str, str], Handler] = {
 }
 
 #: Matrix products: the nodes whose MACs are counted (see :mod:`optin_onnx.flops`).
-HEAVY = {"MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention"}
+HEAVY = {"MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
 
 #: Ops that may read a flattened (channel, position) axis: per-element ops and the classifier.
 FOLDED_OK = UNARY | {"Gemm", "MatMul"}

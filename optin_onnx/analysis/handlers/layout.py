@@ -8,7 +8,8 @@ import onnx_ir as ir
 import numpy as np
 
 from optin_onnx.analysis.groups import Track
-from optin_onnx.analysis.shapes import ConstElement, DimElement, trace_element
+from optin_onnx.analysis.shapes import (ConstElement, DimElement, shape_reads,
+                                        trace_element)
 from optin_onnx.analysis.structure import Role, ShapeEdit
 from optin_onnx.graph import attr, const_array
 
@@ -183,31 +184,6 @@ def shape(p: Propagator, node: ir.Node) -> None:
                                   for a in picked) and not _only_reshape_targets(user.outputs[0])):
             return p.barrier_all(t, f"Shape '{node.name}' of the pruned tensor is used by "
                                   f"{user.op_type} '{user.name}'")
-
-
-def shape_axes(node: ir.Node, rank: int) -> np.ndarray:
-    """The input axes a ``Shape`` node's output lists (its ``start`` and ``end`` range)."""
-    start = attr(node, "start", 0)
-    start = start + rank if start < 0 else start
-    return np.arange(rank)[slice(start, attr(node, "end", None))]
-
-
-def shape_reads(node: ir.Node, rank: int) -> list[tuple[ir.Node, np.ndarray | None]]:
-    """Each reader of a ``Shape`` node's output with the input axes it picks: a Gather or a
-    Slice by constants; None where the reader could use any of them."""
-    dims = shape_axes(node, rank)
-    out = []
-    for use in node.outputs[0].uses():
-        user, picked = use.node, None
-        args = [const_array(v) for v in user.inputs[1:]]
-        if user.op_type == "Gather" and use.idx == 0 and args[0] is not None:
-            picked = dims[np.reshape(args[0], -1)]
-        elif user.op_type == "Slice" and use.idx == 0 and all(a is not None for a in args[:2]) \
-                and (len(args) < 3 or args[2] is None or int(np.reshape(args[2], -1)[0]) == 0):
-            step = int(np.reshape(args[3], -1)[0]) if len(args) > 3 and args[3] is not None else 1
-            picked = dims[int(np.reshape(args[0], -1)[0]):int(np.reshape(args[1], -1)[0]):step]
-        out.append((user, picked))
-    return out
 
 
 #: Ops that only move elements of a shape tensor around, scale them by a constant or pick them

@@ -7,6 +7,10 @@ a graph can be pruned after fusion as well as before:
   ``SimplifiedLayerNormalization`` (RMSNorm): normalise over the model width, a natural end.
 - ``MultiHeadAttention`` (Q, K, V projected outside, ``num_heads`` heads): couples the three
   projections' groups into one heads group, ``num_heads`` and the packed bias shrink with it.
+- ``GroupQueryAttention`` (Q from ``num_heads`` heads, K and V from ``kv_num_heads``): one unit is
+  a key/value head with the query heads that read it; both head counts shrink with it.
+- A fused attention's past key/value inputs and present outputs (a KV cache on the interface)
+  shrink with the heads kept: ports of the block, as for an unfused cache.
 - ``Attention`` (projections inside) starts a group: see :func:`.sources.ort_attention`.
 """
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from optin_onnx.analysis.cache import reads_axis, source_input, written_out
 from optin_onnx.analysis.handlers.elementwise import elementwise
-from optin_onnx.analysis.structure import AttrEdit, ParamSlice, Role
+from optin_onnx.analysis.structure import AttrEdit, ParamSlice, Port, Role
 from optin_onnx.graph import attr, const_array
 
 if TYPE_CHECKING:
@@ -53,6 +58,82 @@ def heads_axis_inputs(p: Propagator, node: ir.Node, bias: int, past: tuple[int, 
     return None
 
 
+def cache_ports(p: Propagator, node: ir.Node, gid: int, pairs: tuple[tuple[int, int], ...],
+                group: int = 1) -> str | None:
+    """Record a fused attention's KV cache as ports of group ``gid``: each (past input, present
+    output) slot pair ``[B, heads, length, head size]``, the past a graph input that nothing else
+    reads on its heads axis, the present a graph output that nothing in the graph reads. Returns
+    why not, recording nothing, where that does not hold."""
+    ports = []
+    for i, o in pairs:
+        past = node.inputs[i] if i < len(node.inputs) else None
+        present = node.outputs[o] if o < len(node.outputs) else None
+        if past is not None:
+            source = source_input(past)
+            if source is None or len(p.shape(past) or ()) != 4 or \
+                    reads_axis(source, 1, 4, node):
+                return f"past state input {i} is not a graph input read only here"
+            ports.append(Port(source.name, False, 1, Role.HEAD, group))
+        if present is not None and (present.uses() or present.is_graph_output()):
+            if not written_out(present):
+                return f"present state output {o} is read inside the graph"
+            ports.append(Port(present.name, True, 1, Role.HEAD, group))
+    p.group(gid).ports.extend(ports)
+    return None
+
+
+def group_query_attention(p: Propagator, node: ir.Node) -> None:
+    """``GroupQueryAttention(q [B,S,Hq*D], k [B,L,Hkv*D], v [B,L,Hkv*D], past_key?,
+    past_value?, seqlens_k, total_sequence_length, cos?, sin?, ...)`` -> [B,S,Hq*D], present
+    key and value [B,Hkv,T,D]. Query heads h*n .. h*n + n - 1 read key/value head h (n =
+    Hq / Hkv): the query side is regrouped by n and joined with K and V (see
+    :meth:`Groups.regroup`); ``num_heads`` shrinks by n per unit dropped, ``kv_num_heads`` by
+    one. Rotary caches ``[length, D/2]`` have no heads axis."""
+    heads, kv_heads = attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0)
+    qkv = node.inputs[:3]
+    tracks = [p.track(v).get(2) if v is not None else None for v in qkv]
+    live = [t for t in tracks if t is not None]
+    for v in node.inputs:
+        for gid, _ in p.track(v).values():
+            p.group(gid).nodes.append(node.name)
+    why = None
+    if len(live) != 3 or any(p.track(v).keys() - {2} for v in qkv):
+        why = "packed or untracked Q/K/V: not pruned through yet"
+    elif any(len(p.shape(v)) != 3 for v in qkv) or any(r is not Role.FLAT for _, r in live):
+        why = "Q/K/V not in [batch, sequence, heads x head size] form"
+    elif not heads or not kv_heads or heads % kv_heads:
+        why = f"{heads} query heads over {kv_heads} key/value heads"
+    else:
+        widths = [p.shape(v)[2] for v in qkv]
+        if widths[0] % heads or widths[1] % kv_heads or widths[1] != widths[2] or \
+                widths[0] // heads != widths[1] // kv_heads:
+            why = f"Q/K/V widths {widths} for {heads} and {kv_heads} heads"
+        elif any(p.group_of(v, 2) != 1 for v in qkv):
+            why = "Q/K/V already grouped"
+    if why is not None:
+        for gid, _ in live:
+            p.barrier(gid, f"GroupQueryAttention '{node.name}': {why}")
+        return
+    n_rep, unit = heads // kv_heads, p.shape(qkv[1])[2] // kv_heads
+    if n_rep > 1:
+        p.regroup(tracks[0][0], n_rep)
+    gid = p.union(p.union(tracks[0][0], tracks[1][0]), tracks[2][0])
+    g = p.group(gid)
+    if g.unit_size not in (None, unit):
+        return p.barrier(gid, f"GroupQueryAttention '{node.name}' splits units of {unit}, "
+                              f"elsewhere {g.unit_size}")
+    g.unit_size, g.has_head = unit, True
+    g.attr_edits += [AttrEdit(node.name, "num_heads", Role.HEAD, group=n_rep),
+                     AttrEdit(node.name, "kv_num_heads", Role.HEAD)]
+    why = cache_ports(p, node, gid, ((3, 1), (4, 2)))
+    if why is not None:
+        return p.barrier(gid, f"GroupQueryAttention '{node.name}': {why}")
+    out = node.outputs[0].name
+    p.tracks[out] = {2: (p.find(gid), Role.FLAT)}
+    if n_rep > 1:
+        p.grouping[(out, 2)] = n_rep
+
+
 def multi_head_attention(p: Propagator, node: ir.Node) -> None:
     """``MultiHeadAttention(q [B,S,H*D], k [B,L,H*D], v [B,L,H*Dv], bias?, ...)`` -> [B,S,H*Dv]."""
     heads = attr(node, "num_heads", 0)
@@ -67,7 +148,7 @@ def multi_head_attention(p: Propagator, node: ir.Node) -> None:
     elif any(r is not Role.FLAT for _, r in live) or not heads:
         why = "Q/K/V axes already split into heads: not pruned through yet"
     if why is None:
-        why = heads_axis_inputs(p, node, bias=5, past=(6, 7))
+        why = heads_axis_inputs(p, node, bias=5, past=())
     for v in node.inputs:
         for gid, _ in p.track(v).values():
             p.group(gid).nodes.append(node.name)
@@ -96,4 +177,7 @@ def multi_head_attention(p: Propagator, node: ir.Node) -> None:
             return p.barrier(gid, f"MultiHeadAttention '{node.name}' has a run-time bias")
         for offset in np.cumsum([0] + widths[:2]):
             g.slices.append(ParamSlice(node.name, 3, 0, Role.FLAT, offset=int(offset)))
+    why = cache_ports(p, node, gid, ((6, 1), (7, 2)))
+    if why is not None:
+        return p.barrier(gid, f"MultiHeadAttention '{node.name}': {why}")
     p.tracks[node.outputs[0].name] = {2: (p.find(gid), Role.FLAT)}

@@ -1,0 +1,155 @@
+"""onnxruntime's fused decoder attention with its KV cache on the interface (issue 9).
+
+``GroupQueryAttention`` (what onnxruntime's generation builder writes for Llama-style decoders)
+and ``MultiHeadAttention`` with past/present states: the heads are found (for GQA one unit is a
+key/value head with its query heads), pruned, the head-count attributes edited, the cache's head
+axis shrunk, and the slim model equals the masked dense model with a non-empty past too. Built
+with ``onnx.helper`` at test time: one attention block and one MLP on a residual stream, the
+sequence lengths computed from the attention mask inside the graph, as the builder does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+from optin_onnx.analysis import pruned_feeds
+from optin_onnx.instrument import masked_model, unit_masks
+from optin_onnx.pipeline import analyze, as_model, prune
+from tests.helpers import run
+
+C, D, F = 32, 8, 48
+
+
+def decoder(op: str, heads: int = 4, kv_heads: int = 2, past: bool = True,
+            present_read: bool = False) -> onnx.ModelProto:
+    """x [B, S, C] -> Q/K/V projections -> ``op`` (past and present states when ``past``) -> W_o
+    -> residual -> MLP -> residual. ``present_read``: the present key also feeds a graph node."""
+    rng = np.random.default_rng(0)
+    kv = kv_heads if op == "GroupQueryAttention" else heads
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.array(1, np.int64), "one")]
+
+    def w(name, *shape):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.3)
+                                             .astype(np.float32), name))
+        return name
+    nodes = [helper.make_node("MatMul", ["x", w("wq", C, heads * D)], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", w("wk", C, kv * D)], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["x", w("wv", C, kv * D)], ["v"], name="v_proj")]
+    states = ["past_key", "past_value"] if past else ["", ""]
+    if op == "GroupQueryAttention":
+        nodes += [
+            helper.make_node("ReduceSum", ["attention_mask", "axis1"], ["n"], keepdims=0),
+            helper.make_node("Sub", ["n", "one"], ["n1"]),
+            helper.make_node("Cast", ["n1"], ["seqlens_k"], to=T.INT32),
+            helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
+            helper.make_node("Gather", ["mask_shape", "one"], ["total"]),
+            helper.make_node("Cast", ["total"], ["total_len"], to=T.INT32),
+            helper.make_node(op, ["q", "k", "v", *states, "seqlens_k", "total_len"],
+                             ["attn", "present_key", "present_value"], name="attention",
+                             domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads)]
+    else:
+        nodes.append(helper.make_node(op, ["q", "k", "v", "", "", "", *states],
+                                      ["attn", "present_key", "present_value"], name="attention",
+                                      domain="com.microsoft", num_heads=heads))
+    nodes += [helper.make_node("MatMul", ["attn", w("wo", heads * D, C)], ["o"], name="o_proj"),
+              helper.make_node("Add", ["x", "o"], ["h"], name="residual1"),
+              helper.make_node("MatMul", ["h", w("w1", C, F)], ["a"], name="fc1"),
+              helper.make_node("Relu", ["a"], ["r"], name="act"),
+              helper.make_node("MatMul", ["r", w("w2", F, C)], ["m"], name="fc2"),
+              helper.make_node("Add", ["h", "m"], ["y"], name="residual2")]
+    outputs = [helper.make_tensor_value_info("y", T.FLOAT, ["B", "S", C])]
+    if present_read:
+        nodes.append(helper.make_node("ReduceMean", ["present_key"], ["key_mean"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("key_mean", T.FLOAT, []))
+    outputs += [helper.make_tensor_value_info(n, T.FLOAT, ["B", kv, "total", D])
+                for n in ("present_key", "present_value")]
+    inputs = [helper.make_tensor_value_info("x", T.FLOAT, ["B", "S", C])]
+    if past:
+        inputs += [helper.make_tensor_value_info(n, T.FLOAT, ["B", kv, "past", D])
+                   for n in ("past_key", "past_value")]
+    if op == "GroupQueryAttention":
+        inputs.append(helper.make_tensor_value_info("attention_mask", T.INT64, ["B", "total"]))
+    graph = helper.make_graph(nodes, "decoder", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def feeds(model: onnx.ModelProto, n: int, seq: int = 6, past: int = 0, seed: int = 0
+          ) -> dict[str, np.ndarray]:
+    """``n`` samples; the cache holds ``past`` positions (0: a generation's first step)."""
+    rng = np.random.default_rng(seed)
+    names = {v.name: v for v in model.graph.input}
+    out = {"x": rng.standard_normal((n, seq, C)).astype(np.float32)}
+    for name in ("past_key", "past_value"):
+        if name in names:
+            kv = names[name].type.tensor_type.shape.dim[1].dim_value
+            out[name] = rng.standard_normal((n, kv, past, D)).astype(np.float32)
+    if "attention_mask" in names:
+        out["attention_mask"] = np.ones((n, past + seq), np.int64)
+    return out
+
+
+@pytest.mark.parametrize("op,units,group", [("GroupQueryAttention", 2, 2),
+                                            ("MultiHeadAttention", 4, 1)])
+def test_heads_and_cache_ports_found(op, units, group):
+    model = decoder(op)
+    _, structure = analyze(model, feeds(model, 4))
+    attention = next(b for b in structure.blocks if b.kind == "attention")
+    assert attention.n_units == units and attention.unit_size == D
+    assert sorted(p.name for p in attention.ports) == ["past_key", "past_value", "present_key",
+                                                       "present_value"]
+    assert {e.name: e.group for e in attention.attr_edits}["num_heads"] == group
+
+
+@pytest.mark.parametrize("op", ["GroupQueryAttention", "MultiHeadAttention"])
+def test_fused_cache_heads_pruned_exactly(op):
+    model = decoder(op)
+    result = prune(model, feeds(model, 16), flops=0.85, prune="heads", latency_cases=[],
+                   samples=8)
+    assert result.verification.passed
+    keep = result.selection.keep
+    attention = next(b for b in result.structure.blocks if b.kind == "attention")
+    kept = len(keep[attention.name])
+    assert 0 < kept < attention.n_units
+    node = next(n for n in result.model.graph.node if n.op_type == op)
+    counts = {a.name: a.i for a in node.attribute}
+    if op == "GroupQueryAttention":
+        assert (counts["num_heads"], counts["kv_num_heads"]) == (2 * kept, kept)
+    else:
+        assert counts["num_heads"] == kept
+    assert {e["name"]: e["after"] for e in result.report.interface} == {
+        "past_key": kept, "past_value": kept, "present_key": kept, "present_value": kept}
+    assert result.report.objective_outputs == ["y"]
+    reference = ir.to_proto(masked_model(as_model(model), result.structure,
+                                         unit_masks(result.structure, keep)))
+    changes = result.structure.interface(keep)
+    # GQA on CPU takes a non-empty past with one new token per row, or one row.
+    for n, seq, past in ((2, 1, 3), (1, 5, 4)):
+        check = feeds(model, n, seq, past, seed=7)
+        want = run(reference, check)
+        got = run(result.model, pruned_feeds(check, changes))
+        for out, w, g in zip(result.model.graph.output, want, got):
+            w = changes[out.name].take(w) if out.name in changes else w
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_present_read_inside_the_graph_is_a_barrier():
+    """A present state that the graph itself reads cannot change its heads axis unseen."""
+    model = decoder("GroupQueryAttention", present_read=True)
+    _, structure = analyze(model, feeds(model, 4))
+    assert [b.kind for b in structure.blocks] == ["mlp"]
+    assert any("present state output 1 is read inside the graph" in r
+               for d in structure.declined for r in d.reasons)
+
+
+def test_gqa_without_cache():
+    model = decoder("GroupQueryAttention", past=False)
+    result = prune(model, feeds(model, 16), flops=0.85, prune="heads", latency_cases=[],
+                   samples=8)
+    assert result.verification.passed and not result.report.interface or all(
+        e["kind"] == "output" for e in result.report.interface)
