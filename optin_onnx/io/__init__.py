@@ -18,14 +18,15 @@ from google.protobuf.message import DecodeError
 
 from optin_onnx.errors import OptinError, first_line
 from optin_onnx.guard import same_file
-from optin_onnx.io.calibration import (CALIBRATION_LIMIT_BYTES, calibration_for, check_calibration,
-                                       graph_input_names, load_calibration)
+from optin_onnx.io.calibration import (CALIBRATION_LIMIT_BYTES, cache_inputs, calibration_for,
+                                       check_calibration, empty_past, graph_input_names,
+                                       load_calibration)
 from optin_onnx.io.external import (all_nodes, check_external_data, contain_external_data,
                                     external_tensor_sites, initializer_bytes, inlined)
 
-__all__ = ["CALIBRATION_LIMIT_BYTES", "EXTERNAL_DATA_THRESHOLD_BYTES", "calibration_for",
-           "check_calibration", "files_read", "graph_input_names", "load_calibration", "load_model",
-           "model_proto", "save_model"]
+__all__ = ["CALIBRATION_LIMIT_BYTES", "EXTERNAL_DATA_THRESHOLD_BYTES", "cache_inputs",
+           "calibration_for", "check_calibration", "empty_past", "files_read", "graph_input_names",
+           "load_calibration", "load_model", "model_proto", "read_model", "save_model"]
 
 # A serialized ModelProto cannot exceed 2 GiB (protobuf's limit). Above this many bytes of
 # initializers the weights go to an external data file, leaving headroom for the graph itself.
@@ -65,16 +66,10 @@ _HALF_HINT = (
 )
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model and reject anything the pruner cannot work on.
-
-    ``ir.load`` maps external data lazily, so models over 2 GB load without reading their weights.
-    The checks here are the cheap ones that turn a later, confusing failure into a clear message:
-    the file parses and is complete, the graph has nodes and inputs, it is neither quantised nor
-    half precision, every initializer stored in the file holds the data its shape needs, and every
-    external data file lies inside the model's folder, exists and is long enough (nothing is read
-    from a file before its location is checked). ``onnx.checker`` is deliberately not run: it is
-    too slow on large models, and onnxruntime validates the graph when a session is built.
+def read_model(path: str | os.PathLike) -> ir.Model:
+    """Parse an ONNX file into a model, with one-line errors for a missing, empty, truncated or
+    invalid file; nothing about prunability is checked (``make-calib`` reads a model only for its
+    inputs, and a half-precision one still needs calibration data). External data stays unread.
     """
     path = os.fspath(path)
     # Everything reads from the absolute path, so that external data is resolved against (and
@@ -87,7 +82,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if os.path.getsize(path) == 0:
         raise OptinError(f"model file {path} is empty")
     try:
-        model = ir.load(source)
+        return ir.load(source)
     except DecodeError:
         raise OptinError(_diagnose_unparsable(path)) from None
     except OSError as exc:
@@ -97,6 +92,21 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         cause = exc.__cause__ or exc
         raise OptinError(f"model {path} is not a valid ONNX graph: {first_line(cause)}") from None
 
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model and reject anything the pruner cannot work on.
+
+    ``ir.load`` maps external data lazily, so models over 2 GB load without reading their weights.
+    The checks here are the cheap ones that turn a later, confusing failure into a clear message:
+    the file parses and is complete, the graph has nodes and inputs, it is neither quantised nor
+    half precision, every initializer stored in the file holds the data its shape needs, and every
+    external data file lies inside the model's folder, exists and is long enough (nothing is read
+    from a file before its location is checked). ``onnx.checker`` is deliberately not run: it is
+    too slow on large models, and onnxruntime validates the graph when a session is built.
+    """
+    path = os.fspath(path)
+    source = os.path.abspath(path)
+    model = read_model(path)
     _check_complete(model, path)
     if model.graph.num_nodes() == 0:
         raise OptinError(f"model {path} has no nodes in its graph: nothing to prune")

@@ -6,7 +6,7 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import IO
 
 import numpy as np
@@ -31,8 +31,12 @@ def load_calibration(
     path: str | os.PathLike,
     input_names: list[str],
     max_bytes: int = CALIBRATION_LIMIT_BYTES,
+    optional: Collection[str] = (),
 ) -> dict[str, np.ndarray]:
     """Load calibration samples: an ``.npz`` with one array per graph input, first axis = sample.
+
+    A name in ``optional`` (a decoder's cache inputs, which the caller fills with an empty past)
+    may be absent from the file; it is then absent from the result.
 
     Arrays are returned unchanged (no dtype cast): a mismatch with the model's input types should
     surface as a clear error where the model is run, not be hidden by a silent conversion here.
@@ -57,14 +61,15 @@ def load_calibration(
             # The names np.load gives the members: "x.npy" is array "x".
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
             for name in input_names:
-                if name not in members:
+                if name not in members and name not in optional:
                     raise OptinError(
                         f"calibration file {path} has no array for graph input '{name}'"
                         f" (it has: {', '.join(members) or 'no arrays'})"
                     )
-            _check_declared_sizes(archive, {n: members[n] for n in input_names}, path, max_bytes)
+            present = [name for name in input_names if name in members]
+            _check_declared_sizes(archive, {n: members[n] for n in present}, path, max_bytes)
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in input_names}
+            arrays = {name: archive[name] for name in present}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise OptinError(f"calibration file {path} is corrupt: {exc}") from None
     return check_calibration(arrays, f"calibration file {path}")
@@ -76,23 +81,116 @@ def calibration_for(
     max_bytes: int = CALIBRATION_LIMIT_BYTES,
 ) -> dict[str, np.ndarray]:
     """The calibration arrays for ``model``'s inputs, from an ``.npz`` path or a mapping of arrays
-    (a dict, or what ``np.load`` returns), checked alike either way, and against the model."""
+    (a dict, or what ``np.load`` returns), checked alike either way, and against the model.
+
+    A decoder's key/value cache inputs (:func:`cache_inputs`) may all be left out: they are then
+    filled with the empty past a generation's first step sees (:func:`empty_past`), so a text
+    calibration set serves a decoder exported with its cache. Every other input is required.
+    """
     names = graph_input_names(model)
+    cache = cache_inputs(model)
     if isinstance(calib, Mapping):
-        missing = [n for n in names if n not in calib]
+        missing = [n for n in names if n not in calib and n not in cache]
         if missing:
             raise OptinError(f"calibration data has no array for graph input '{missing[0]}'")
         source = "calibration data"
-        arrays = check_calibration({n: calib[n] for n in names}, source)
+        arrays = check_calibration({n: calib[n] for n in names if n in calib}, source)
     elif isinstance(calib, (str, os.PathLike)):
         source = f"calibration file {os.fspath(calib)}"
-        arrays = load_calibration(calib, names, max_bytes)
+        arrays = load_calibration(calib, names, max_bytes, optional=cache)
     else:
         raise OptinError(
             f"calibration must be an .npz path or a mapping of arrays, got {type(calib).__name__}"
         )
+    absent = [n for n in cache if n not in arrays]
+    if absent:
+        if len(absent) < len(cache):
+            # A past for some layers only cannot run: every layer's past has the same length.
+            raise OptinError(
+                f"{source} has arrays for some key/value cache inputs but not '{absent[0]}':"
+                " give every cache input or none (none: an empty past)"
+            )
+        if not arrays:
+            raise OptinError(f"{source}: the model takes only cache inputs; give them")
+        past = empty_past(model, len(next(iter(arrays.values()))))
+        arrays = {n: arrays[n] if n in arrays else past[n] for n in names}
     _check_token_inputs(model, arrays, source)
     return arrays
+
+
+#: Ops a cache tensor may pass through on its way to and from the concatenation: one input,
+#: output shaped as the input. A Concat of one operand is a copy (TorchScript writes one).
+_PASS_THROUGH = frozenset({"Identity", "Cast"})
+
+
+def _passes_through(node: ir.Node) -> bool:
+    """Whether ``node`` hands its single input on with the same shape."""
+    return node.op_type in _PASS_THROUGH or (node.op_type == "Concat" and len(node.inputs) == 1)
+
+
+def _reaches_output(value: ir.Value) -> bool:
+    """Whether ``value`` is a graph output, or becomes one through pass-through ops only."""
+    if value.is_graph_output():
+        return True
+    return any(_passes_through(node) and _reaches_output(node.outputs[0])
+               for node, _ in value.uses())
+
+
+def cache_inputs(model: ir.Model) -> dict[str, int]:
+    """A decoder's key/value cache inputs: input name -> the axis that is the past length.
+
+    Found by structure, not by name (exporters write ``past.0.key``, ``past_key_values.0.key``,
+    ``past_key.0`` ...): a float graph input of known rank that reaches, through pass-through ops
+    only, an operand of a ``Concat`` of two or more operands whose output reaches a graph output
+    (the ``present`` cache) the same way; the concat axis is the past axis. An encoder or CNN has
+    no such input, and an input that merely feeds a ``Concat`` inside the graph is not one.
+    """
+    found: dict[str, int] = {}
+    for value in model.graph.inputs:
+        if (value.is_initializer() or value.dtype is None or not value.dtype.is_floating_point()
+                or value.shape is None):
+            continue
+        rank = len(value.shape)
+        frontier = [value]
+        while frontier and value.name not in found:
+            current = frontier.pop()
+            for node, _ in current.uses():
+                if _passes_through(node):
+                    frontier.append(node.outputs[0])
+                elif node.op_type == "Concat" and _reaches_output(node.outputs[0]):
+                    attr = node.attributes.get("axis")
+                    axis = attr.value if attr is not None else 0
+                    if -rank <= axis < rank:
+                        found[value.name] = axis % rank
+                        break
+    return found
+
+
+def empty_past(model: ir.Model, batch: int) -> dict[str, np.ndarray]:
+    """An empty past for every cache input of ``model`` (:func:`cache_inputs`), ``batch`` rows.
+
+    Length 0 on the past axis, ``batch`` on axis 0, every other axis its declared static size
+    (heads, head dim); a symbolic one cannot be guessed and is refused naming the input and axis.
+    """
+    inputs = {value.name: value for value in model.graph.inputs}
+    past: dict[str, np.ndarray] = {}
+    for name, axis in cache_inputs(model).items():
+        value = inputs[name]
+        dims = []
+        for i, dim in enumerate(value.shape):
+            if i == axis:
+                dims.append(0)
+            elif i == 0:
+                dims.append(batch)
+            elif isinstance(dim, int):
+                dims.append(dim)
+            else:
+                raise OptinError(
+                    f"cache input '{name}' has a symbolic axis {i} ({dim}): its size is unknown,"
+                    " so an empty past cannot be made; give the past in the calibration file"
+                )
+        past[name] = np.zeros(dims, dtype=value.dtype.numpy())
+    return past
 
 
 def check_calibration(arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
