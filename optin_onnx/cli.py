@@ -3,7 +3,8 @@
 
     optin-onnx analyze  MODEL.onnx [--calib CALIB.npz]
     optin-onnx prune    IN.onnx OUT.onnx --flops 0.6 --calib CALIB.npz [options]
-    optin-onnx make-calib TEXTS.txt TOKENIZER_DIR OUT.npz [--max-length 128] [--samples N]
+    optin-onnx make-calib TEXTS.txt TOKENIZER_DIR OUT.npz [--model MODEL.onnx] [--max-length 128]
+                          [--samples N]
 
 Errors in the input are printed as one line (``optin-onnx: error: ...``) with exit status 2.
 """
@@ -60,8 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("texts", help="UTF-8 file, one text per line")
     c.add_argument("tokenizer_dir", help="directory with tokenizer.json")
     c.add_argument("output")
-    c.add_argument("--max-length", type=int, default=128)
-    c.add_argument("--samples", type=int, default=None, help="use the first N texts")
+    c.add_argument("--model", metavar="MODEL.onnx",
+                   help="the ONNX model: write exactly its inputs, in its dtypes (position_ids and "
+                        "an empty key/value cache too)")
+    c.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="use the first N texts")
+    c.add_argument("--max-length", type=int, default=128, metavar="N",
+                   help="tokens per text (default 128)")
     return p
 
 
@@ -179,23 +185,34 @@ def _prune(args) -> None:
 
 
 def _make_calib(args) -> None:
-    from optin_onnx.calibdata import TOKENIZER_FILES, encode_texts, read_texts, write_calibration
+    """BERT-style arrays from text, or with --model exactly the model's inputs."""
+    from optin_onnx.calibdata import (TOKENIZER_FILES, encode_for_model, read_texts, tokenize,
+                                      write_calibration)
     from optin_onnx.guard import refuse_unsafe_writes
+    from optin_onnx.io import read_model
     from optin_onnx.validate import check_number
 
     if args.samples is not None:
         check_number("--samples", args.samples, True, 1, True)
-    tokenizer = [("tokenizer file", os.path.join(args.tokenizer_dir, name))
-                 for name in TOKENIZER_FILES]
-    refuse_unsafe_writes([("output path", args.output)], [("texts file", args.texts), *tokenizer],
+    texts_path, tokenizer_dir, output = args.texts, args.tokenizer_dir, args.output
+    tokenizer = [("tokenizer file", os.path.join(tokenizer_dir, name)) for name in TOKENIZER_FILES]
+    refuse_unsafe_writes([("output path", output)],
+                         [("texts file", texts_path), ("model file", args.model), *tokenizer],
                          create_folders=True)
-    texts = read_texts(args.texts)
+    texts = read_texts(texts_path)
     if args.samples is not None:
         texts = texts[:args.samples]
-    arrays = encode_texts(texts, args.tokenizer_dir, max_length=args.max_length)
-    write_calibration(arrays, args.output)
+    max_length = args.max_length
+    if args.model is None:
+        arrays, note = tokenize(texts, tokenizer_dir, max_length)
+        notes = [note] if note else []
+    else:
+        arrays, notes = encode_for_model(texts, tokenizer_dir, read_model(args.model), max_length)
+    for note in notes:
+        print(note)
+    write_calibration(arrays, output)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
-    print(f"wrote {args.output}: {shapes}")
+    print(f"wrote {output}: {shapes}")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
