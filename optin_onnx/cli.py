@@ -5,6 +5,8 @@
     optin-onnx prune    IN.onnx OUT.onnx --flops 0.6 --calib CALIB.npz [options]
     optin-onnx make-calib TEXTS.txt TOKENIZER_DIR OUT.npz [--model MODEL.onnx] [--max-length 128]
                           [--samples N]
+    optin-onnx make-calib --images DIR --model MODEL.onnx OUT.npz [--samples N] [--size HxW]
+                          [--mean m,m,m --std s,s,s] [--resize shorter|stretch] [--layout nchw|nhwc]
 
 Errors in the input are printed as one line (``optin-onnx: error: ...``) with exit status 2.
 """
@@ -57,17 +59,35 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--report", help="also write the report as JSON here")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    c = sub.add_parser("make-calib", help="build a calibration .npz from a text file")
-    c.add_argument("texts", help="UTF-8 file, one text per line")
-    c.add_argument("tokenizer_dir", help="directory with tokenizer.json")
-    c.add_argument("output")
+    c = sub.add_parser("make-calib", help="build a calibration .npz from a text file or images",
+                       usage="optin-onnx make-calib TEXTS.txt TOKENIZER_DIR OUT.npz [--model M] "
+                             "[options]\n       optin-onnx make-calib --images DIR --model M "
+                             "OUT.npz [options]")
+    c.add_argument("paths", nargs="+", metavar="PATH",
+                   help="TEXTS.txt (UTF-8, one text per line), TOKENIZER_DIR (with tokenizer.json) "
+                        "and OUT.npz; with --images only OUT.npz")
     c.add_argument("--model", metavar="MODEL.onnx",
-                   help="the ONNX model: write exactly its inputs, in its dtypes (position_ids and "
-                        "an empty key/value cache too)")
+                   help="the ONNX model: write exactly its inputs, in its dtypes (for text: "
+                        "position_ids and an empty key/value cache too; required with --images)")
     c.add_argument("--samples", type=int, default=None, metavar="N",
-                   help="use the first N texts")
-    c.add_argument("--max-length", type=int, default=128, metavar="N",
-                   help="tokens per text (default 128)")
+                   help="use the first N texts or images")
+    c.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help="text: tokens per text (default 128)")
+    c.add_argument("--images", metavar="DIR",
+                   help="build from the images in DIR and its sub-folders, sorted by path")
+    c.add_argument("--size", metavar="HxW",
+                   help="images: the input size, where the model's is symbolic")
+    c.add_argument("--mean", metavar="M,M,M",
+                   help="images: per-channel mean after scaling to [0, 1] (default ImageNet's for "
+                        "RGB, 0 for grayscale); with --std")
+    c.add_argument("--std", metavar="S,S,S",
+                   help="images: per-channel std (default ImageNet's for RGB, 1 for grayscale); "
+                        "with --mean")
+    c.add_argument("--resize", choices=("shorter", "stretch"), default=None,
+                   help="images: scale to cover the input and crop the centre (shorter, default) "
+                        "or resize to it ignoring the aspect ratio (stretch)")
+    c.add_argument("--layout", choices=("nchw", "nhwc"), default=None,
+                   help="images: where the model's input does not tell (channels on axis 1 or 3)")
     return p
 
 
@@ -184,17 +204,43 @@ def _prune(args) -> None:
     print_report(result.report)
 
 
+#: make-calib's options that apply only to images.
+_IMAGE_FLAGS = ("size", "mean", "std", "resize", "layout")
+
+
 def _make_calib(args) -> None:
-    """BERT-style arrays from text, or with --model exactly the model's inputs."""
-    from optin_onnx.calibdata import (TOKENIZER_FILES, encode_for_model, read_texts, tokenize,
-                                      write_calibration)
-    from optin_onnx.guard import refuse_unsafe_writes
-    from optin_onnx.io import read_model
+    """Text (BERT-style arrays, or exactly the model's inputs with --model) or, with --images, one
+    image batch laid out for the model's image input; see the module doc for the forms."""
     from optin_onnx.validate import check_number
 
     if args.samples is not None:
         check_number("--samples", args.samples, True, 1, True)
-    texts_path, tokenizer_dir, output = args.texts, args.tokenizer_dir, args.output
+    if args.images is None:
+        given = [f"--{flag}" for flag in _IMAGE_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise OptinError(f"make-calib {given[0]} applies to --images only")
+        if len(args.paths) != 3:
+            raise OptinError(f"make-calib takes TEXTS.txt TOKENIZER_DIR OUT.npz (or --images DIR"
+                             f" --model MODEL.onnx OUT.npz), got {len(args.paths)} path(s)")
+        _make_text_calib(args, *args.paths)
+    else:
+        if args.max_length is not None:
+            raise OptinError("make-calib --max-length applies to text, not to --images")
+        if args.model is None:
+            raise OptinError("make-calib --images needs --model MODEL.onnx: the layout, size and"
+                             " dtype of the arrays come from the model's input")
+        if len(args.paths) != 1:
+            raise OptinError(f"make-calib --images DIR takes one path, OUT.npz, got"
+                             f" {len(args.paths)}")
+        _make_image_calib(args, args.paths[0])
+
+
+def _make_text_calib(args, texts_path: str, tokenizer_dir: str, output: str) -> None:
+    from optin_onnx.calibdata import (TOKENIZER_FILES, encode_for_model, read_texts, tokenize,
+                                      write_calibration)
+    from optin_onnx.guard import refuse_unsafe_writes
+    from optin_onnx.io import read_model
+
     tokenizer = [("tokenizer file", os.path.join(tokenizer_dir, name)) for name in TOKENIZER_FILES]
     refuse_unsafe_writes([("output path", output)],
                          [("texts file", texts_path), ("model file", args.model), *tokenizer],
@@ -202,7 +248,7 @@ def _make_calib(args) -> None:
     texts = read_texts(texts_path)
     if args.samples is not None:
         texts = texts[:args.samples]
-    max_length = args.max_length
+    max_length = 128 if args.max_length is None else args.max_length
     if args.model is None:
         arrays, note = tokenize(texts, tokenizer_dir, max_length)
         notes = [note] if note else []
@@ -213,6 +259,48 @@ def _make_calib(args) -> None:
     write_calibration(arrays, output)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
     print(f"wrote {output}: {shapes}")
+
+
+def _floats(flag: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise OptinError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def _make_image_calib(args, output: str) -> None:
+    from optin_onnx.calibdata import write_calibration
+    from optin_onnx.guard import refuse_unsafe_writes
+    from optin_onnx.imagecalib import default_normalisation, encode_images, find_images, image_input
+    from optin_onnx.io import read_model
+
+    size = None
+    if args.size is not None:
+        parts = args.size.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise OptinError(f"--size takes HxW in pixels (e.g. 224x224), got {args.size!r}")
+        size = (int(parts[0]), int(parts[1]))
+    if (args.mean is None) != (args.std is None):
+        raise OptinError("give --mean and --std together (each defaults only with the other)")
+    images, skipped = find_images(args.images)
+    if args.samples is not None:
+        images = images[:args.samples]
+    refuse_unsafe_writes([("output path", output)],
+                         [("model file", args.model), *[("image", p) for p in images]],
+                         create_folders=True)
+    spec = image_input(read_model(args.model), args.layout, size)
+    if args.mean is None:
+        mean, std = default_normalisation(spec.channels)
+    else:
+        mean, std = _floats("--mean", args.mean), _floats("--std", args.std)
+    resize = args.resize or "shorter"
+    array = encode_images(images, spec, mean, std, resize)
+    print(f"read {len(images)} images from {args.images}"
+          + (f" ({skipped} non-image files skipped)" if skipped else ""))
+    write_calibration({spec.name: array}, output)
+    print(f"wrote {output}: {spec.name} {tuple(array.shape)} {array.dtype} "
+          f"({spec.layout.upper()}, {spec.size[0]}x{spec.size[1]}, resize {resize}, "
+          f"mean {','.join(f'{m:g}' for m in mean)}, std {','.join(f'{s:g}' for s in std)})")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
