@@ -143,6 +143,18 @@ def test_analyze_runs_on_a_calibration_file_without_the_past(cache_exports, tmp_
     assert f"{zoo.FFN} neurons" in out  # each layer's FFN block, found on the probed shapes
 
 
+def test_prune_runs_on_a_calibration_set_without_the_past(cache_exports, tmp_path):
+    from optin_onnx import prune
+
+    model = cache_exports["torchscript"]
+    result = prune(model, token_ids(6, 9), flops=0.8, samples=4, latency_cases=(),
+                   output=tmp_path / "slim.onnx")
+    assert result.report.verify["passed"] is True
+    session = ort.InferenceSession(str(tmp_path / "slim.onnx"), providers=["CPUExecutionProvider"])
+    feeds = calibration_for(ir.load(tmp_path / "slim.onnx"), token_ids(2, 5))
+    assert all(np.isfinite(out).all() for out in session.run(None, feeds))
+
+
 # -- make-calib --model -------------------------------------------------------------------------
 
 #: The WordLevel vocabulary of the test tokenizer: no pad token, "</s>" (id 1) as eos.
