@@ -153,3 +153,16 @@ def test_gqa_without_cache():
                    samples=8)
     assert result.verification.passed and not result.report.interface or all(
         e["kind"] == "output" for e in result.report.interface)
+
+
+@pytest.mark.parametrize("op", ["GroupQueryAttention", "MultiHeadAttention"])
+def test_fused_past_found_and_filled_empty(op):
+    """A fused op's past inputs are cache inputs (axis 2, the past length): a calibration
+    without them gets an empty past, and the prune runs."""
+    from optin_onnx.io import cache_inputs
+
+    model = decoder(op)
+    assert cache_inputs(as_model(model)) == {"past_key": 2, "past_value": 2}
+    calib = {k: v for k, v in feeds(model, 16).items() if not k.startswith("past")}
+    result = prune(model, calib, flops=0.85, prune="heads", latency_cases=[], samples=8)
+    assert result.verification.passed

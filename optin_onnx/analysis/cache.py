@@ -7,7 +7,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from optin_onnx.analysis.shapes import shape_axes, shape_reads
-from optin_onnx.graph import const_array
+from optin_onnx.graph import attr, const_array
 
 #: Ops that pass a value on unchanged, as far as a cache's axes go.
 _COPIES = {"Identity", "Cast"}
@@ -69,4 +69,51 @@ def written_out(v: ir.Value) -> bool:
             if not is_copy(use.node):
                 return False
             stack.append(use.node.outputs[0])
+    return found
+
+
+#: Fused attention ops that read a past state ``[batch, heads, past, head size]``: its input
+#: slots (key, value).
+FUSED_PAST = {("com.microsoft", "GroupQueryAttention"): (3, 4),
+              ("com.microsoft", "MultiHeadAttention"): (6, 7), ("", "Attention"): (4, 5)}
+
+
+def reaches_output(value: ir.Value) -> bool:
+    """Whether ``value`` is a graph output, or becomes one through copies only."""
+    return value.is_graph_output() or any(is_copy(use.node) and reaches_output(use.node.outputs[0])
+                                          for use in value.uses())
+
+
+def cache_inputs(model: ir.Model) -> dict[str, int]:
+    """A decoder's key/value cache inputs: input name -> the axis that is the past length.
+
+    Found by structure, not by name (exporters write ``past.0.key``, ``past_key_values.0.key``,
+    ``past_key.0`` ...): a float graph input of known rank that reaches, through copies only, an
+    operand of a ``Concat`` of two or more operands whose output reaches a graph output (the
+    ``present`` cache) the same way, the concat axis being the past axis; or the past input of a
+    fused attention op (:data:`FUSED_PAST`, axis 2). An encoder or CNN has no such input, and an
+    input that merely feeds a ``Concat`` inside the graph is not one.
+    """
+    found: dict[str, int] = {}
+    for value in model.graph.inputs:
+        if (value.is_initializer() or value.dtype is None or not value.dtype.is_floating_point()
+                or value.shape is None):
+            continue
+        rank = len(value.shape)
+        frontier = [value]
+        while frontier and value.name not in found:
+            current = frontier.pop()
+            for use in current.uses():
+                node = use.node
+                domain = "" if node.domain == "ai.onnx" else node.domain
+                if is_copy(node):
+                    frontier.append(node.outputs[0])
+                elif node.op_type == "Concat" and reaches_output(node.outputs[0]):
+                    axis = attr(node, "axis", 0)
+                    if -rank <= axis < rank:
+                        found[value.name] = axis % rank
+                        break
+                elif use.idx in FUSED_PAST.get((domain, node.op_type), ()) and rank == 4:
+                    found[value.name] = 2
+                    break
     return found

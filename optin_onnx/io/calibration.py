@@ -12,6 +12,7 @@ from typing import IO
 import numpy as np
 import onnx_ir as ir
 
+from optin_onnx.analysis.cache import cache_inputs
 from optin_onnx.errors import OptinError
 
 #: Default bound on the bytes a calibration file's arrays may take once inflated (--max-calib-gib).
@@ -116,54 +117,6 @@ def calibration_for(
         arrays = {n: arrays[n] if n in arrays else past[n] for n in names}
     _check_token_inputs(model, arrays, source)
     return arrays
-
-
-#: Ops a cache tensor may pass through on its way to and from the concatenation: one input,
-#: output shaped as the input. A Concat of one operand is a copy (TorchScript writes one).
-_PASS_THROUGH = frozenset({"Identity", "Cast"})
-
-
-def _passes_through(node: ir.Node) -> bool:
-    """Whether ``node`` hands its single input on with the same shape."""
-    return node.op_type in _PASS_THROUGH or (node.op_type == "Concat" and len(node.inputs) == 1)
-
-
-def _reaches_output(value: ir.Value) -> bool:
-    """Whether ``value`` is a graph output, or becomes one through pass-through ops only."""
-    if value.is_graph_output():
-        return True
-    return any(_passes_through(node) and _reaches_output(node.outputs[0])
-               for node, _ in value.uses())
-
-
-def cache_inputs(model: ir.Model) -> dict[str, int]:
-    """A decoder's key/value cache inputs: input name -> the axis that is the past length.
-
-    Found by structure, not by name (exporters write ``past.0.key``, ``past_key_values.0.key``,
-    ``past_key.0`` ...): a float graph input of known rank that reaches, through pass-through ops
-    only, an operand of a ``Concat`` of two or more operands whose output reaches a graph output
-    (the ``present`` cache) the same way; the concat axis is the past axis. An encoder or CNN has
-    no such input, and an input that merely feeds a ``Concat`` inside the graph is not one.
-    """
-    found: dict[str, int] = {}
-    for value in model.graph.inputs:
-        if (value.is_initializer() or value.dtype is None or not value.dtype.is_floating_point()
-                or value.shape is None):
-            continue
-        rank = len(value.shape)
-        frontier = [value]
-        while frontier and value.name not in found:
-            current = frontier.pop()
-            for node, _ in current.uses():
-                if _passes_through(node):
-                    frontier.append(node.outputs[0])
-                elif node.op_type == "Concat" and _reaches_output(node.outputs[0]):
-                    attr = node.attributes.get("axis")
-                    axis = attr.value if attr is not None else 0
-                    if -rank <= axis < rank:
-                        found[value.name] = axis % rank
-                        break
-    return found
 
 
 def empty_past(model: ir.Model, batch: int) -> dict[str, np.ndarray]:
