@@ -1,7 +1,8 @@
-"""onnxruntime's fused decoder attention with its KV cache on the interface (issue 9).
+"""Fused decoder attention with its KV cache on the interface (issue 9).
 
-``GroupQueryAttention`` (what onnxruntime's generation builder writes for Llama-style decoders)
-and ``MultiHeadAttention`` with past/present states: the heads are found (for GQA one unit is a
+onnxruntime's ``GroupQueryAttention`` (what its generation builder writes for Llama-style
+decoders) and ``MultiHeadAttention``, and the ONNX ``Attention`` op (opset 23) with grouped
+heads, with past/present states: the heads are found (for GQA one unit is a
 key/value head with its query heads), pruned, the head-count attributes edited, the cache's head
 axis shrunk, and the slim model equals the masked dense model with a non-empty past too. Built
 with ``onnx.helper`` at test time: one attention block and one MLP on a residual stream, the
@@ -29,7 +30,7 @@ def decoder(op: str, heads: int = 4, kv_heads: int = 2, past: bool = True,
     """x [B, S, C] -> Q/K/V projections -> ``op`` (past and present states when ``past``) -> W_o
     -> residual -> MLP -> residual. ``present_read``: the present key also feeds a graph node."""
     rng = np.random.default_rng(0)
-    kv = kv_heads if op == "GroupQueryAttention" else heads
+    kv = heads if op == "MultiHeadAttention" else kv_heads
     inits = [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
              numpy_helper.from_array(np.array(1, np.int64), "one")]
 
@@ -52,6 +53,21 @@ def decoder(op: str, heads: int = 4, kv_heads: int = 2, past: bool = True,
             helper.make_node(op, ["q", "k", "v", *states, "seqlens_k", "total_len"],
                              ["attn", "present_key", "present_value"], name="attention",
                              domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads)]
+    elif op == "Attention4d":  # the ONNX op, 4-D form: heads split and merged outside it
+        inits += [numpy_helper.from_array(np.array([0, 0, heads, D], np.int64), "q_heads"),
+                  numpy_helper.from_array(np.array([0, 0, kv_heads, D], np.int64), "kv_split"),
+                  numpy_helper.from_array(np.array([0, 0, heads * D], np.int64), "merged")]
+        for name, target in (("q", "q_heads"), ("k", "kv_split"), ("v", "kv_split")):
+            nodes += [helper.make_node("Reshape", [name, target], [f"{name}4"]),
+                      helper.make_node("Transpose", [f"{name}4"], [f"{name}h"], perm=[0, 2, 1, 3])]
+        nodes += [helper.make_node("Attention", ["qh", "kh", "vh", "", *states],
+                                   ["attn_h", "present_key", "present_value"], name="attention"),
+                  helper.make_node("Transpose", ["attn_h"], ["attn_t"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["attn_t", "merged"], ["attn"])]
+    elif op == "Attention":  # the ONNX op (opset 23), 3-D form
+        nodes.append(helper.make_node(op, ["q", "k", "v", "", *states],
+                                      ["attn", "present_key", "present_value"], name="attention",
+                                      q_num_heads=heads, kv_num_heads=kv_heads))
     else:
         nodes.append(helper.make_node(op, ["q", "k", "v", "", "", "", *states],
                                       ["attn", "present_key", "present_value"], name="attention",
@@ -75,7 +91,7 @@ def decoder(op: str, heads: int = 4, kv_heads: int = 2, past: bool = True,
     if op == "GroupQueryAttention":
         inputs.append(helper.make_tensor_value_info("attention_mask", T.INT64, ["B", "total"]))
     graph = helper.make_graph(nodes, "decoder", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
                                                    helper.make_opsetid("com.microsoft", 1)])
 
 
@@ -94,19 +110,22 @@ def feeds(model: onnx.ModelProto, n: int, seq: int = 6, past: int = 0, seed: int
     return out
 
 
-@pytest.mark.parametrize("op,units,group", [("GroupQueryAttention", 2, 2),
-                                            ("MultiHeadAttention", 4, 1)])
-def test_heads_and_cache_ports_found(op, units, group):
+@pytest.mark.parametrize("op,units,group,attribute", [
+    ("GroupQueryAttention", 2, 2, "num_heads"), ("MultiHeadAttention", 4, 1, "num_heads"),
+    ("Attention", 2, 2, "q_num_heads"), ("Attention4d", 2, 2, None)])
+def test_heads_and_cache_ports_found(op, units, group, attribute):
     model = decoder(op)
     _, structure = analyze(model, feeds(model, 4))
     attention = next(b for b in structure.blocks if b.kind == "attention")
     assert attention.n_units == units and attention.unit_size == D
     assert sorted(p.name for p in attention.ports) == ["past_key", "past_value", "present_key",
                                                        "present_value"]
-    assert {e.name: e.group for e in attention.attr_edits}["num_heads"] == group
+    if attribute is not None:
+        assert {e.name: e.group for e in attention.attr_edits}[attribute] == group
 
 
-@pytest.mark.parametrize("op", ["GroupQueryAttention", "MultiHeadAttention"])
+@pytest.mark.parametrize("op", ["GroupQueryAttention", "MultiHeadAttention", "Attention",
+                                "Attention4d"])
 def test_fused_cache_heads_pruned_exactly(op):
     model = decoder(op)
     result = prune(model, feeds(model, 16), flops=0.85, prune="heads", latency_cases=[],
@@ -116,10 +135,13 @@ def test_fused_cache_heads_pruned_exactly(op):
     attention = next(b for b in result.structure.blocks if b.kind == "attention")
     kept = len(keep[attention.name])
     assert 0 < kept < attention.n_units
-    node = next(n for n in result.model.graph.node if n.op_type == op)
+    node = next(n for n in result.model.graph.node if n.op_type == op.replace("4d", ""))
     counts = {a.name: a.i for a in node.attribute}
-    if op == "GroupQueryAttention":
-        assert (counts["num_heads"], counts["kv_num_heads"]) == (2 * kept, kept)
+    if op == "Attention4d":
+        assert not counts  # the head counts are the Reshapes' (edited) and the inputs' shapes
+    elif op != "MultiHeadAttention":
+        assert (counts.get("num_heads", counts.get("q_num_heads")), counts["kv_num_heads"]) == \
+            (2 * kept, kept)
     else:
         assert counts["num_heads"] == kept
     assert {e["name"]: e["after"] for e in result.report.interface} == {
@@ -155,7 +177,7 @@ def test_gqa_without_cache():
         e["kind"] == "output" for e in result.report.interface)
 
 
-@pytest.mark.parametrize("op", ["GroupQueryAttention", "MultiHeadAttention"])
+@pytest.mark.parametrize("op", ["GroupQueryAttention", "MultiHeadAttention", "Attention"])
 def test_fused_past_found_and_filled_empty(op):
     """A fused op's past inputs are cache inputs (axis 2, the past length): a calibration
     without them gets an empty past, and the prune runs."""

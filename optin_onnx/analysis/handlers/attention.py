@@ -9,7 +9,9 @@ or the same with 3-D inputs ``[B, S, H*D]`` and ``q_num_heads`` / ``kv_num_heads
 In the 4-D form the head axis is a batch axis of the op, as of the two attention MatMuls it
 replaces: Q, K and V are one heads group and ``y`` keeps it. In the 3-D form the op splits and
 merges the heads itself: the three projections' groups join, unit size H*D / heads, and the head
-count attributes shrink with the group.
+count attributes shrink with the group. With fewer key/value heads than query heads (grouped-query
+attention) a unit is one key/value head with the query heads that read it, as for the unfused
+form; a past key/value input and present output (``[B, kv heads, length, D]``) are cache ports.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
-from optin_onnx.analysis.handlers.ort_contrib import heads_axis_inputs
-from optin_onnx.analysis.structure import AttrEdit, Role
+from optin_onnx.analysis.handlers.ort_contrib import cache_ports, heads_axis_inputs, joined_heads
+from optin_onnx.analysis.structure import Role
 from optin_onnx.graph import attr
 
 if TYPE_CHECKING:
@@ -32,16 +34,20 @@ def attention(p: Propagator, node: ir.Node) -> None:
     for v in node.inputs:
         for gid, _ in p.track(v).values():
             p.group(gid).nodes.append(node.name)
-    why = heads_axis_inputs(p, node, bias=3, past=(4, 5))
-    for i, out in enumerate(node.outputs[1:], start=1):
-        if why is None and out is not None and (out.uses() or out.is_graph_output()):
-            why = "a present key/value state or the attention scores as outputs: not pruned " \
-                  "through yet" if i < 3 else "its Q.K^T scores as an output: not pruned through yet"
+    why = heads_axis_inputs(p, node, bias=3, past=())
+    scores = node.outputs[3] if len(node.outputs) > 3 else None
+    if why is None and scores is not None and (scores.uses() or scores.is_graph_output()):
+        why = "its Q.K^T scores as an output: not pruned through yet"
     if why is None and (any(v is None for v in qkv) or ranks - {3, 4} or len(ranks) != 1):
         why = "Q/K/V of unexpected ranks"
     if why is None:
         rank = ranks.pop()
         why = _heads_4d(p, node, live) if rank == 4 else _heads_3d(p, node, live)
+    if why is None:
+        why = cache_ports(p, node, p.track(node.outputs[0]).get(1 if rank == 4 else 2)[0],
+                          ((4, 1), (5, 2)))
+        if why is not None:
+            p.tracks.pop(node.outputs[0].name, None)
     if why is not None:
         for gid in {gid for _, _, (gid, _) in live}:
             p.barrier(gid, f"Attention '{node.name}': {why}")
@@ -50,13 +56,17 @@ def attention(p: Propagator, node: ir.Node) -> None:
 def _heads_4d(p: Propagator, node: ir.Node, live) -> str | None:
     q, k, v = node.inputs[:3]
     hq, hk = p.shape(q)[1], p.shape(k)[1]
-    if hq != hk:
-        return f"grouped-query heads ({hq} query heads share {hk} key/value heads): not pruned " \
-               f"through yet"
+    if hq % hk:
+        return f"{hq} query heads over {hk} key/value heads"
     heads = [p.track(x).get(1) for x in (q, k, v)]
     if any(h is None or h[1] is not Role.HEAD for h in heads) or \
             any(a not in (1, 3) for _, a, _ in live):
         return "Q, K and V are not all split into heads on axis 1"
+    if any(p.group_of(x, 1) != 1 for x in (q, k, v)):
+        return "Q, K or V heads already grouped"
+    n_rep = hq // hk
+    if n_rep > 1:  # query heads h*n_rep .. h*n_rep + n_rep - 1 read key/value head h
+        p.regroup(heads[0][0], n_rep)
     gid = heads[0][0]
     for h in heads[1:]:
         gid = p.union(gid, h[0])
@@ -69,29 +79,13 @@ def _heads_4d(p: Propagator, node: ir.Node, live) -> str | None:
     if v_inner is not None:
         out[3] = (p.find(v_inner[0]), Role.INNER)
     p.tracks[node.outputs[0].name] = out
+    if n_rep > 1:
+        p.grouping[(node.outputs[0].name, 1)] = n_rep
     return None
 
 
 def _heads_3d(p: Propagator, node: ir.Node, live) -> str | None:
-    q, k, v = node.inputs[:3]
     hq, hk = attr(node, "q_num_heads", 0), attr(node, "kv_num_heads", 0)
-    if not hq or hq != hk:
-        return f"grouped-query heads ({hq} query heads, {hk} key/value heads): not pruned through yet"
-    tracks = [p.track(x).get(2) for x in (q, k, v)]
-    if any(t is None or t[1] is not Role.FLAT for t in tracks) or len(live) != 3:
+    if any(p.track(x).keys() - {2} for x in node.inputs[:3]) or len(live) != 3:
         return "Q, K and V are not all projections of their own"
-    widths = [p.shape(x)[2] for x in (q, k, v)]
-    if len(set(widths)) != 1 or widths[0] % hq:
-        return f"Q/K/V widths {widths} for {hq} heads"
-    gid = tracks[0][0]
-    for t in tracks[1:]:
-        gid = p.union(gid, t[0])
-    g = p.group(gid)
-    unit = widths[0] // hq
-    if g.unit_size not in (None, unit):
-        return f"units of {unit} here, {g.unit_size} elsewhere"
-    g.unit_size, g.has_head = unit, True
-    g.attr_edits += [AttrEdit(node.name, "q_num_heads", Role.HEAD),
-                     AttrEdit(node.name, "kv_num_heads", Role.HEAD)]
-    p.tracks[node.outputs[0].name] = {2: (p.find(gid), Role.FLAT)}
-    return None
+    return joined_heads(p, node, "q_num_heads", hq, hk)

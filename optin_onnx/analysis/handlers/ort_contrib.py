@@ -85,53 +85,63 @@ def cache_ports(p: Propagator, node: ir.Node, gid: int, pairs: tuple[tuple[int, 
 def group_query_attention(p: Propagator, node: ir.Node) -> None:
     """``GroupQueryAttention(q [B,S,Hq*D], k [B,L,Hkv*D], v [B,L,Hkv*D], past_key?,
     past_value?, seqlens_k, total_sequence_length, cos?, sin?, ...)`` -> [B,S,Hq*D], present
-    key and value [B,Hkv,T,D]. Query heads h*n .. h*n + n - 1 read key/value head h (n =
-    Hq / Hkv): the query side is regrouped by n and joined with K and V (see
-    :meth:`Groups.regroup`); ``num_heads`` shrinks by n per unit dropped, ``kv_num_heads`` by
-    one. Rotary caches ``[length, D/2]`` have no heads axis."""
-    heads, kv_heads = attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0)
-    qkv = node.inputs[:3]
-    tracks = [p.track(v).get(2) if v is not None else None for v in qkv]
-    live = [t for t in tracks if t is not None]
+    key and value [B,Hkv,T,D]: see :func:`joined_heads`. Rotary caches ``[length, D/2]`` have no
+    heads axis."""
+    live = [p.track(v)[2][0] for v in node.inputs[:3] if v is not None and 2 in p.track(v)]
+    why = None
+    if len(live) != 3 or any(v is None or p.track(v).keys() - {2} for v in node.inputs[:3]):
+        why = "packed or untracked Q/K/V: not pruned through yet"
+    else:
+        why = joined_heads(p, node, "num_heads", attr(node, "num_heads", 0),
+                           attr(node, "kv_num_heads", 0))
+    if why is None:
+        why = cache_ports(p, node, p.track(node.outputs[0])[2][0], ((3, 1), (4, 2)))
+        if why is not None:
+            p.tracks.pop(node.outputs[0].name, None)
     for v in node.inputs:
         for gid, _ in p.track(v).values():
             p.group(gid).nodes.append(node.name)
-    why = None
-    if len(live) != 3 or any(p.track(v).keys() - {2} for v in qkv):
-        why = "packed or untracked Q/K/V: not pruned through yet"
-    elif any(len(p.shape(v)) != 3 for v in qkv) or any(r is not Role.FLAT for _, r in live):
-        why = "Q/K/V not in [batch, sequence, heads x head size] form"
-    elif not heads or not kv_heads or heads % kv_heads:
-        why = f"{heads} query heads over {kv_heads} key/value heads"
-    else:
-        widths = [p.shape(v)[2] for v in qkv]
-        if widths[0] % heads or widths[1] % kv_heads or widths[1] != widths[2] or \
-                widths[0] // heads != widths[1] // kv_heads:
-            why = f"Q/K/V widths {widths} for {heads} and {kv_heads} heads"
-        elif any(p.group_of(v, 2) != 1 for v in qkv):
-            why = "Q/K/V already grouped"
     if why is not None:
-        for gid, _ in live:
-            p.barrier(gid, f"GroupQueryAttention '{node.name}': {why}")
-        return
-    n_rep, unit = heads // kv_heads, p.shape(qkv[1])[2] // kv_heads
+        for gid in live:
+            p.barrier(gid, f"{node.op_type} '{node.name}': {why}")
+
+
+def joined_heads(p: Propagator, node: ir.Node, q_attr: str, heads: int, kv_heads: int
+                 ) -> str | None:
+    """Join the groups of a fused op's projections ``q [B,S,Hq*D]``, ``k``, ``v [B,L,Hkv*D]``
+    (its first three inputs, each tracked on axis 2) into one heads group, and track its output
+    ``[B,S,Hq*D]``; or return why not. Query heads h*n .. h*n + n - 1 read key/value head h
+    (n = Hq / Hkv): the query side is regrouped by n (see :meth:`Groups.regroup`), so a unit is
+    a key/value head with its query heads; ``q_attr`` (the query head count) shrinks by n per
+    unit dropped, ``kv_num_heads`` (where n > 1 or the op has it) by one."""
+    qkv = node.inputs[:3]
+    if any(len(p.shape(v)) != 3 or p.track(v)[2][1] is not Role.FLAT for v in qkv):
+        return "Q/K/V not in [batch, sequence, heads x head size] form"
+    if not heads or not kv_heads or heads % kv_heads:
+        return f"{heads} query heads over {kv_heads} key/value heads"
+    widths = [p.shape(v)[2] for v in qkv]
+    if widths[0] % heads or widths[1] % kv_heads or widths[1] != widths[2] or \
+            widths[0] // heads != widths[1] // kv_heads:
+        return f"Q/K/V widths {widths} for {heads} and {kv_heads} heads"
+    if any(p.group_of(v, 2) != 1 for v in qkv):
+        return "Q/K/V already grouped"
+    n_rep, unit = heads // kv_heads, widths[1] // kv_heads
+    tracks = [p.track(v)[2][0] for v in qkv]
     if n_rep > 1:
-        p.regroup(tracks[0][0], n_rep)
-    gid = p.union(p.union(tracks[0][0], tracks[1][0]), tracks[2][0])
+        p.regroup(tracks[0], n_rep)
+    gid = p.union(p.union(tracks[0], tracks[1]), tracks[2])
     g = p.group(gid)
     if g.unit_size not in (None, unit):
-        return p.barrier(gid, f"GroupQueryAttention '{node.name}' splits units of {unit}, "
-                              f"elsewhere {g.unit_size}")
+        return f"units of {unit} here, {g.unit_size} elsewhere"
     g.unit_size, g.has_head = unit, True
-    g.attr_edits += [AttrEdit(node.name, "num_heads", Role.HEAD, group=n_rep),
-                     AttrEdit(node.name, "kv_num_heads", Role.HEAD)]
-    why = cache_ports(p, node, gid, ((3, 1), (4, 2)))
-    if why is not None:
-        return p.barrier(gid, f"GroupQueryAttention '{node.name}': {why}")
+    g.attr_edits.append(AttrEdit(node.name, q_attr, Role.HEAD, group=n_rep))
+    if "kv_num_heads" in node.attributes:
+        g.attr_edits.append(AttrEdit(node.name, "kv_num_heads", Role.HEAD))
     out = node.outputs[0].name
     p.tracks[out] = {2: (p.find(gid), Role.FLAT)}
     if n_rep > 1:
         p.grouping[(out, 2)] = n_rep
+    return None
 
 
 def multi_head_attention(p: Propagator, node: ir.Node) -> None:
