@@ -303,16 +303,21 @@ class Propagator(Groups):
         each application's own copy). Weights of one repeated value (all zeros) say nothing
         about sharing and tie nothing."""
         nodes = {n.name: n for n in self.graph}
-        owner: dict[tuple[str, bytes], int] = {}
+        owner: dict[tuple[tuple, bytes], int] = {}
         digests: dict[int, bytes | None] = {}
         for gid in list(self.groups):
             g = self.groups[gid]
             if self.find(gid) != gid or g.parts:
                 continue
             # A weight's output channels (source) and its input channels (consumer) are
-            # different axes: one projection ends one group and starts the next.
-            uses = [("source", s, 1) for s in g.sources] + \
-                [("consumer", c.node, c.weight_index) for c in g.consumers]
+            # different axes: one projection ends one group and starts the next. A weight that
+            # writes or reads several groups (either side of a channel Concat) does so at its
+            # own channel offset for each: the window is part of the key.
+            uses = [(("source", tuple(sorted({x.offset for x in g.slices
+                                              if (x.node, x.input_index) == (s, 1)}))), s, 1)
+                    for s in g.sources] + \
+                [(("consumer", c.weight_axis, c.offset, c.span), c.node, c.weight_index)
+                 for c in g.consumers]
             for side, name, slot in uses:
                 node = nodes.get(name)
                 root = None if node is None or len(node.inputs) <= slot else \

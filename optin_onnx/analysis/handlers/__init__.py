@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from optin_onnx.analysis.handlers import ort_contrib, sources
 from optin_onnx.analysis.handlers.attention import attention
-from optin_onnx.analysis.handlers.conv import batch_norm, conv, pad, pool, reduce
+from optin_onnx.analysis.handlers.conv import batch_norm, conv, pad, pool, reduce, resize
 from optin_onnx.analysis.handlers.elementwise import BROADCAST, UNARY, elementwise
 from optin_onnx.analysis.handlers.index_mapping import concat, split
 from optin_onnx.analysis.handlers.layout import (expand, flatten, reshape, shape, slice_,
@@ -36,6 +36,8 @@ _ONNX: dict[str, Handler] = {
     "Conv": conv,
     "BatchNormalization": batch_norm,
     "Pad": pad,
+    "Resize": resize,
+    "Upsample": resize,
     "Flatten": flatten,
     "Concat": concat,
     "Split": split,

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import numpy as np
 
 from optin_onnx.analysis.groups import Track
-from optin_onnx.analysis.structure import AttrEdit, Consumer, ParamSlice, Role
+from optin_onnx.analysis.structure import AttrEdit, Consumer, ParamSlice, Role, ShapeEdit
 from optin_onnx.graph import attr, const_array
 
 if TYPE_CHECKING:
@@ -80,6 +80,48 @@ def pool(p: Propagator, node: ir.Node) -> None:
         return p.barrier_all(t, f"{node.op_type} '{node.name}' returns indices")
     if _spatial_only(p, node, t):
         p.tracks[node.outputs[0].name] = dict(t)
+
+
+def resize(p: Propagator, node: ir.Node) -> None:
+    """``Resize`` / ``Upsample`` (a SegFormer or FPN decoder upsampling each feature map) works on
+    each channel alone: a tracked axis passes where it is not resized. Its ``scales`` entry must be
+    1, or its ``sizes`` entry a constant that holds the axis' size (the rewrite edits it to the
+    kept size); a run-time ``sizes`` covering the axis is a barrier, as is cropping by ``roi``."""
+    t = p.track(node.inputs[0])
+    for v in node.inputs[1:]:
+        p.barrier_all(p.track(v), f"{node.op_type} '{node.name}' takes the axis as a parameter")
+    if not t:
+        return
+    rank = len(p.shape(node.inputs[0]))
+    slot = {"Resize": (2, 3), "Upsample": (1, None)}[node.op_type]
+    scales_v, sizes_v = (node.inputs[i] if i is not None and i < len(node.inputs) else None
+                         for i in slot)
+    axes = attr(node, "axes", None)
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    given = [v for v in (scales_v, sizes_v) if v is not None and (p.shape(v) or (0,))[0] > 0]
+    crop = attr(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize"
+    values = p.static(given[0]) if len(given) == 1 else None
+    for a, (gid, role) in t.items():
+        if a not in axes or role is Role.INNER:
+            continue
+        why = None
+        if crop:
+            why = "crops by roi"
+        elif values is None:
+            why = "has run-time or missing scales and sizes"
+        elif given[0] is scales_v and float(np.reshape(values, -1)[axes.index(a)]) != 1.0:
+            why = "resizes the axis"
+        elif given[0] is sizes_v:
+            size = int(np.reshape(values, -1)[axes.index(a)])
+            if const_array(sizes_v) is None or size != p.shape(node.inputs[0])[a]:
+                why = "has run-time sizes for the axis" if size == p.shape(node.inputs[0])[a] \
+                    else "resizes the axis"
+            else:
+                p.group(gid).shape_edits.append(ShapeEdit(node.name, (3,), axes.index(a), role,
+                                                          group=p.group_of(node.inputs[0], a)))
+        if why is not None:  # every group on the input stops here, not only this one
+            return p.barrier_all(t, f"{node.op_type} '{node.name}' {why}")
+    p.tracks[node.outputs[0].name] = dict(t)
 
 
 def pad(p: Propagator, node: ir.Node) -> None:
