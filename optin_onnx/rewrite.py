@@ -34,7 +34,8 @@ class _Namer:
 
 
 def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    # np.array, not np.ascontiguousarray: that one makes a scalar (a Div's unit count) 1-D.
+    value = ir.Value(name=name, const_value=ir.tensor(np.array(array, order="C"), name=name))
     graph.register_initializer(value)
     node.replace_input_with(index, value)
 
