@@ -25,6 +25,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from optin_onnx.graph import const_array
 from optin_onnx.pipeline import PruneOptions, prune
 from tests.helpers import load_analyze, run, tiny_feeds
 
@@ -275,6 +276,140 @@ def test_a_runtime_head_bias_shared_by_layers_is_gathered_per_use(tmp_path):
     (got,) = run(slim, {"x": x})
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert sum(n.op_type == "Gather" for n in slim.graph) == 2
+
+
+# -- DeBERTa's disentangled attention (issue 9) ---------------------------------------------------
+
+def _disentangled(table: str = "projected", index: str = "read") -> onnx.ModelProto:
+    """One DeBERTa-v2 attention layer over x [B, 5, 8] (4 heads of 2; 6 relative positions), in
+    the forms its exports write. Q, K, V are folded to [B*4, 5, 2] (``view(-1, S, D)``). The
+    position keys are the key weight applied to a constant table [1, 6, 8] (``share_att_key``),
+    split into [4, 6, 2] and tiled to the batch with the batch read as TorchScript does,
+    ``Div(Shape(q)[0], 4)`` (``table="projected"``); or (``"constant"``) that [4, 6, 2] table a
+    constant tiled by ``Shape(x)[0]``, as dynamo folds it; or (``"two-heads"``) another
+    projection of the table split into 2 heads of 2 and tiled ``2 * Shape(x)[0]`` times: rows
+    of the same size as the queries' that hold other heads. c2p = q @ pos_k^T [B*4, 5, 6] is
+    gathered along its last axis by a relative-position index: ``index`` "read", [1, 5, 5]
+    expanded to ``[Shape(q)[0], 5, 5]``; "counted", expanded to ``[4 * Shape(x)[0], 5, 5]``; or
+    "varies", a [4, 5, 5] table with a different index per head, tiled to the batch. The scores
+    q @ k^T + c2p go through softmax, @ v, the head merge and Wo to a residual add."""
+    rng = np.random.default_rng(3)
+    w = {n: rng.standard_normal((8, 8)).astype(np.float32) for n in ("q", "k", "v", "o")}
+    rel = rng.standard_normal((1, 6, 8)).astype(np.float32)
+    pos_k = (rel @ w["k"]).reshape(1, 6, 4, 2).transpose(0, 2, 1, 3).reshape(4, 6, 2)
+
+    def const(name: str, value) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    inits = [const(f"w{n}", a) for n, a in w.items()] + [
+        const("rel", rel), const("pos_k_table", pos_k), const("split", np.array([0, 0, 4, 2])),
+        const("pos_split", np.array([1, 6, 4, 2])), const("pos_fold", np.array([-1, 6, 2])),
+        const("w_pos2", rng.standard_normal((8, 4)).astype(np.float32)),
+        const("pos_split2", np.array([1, 6, 2, 2])), const("two", np.array(2)),
+        const("fold", np.array([-1, 5, 2])), const("unfold", np.array([-1, 4, 5, 2])),
+        const("zero", np.array(0)), const("four", np.array(4)), const("axes0", np.array([0])),
+        const("one", np.array([1])), const("five", np.array([5])),
+        const("merge", np.array([0, 0, -1])), const("idx_1", rng.integers(0, 6, (1, 5, 5))),
+        const("idx_h", rng.integers(0, 6, (4, 5, 5)))]
+    node = helper.make_node
+    nodes = []
+    for n in ("q", "k", "v"):
+        nodes += [node("MatMul", ["x", f"w{n}"], [f"{n}_p"]),
+                  node("Reshape", [f"{n}_p", "split"], [f"{n}_r"]),
+                  node("Transpose", [f"{n}_r"], [f"{n}_h"], perm=[0, 2, 1, 3]),
+                  node("Reshape", [f"{n}_h", "fold"], [f"{n}_f"])]
+    nodes += [node("Transpose", ["k_f"], ["k_t"], perm=[0, 2, 1]),
+              node("MatMul", ["q_f", "k_t"], ["qk"]),
+              node("Shape", ["q_f"], ["q_shape"]),
+              node("Gather", ["q_shape", "zero"], ["q_rows"], axis=0),
+              node("Shape", ["x"], ["x_shape"]),
+              node("Gather", ["x_shape", "zero"], ["batch"], axis=0)]
+    if table == "constant":
+        nodes += [node("Identity", ["pos_k_table"], ["pos_k"]),
+                  node("Identity", ["batch"], ["times"])]
+    else:
+        weight, split = ("wk", "pos_split") if table == "projected" else ("w_pos2", "pos_split2")
+        nodes += [node("MatMul", ["rel", weight], ["pos_p"]),
+                  node("Reshape", ["pos_p", split], ["pos_r"]),
+                  node("Transpose", ["pos_r"], ["pos_h"], perm=[0, 2, 1, 3]),
+                  node("Reshape", ["pos_h", "pos_fold"], ["pos_k"])]
+        nodes += [node("Div", ["q_rows", "four"], ["times"]) if table == "projected" else
+                  node("Mul", ["batch", "two"], ["times"])]
+    nodes += [node("Unsqueeze", ["times", "axes0"], ["times_1"]),
+              node("Concat", ["times_1", "one", "one"], ["repeats"], axis=0),
+              node("Tile", ["pos_k", "repeats"], ["pos_tiled"]),
+              node("Transpose", ["pos_tiled"], ["pos_t"], perm=[0, 2, 1]),
+              node("MatMul", ["q_f", "pos_t"], ["c2p"])]
+    if index == "varies":
+        nodes += [node("Unsqueeze", ["batch", "axes0"], ["batch_1"]),
+                  node("Concat", ["batch_1", "one", "one"], ["idx_repeats"], axis=0),
+                  node("Tile", ["idx_h", "idx_repeats"], ["idx"])]
+    else:
+        rows = "q_rows" if index == "read" else "heads_x_batch"
+        nodes += [node("Mul", ["four", "batch"], ["heads_x_batch"]),
+                  node("Unsqueeze", [rows, "axes0"], ["rows_1"]),
+                  node("Concat", ["rows_1", "five", "five"], ["idx_shape"], axis=0),
+                  node("Expand", ["idx_1", "idx_shape"], ["idx"])]
+    nodes += [node("GatherElements", ["c2p", "idx"], ["c2p_g"], axis=2),
+              node("Add", ["qk", "c2p_g"], ["scores"]),
+              node("Softmax", ["scores"], ["probs"], axis=-1),
+              node("MatMul", ["probs", "v_f"], ["ctx"]),
+              node("Reshape", ["ctx", "unfold"], ["ctx_u"]),
+              node("Transpose", ["ctx_u"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              node("Reshape", ["ctx_t", "merge"], ["ctx_m"]),
+              node("MatMul", ["ctx_m", "wo"], ["o"]),
+              node("Add", ["x", "o"], ["y"])]
+    g = helper.make_graph(nodes, "disentangled",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("table, index", [("projected", "read"), ("constant", "counted")])
+def test_disentangled_attention_heads_are_pruned_exactly(table, index):
+    """TorchScript's form (the position keys projected in the graph and tiled by a batch read
+    from the folded queries, the index sized from them) and dynamo's (the table a constant, the
+    index sized as 4 x batch): one unit per head, and the slim graph equals the masked one at
+    other batch sizes."""
+    from optin_onnx import instrument, rewrite
+
+    m, s = load_analyze(_disentangled(table, index))
+    assert s.declined == []
+    (block,) = [b for b in s.blocks if b.kind == "attention"]
+    assert block.n_units == 4
+    keep = {block.name: [0, 3]}
+    slim = rewrite.rewrite(m, s, keep)
+    masked = instrument.masked_model(m, s, instrument.unit_masks(s, keep))
+    for batch in (1, 3, 6):
+        x = np.random.default_rng(batch).standard_normal((batch, 5, 8)).astype(np.float32)
+        (want,) = run(masked, {"x": x})
+        (got,) = run(slim, {"x": x})
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # The unit count is edited where the batch is recovered from, or multiplied into, a folded
+    # axis' size: TorchScript's Div and dynamo's Mul by 4 now hold the 2 heads kept.
+    counts = [int(c) for n in slim.graph if n.op_type in ("Div", "Mul") for v in n.inputs
+              if (c := const_array(v)) is not None and np.size(c) == 1]
+    assert 2 in counts
+
+
+def test_an_index_that_varies_per_head_declines_the_heads():
+    """A relative-position index tiled from a per-head table: its slices differ per head, so
+    GatherElements is not element-wise on the head axis for it."""
+    _, s = load_analyze(_disentangled(index="varies"))
+    assert not [b for b in s.blocks if b.kind == "attention"]
+    assert any("GatherElements" in r and "not a broadcast along it" in r
+               for d in s.declined for r in d.reasons)
+
+
+def test_a_table_of_other_heads_tiled_to_the_same_rows_is_declined():
+    """Position keys with 2 heads, tiled 2B times, have as many rows as the 4B folded queries,
+    but row b*4 + h holds key head h % 2: the two folds differ, so the groups must not become one
+    unit."""
+    _, s = load_analyze(_disentangled(table="two-heads"))
+    assert not [b for b in s.blocks if b.kind == "attention"]
+    reasons = [r for d in s.declined for r in d.reasons]
+    assert "groups of widths 8 and 4 are coupled" in reasons
+    assert any("combines folded and unfolded (batch x units) axes" in r for r in reasons)
 
 
 # -- grouped-query attention (decoders) ------------------------------------------------------------

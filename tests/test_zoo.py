@@ -37,8 +37,6 @@ Form = tuple[str, str, str]  # (arch, exporter, attention: "default" | "eager")
 #: a head group that is not declined (listed as the model width, or nowhere), or of the export
 #: error.
 XFAIL: dict[Form, str] = {
-    ("deberta-v2", "torchscript", "default"): "reads a folded (batch x units) axis",
-    ("deberta-v2", "dynamo", "default"): "contracts the axis with a run-time tensor",
 }
 
 #: Dynamo forms run by default (the rest are slow): one encoder, one decoder.

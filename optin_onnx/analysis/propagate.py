@@ -49,6 +49,7 @@ import onnx_ir as ir
 from optin_onnx.analysis.cache import reads_axis, source_input, through_copies
 from optin_onnx.analysis.groups import Group, Groups, Track
 from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, SOURCES, UNARY
+from optin_onnx.analysis.handlers.layout import tiled_constant
 from optin_onnx.analysis.structure import ParamSlice, Port, Role
 from optin_onnx.graph import attr, captured, const_array, const_root
 
@@ -169,6 +170,8 @@ class Propagator(Groups):
         if why is not None:  # every operand's group stops here, not only the first's
             return self.barrier(gid, f"{node.op_type} '{node.name}' {why}")
         role = roles.pop()
+        lead = max(self.lead.get((v.name, a), 1) for _, v, a, _ in tracked)
+        tiled: set[int] = set()  # slots whose folded axis is a tiled constant, sliced at the Tile
         for i, v, a in entries:
             if a in self.track(v):
                 continue
@@ -179,6 +182,10 @@ class Propagator(Groups):
                 continue  # never sliced: rotary cos/sin, or any operand, fits every head
             if const_array(v) is not None:
                 self.group(gid).slices.append(ParamSlice(node.name, i, a, role, group=most))
+            elif role is Role.HEAD and lead > 1 and \
+                    (src := tiled_constant(self, v, a, lead)) is not None:
+                self.group(gid).slices.append(ParamSlice(*src, role, group=most))
+                tiled.add(i)
             elif role is Role.HEAD and (v.name, a) not in self.lead:
                 # Per-head values computed at run time (a relative position bias shared by every
                 # layer, ALiBi): each use keeps the heads its group keeps.
@@ -189,9 +196,9 @@ class Propagator(Groups):
                                   f"tensor '{v.name}' (a residual or another structure)",
                              natural=role is Role.FLAT)
                 return
-        if any((v.name, a) in self.lead for _, v, a, _ in tracked) and any(
+        if lead > 1 and any(
                 a not in self.track(v) and (self.shape(v) or (1,) * (a + 1))[a] != 1
-                for _, v, a in entries):
+                and i not in tiled for i, v, a in entries):
             return self.barrier(gid, f"{node.op_type} '{node.name}' combines a folded (batch x "
                                      f"units) axis with a full-size operand")
         out[out_axis] = (self.find(gid), role)

@@ -5,11 +5,15 @@ Exporters build Reshape targets in three ways, and head pruning must handle all 
     constant          Reshape(x, [0, 0, 12, 64])
     Concat of pieces  Reshape(x, Concat(Unsqueeze(Gather(Shape(h), 0)), ..., [12], [64]))
     inferred          Reshape(x, [b, s, -1, 64])
+    counted           Expand(i, Concat(Mul(12, batch), ...)), Tile(t, Concat(Div(Gather(Shape(q), 0), 12), ..))
 
 :func:`trace_element` follows one element back through the small integer ops that build shapes
-(Concat, Gather, Slice, Unsqueeze, Squeeze, Cast, Identity, Shape) and answers either "a constant,
-at offset k of the tensor feeding this node input" (rewritable per use), or "dimension a of tensor t"
-(it follows t), or unknown (anything else: the caller must treat it as a barrier).
+(Concat, Gather, Slice, Unsqueeze, Squeeze, Cast, Identity, Shape, a Mul or Div by a constant,
+ConstantOfShape) and answers either "a constant, at offset k of the tensor feeding this node input"
+(rewritable per use, unless a ConstantOfShape fill), or "dimension a of tensor t" (it follows t),
+times or divided by a constant whose place it keeps (a unit count the rewrite may have to edit: the
+batch x heads of a folded axis is ``B * H``, its batch ``B*H / H``), or unknown (anything else: the
+caller must treat it as a barrier).
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ class ConstElement:
     path: tuple[int, ...]  # input slots followed from the start use down to the constant
     offset: int  # flat offset inside that constant
     value: int
+    # False for a ConstantOfShape fill (torch's ``expand`` of ones): its value holds whatever the
+    # shape, but no per-use edit can reach it.
+    editable: bool = True
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,12 @@ class DimElement:
     value: str  # the tensor whose dimension this is
     axis: int
     scale: int = 1  # the dimension times this constant (repeat_kv's ``num_key_value_heads * n_rep``)
+    # Where ``scale`` is one Mul's constant: its place (dynamo's ``H * B`` of a folded batch x
+    # heads axis, H to edit when heads are pruned).
+    factor: ConstElement | None = None
+    # The dimension divided by this constant (TorchScript's batch from a folded axis:
+    # ``Div(B*H, H)``, H to edit); the element is then ``dim / divisor.value``, not the dimension.
+    divisor: ConstElement | None = None
 
 
 Element = ConstElement | DimElement | None
@@ -106,9 +119,25 @@ def trace_element(value: ir.Value, index: int, probe: dict[str, np.ndarray],
             c = const_array(node.inputs[other])
             if c is not None and np.size(c) == 1 and np.issubdtype(np.asarray(c).dtype, np.integer):
                 elem = trace_element(node.inputs[i], index, probe, path + (i,))
-                if isinstance(elem, DimElement):
-                    return DimElement(elem.value, elem.axis, elem.scale * int(np.reshape(c, -1)[0]))
+                if isinstance(elem, DimElement) and elem.divisor is None:
+                    n = int(np.reshape(c, -1)[0])
+                    factor = ConstElement(path + (other,), 0, n) if elem.scale == 1 else None
+                    return DimElement(elem.value, elem.axis, elem.scale * n, factor)
         return None
+    if op == "Div":
+        # A dimension divided by a constant integer: the batch of a folded (batch x heads) axis.
+        c = const_array(node.inputs[1])
+        if c is None or np.size(c) != 1 or not np.issubdtype(np.asarray(c).dtype, np.integer):
+            return None
+        elem = trace_element(node.inputs[0], index, probe, path + (0,))
+        if isinstance(elem, DimElement) and elem.scale == 1 and elem.divisor is None:
+            return DimElement(elem.value, elem.axis,
+                              divisor=ConstElement(path + (1,), 0, int(np.reshape(c, -1)[0])))
+        return None
+    if op == "ConstantOfShape":  # every element is the fill value (0.0 unless given)
+        fill = node.attributes.get("value")
+        value = np.reshape(fill.value.numpy(), -1)[0] if fill is not None else 0
+        return ConstElement(path, 0, int(value), editable=False) if value == int(value) else None
     if op == "Where":
         # torch's expand(-1) handling: Where(Equal(t, -1), ones, t). A dimension is never -1, so
         # where ``t`` is a dimension the condition is false and the element is ``t``'s.

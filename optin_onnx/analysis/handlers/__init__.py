@@ -10,9 +10,9 @@ from optin_onnx.analysis.handlers import ort_contrib, sources
 from optin_onnx.analysis.handlers.attention import attention
 from optin_onnx.analysis.handlers.conv import batch_norm, conv, pad, pool, reduce, resize
 from optin_onnx.analysis.handlers.elementwise import BROADCAST, UNARY, elementwise
-from optin_onnx.analysis.handlers.index_mapping import concat, split
+from optin_onnx.analysis.handlers.index_mapping import concat, gather_elements, split
 from optin_onnx.analysis.handlers.layout import (expand, flatten, reshape, shape, slice_,
-                                                 squeeze, transpose, unsqueeze)
+                                                 squeeze, tile, transpose, unsqueeze)
 from optin_onnx.analysis.handlers.linear import gemm, matmul
 from optin_onnx.analysis.handlers.normalization import layer_norm, softmax
 
@@ -33,6 +33,8 @@ _ONNX: dict[str, Handler] = {
     "Squeeze": squeeze,
     "Slice": slice_,
     "Expand": expand,
+    "Tile": tile,
+    "GatherElements": gather_elements,
     "Conv": conv,
     "BatchNormalization": batch_norm,
     "Pad": pad,
@@ -81,6 +83,9 @@ HEAVY = {"MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention", "GroupQuer
 #: Ops that may read a flattened (channel, position) axis: per-element ops and the classifier.
 FOLDED_OK = UNARY | {"Gemm", "MatMul"}
 
-#: Ops that may read a folded (batch x units) axis: they keep axes whole, so the fold is carried.
+#: Ops that may read a folded (batch x units) axis: they keep axes whole, so the fold is carried
+#: (Tile folds it further; GatherElements is element-wise on it), or, Shape, read its size only
+#: into targets whose handlers compare the fold.
 LEAD_OK = UNARY | BROADCAST | {"Transpose", "MatMul", "Reshape", "Softmax", "LogSoftmax",
-                               "Unsqueeze", "Squeeze", "Slice", "Expand"}
+                               "Unsqueeze", "Squeeze", "Slice", "Expand", "Tile",
+                               "GatherElements", "Shape"}

@@ -1,4 +1,5 @@
-"""Concat and Split of a channel axis: index mapping between a composite axis and its parts."""
+"""Concat and Split of a channel axis: index mapping between a composite axis and its parts;
+GatherElements, an index mapping along one axis and element-wise on the others."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -7,6 +8,7 @@ import onnx_ir as ir
 import numpy as np
 
 from optin_onnx.analysis.groups import Track
+from optin_onnx.analysis.handlers.layout import broadcast_along
 from optin_onnx.analysis.structure import Role, ShapeEdit
 from optin_onnx.graph import attr, const_array
 
@@ -95,3 +97,42 @@ def split(p: Propagator, node: ir.Node) -> None:
         if out is not None:
             p.tracks[out.name] = {axis: (w, Role.FLAT)}
     g.parts, g.unit_size = parts, 1
+
+
+def gather_elements(p: Propagator, node: ir.Node) -> None:
+    """``out[.., i, ..] = data[.., index[.., i, ..], ..]`` along ``axis``: on every other axis the
+    op is element-wise (output position i reads data and index at i), so a unit axis there is
+    kept when the index fits every unit alike: tracked on the same axis (merged like any
+    element-wise operand), or a broadcast along it sized at run time from the same axis
+    (:func:`broadcast_along`: DeBERTa's relative positions, ``[1, S, S]`` expanded to the folded
+    ``[B*H, S, S]`` of the scores; its slices are identical, so the pruned graph's index, sized
+    from the kept heads, picks the same elements). An index whose values may differ per unit
+    (any other run-time index) is a barrier. Along ``axis`` itself the output takes the index's
+    positions: gathering along a unit axis is a barrier, along the inner axis harmless."""
+    data, index = node.inputs[0], node.inputs[1]
+    rank = len(p.shape(data))
+    axis = attr(node, "axis", 0) % rank
+    td, ti = p.track(data), p.track(index)
+    if axis in ti:
+        return p.barrier(ti[axis][0], f"GatherElements '{node.name}' indexes with the axis")
+    if axis in td and td[axis][1] is not Role.INNER:
+        return p.barrier(td[axis][0], f"GatherElements '{node.name}' gathers along the axis")
+    out: Track = {}
+    for a in range(rank):
+        if a == axis:
+            continue
+        if a in td and a not in ti and td[a][1] is not Role.INNER:
+            gid, role = td[a]
+            if not broadcast_along(p, node, 1, a, gid, role, p.lead.get((data.name, a), 1),
+                                   p.group_of(data, a)):
+                return p.barrier(gid, f"GatherElements '{node.name}' reads the axis with index "
+                                      f"'{index.name}', which is not a broadcast along it sized "
+                                      f"from it: its values may differ per unit")
+            out[a] = (gid, role)
+        elif a in td and a not in ti:
+            if p.shape(index)[a] == p.shape(data)[a]:
+                out[a] = td[a]  # the inner axis: never pruned, any index fits
+        else:
+            p.merge_axis(node, [(0, data, a), (1, index, a)], a, out)
+    if out:
+        p.tracks[node.outputs[0].name] = out

@@ -45,7 +45,9 @@ def matmul(p: Propagator, node: ir.Node) -> None:
             # Q.K^T: a contraction inside each head couples Q and K; joined after the batch
             # (head) axes, whose merge learns how many query heads share a key head.
             inner = (gid, kb[0])
-        else:
+        elif not (kb is None and role is Role.INNER and _table(b_v)):
+            # A table (dynamo's DeBERTa position keys: constants tiled to the batch) may meet a
+            # head's inner axis: its head axis is sliced where the batch axes merge.
             return p.barrier(gid, f"MatMul '{node.name}' contracts the axis with a run-time tensor")
     elif kb is not None:
         return p.barrier(kb[0], f"MatMul '{node.name}' contracts the axis with a run-time tensor")
@@ -81,3 +83,16 @@ def gemm(p: Propagator, node: ir.Node) -> None:
         g.consumers.append(Consumer(node.name, 0, k_axis, 1, w_axis, role, r, group=k))
         p.mac_axes.append((node.name, gid, "in"))
         g.slices.append(ParamSlice(node.name, 1, w_axis, role, r, group=k))
+
+
+def _table(v: ir.Value, depth: int = 0) -> bool:
+    """True when ``v`` is computed from constants and tensor sizes alone: its values depend on no
+    pruned tensor (a position table tiled to the batch), only its layout may."""
+    if const_array(v) is not None:
+        return True
+    node = v.producer()
+    if node is None or depth > 16:
+        return False
+    if node.op_type == "Shape":
+        return True
+    return all(i is None or _table(i, depth + 1) for i in node.inputs)
