@@ -109,8 +109,11 @@ def test_heads_are_pruned_exactly_and_axes_stay_dynamic(exports, form, tmp_path)
 
 def _attention_with_head_count_read(use: str) -> onnx.ModelProto:
     """x [B, S, 8] -> q, k, v (4 heads of 2) -> attention -> Wo. ``Shape(q_heads)[1]`` (the head
-    count) feeds a Reshape target ("reshape": proved by the Reshape's own handler) or a Cast to
-    float multiplied into the output ("scale": the value itself changes with pruning)."""
+    count) feeds a Reshape target ("reshape": proved by the Reshape's own handler), a Cast to
+    float multiplied into the output ("scale": the value itself changes with pruning), or the
+    target of an Expand to [B, heads, S, S] added to the scores: of a [1, 1, 1, 1] mask ("mask":
+    a broadcast, the same for every head) or of a [1, 4, 1, 1] per-head bias ("bias": its Expand
+    to fewer heads would fail)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n)
              for n in ("wq", "wk", "wv", "wo")]
@@ -124,11 +127,24 @@ def _attention_with_head_count_read(use: str) -> onnx.ModelProto:
                   helper.make_node("Transpose", [f"{n}_r"], [f"{n}_h"], perm=[0, 2, 1, 3])]
     nodes += [helper.make_node("Transpose", ["k_h"], ["k_t"], perm=[0, 1, 3, 2]),
               helper.make_node("MatMul", ["q_h", "k_t"], ["scores"]),
-              helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
-              helper.make_node("MatMul", ["probs", "v_h"], ["ctx"]),
-              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
               helper.make_node("Shape", ["q_h"], ["q_shape"]),
               helper.make_node("Gather", ["q_shape", "one"], ["n_heads"], axis=0)]
+    if use in ("mask", "bias"):
+        per_head = rng.standard_normal((1, 4 if use == "bias" else 1, 1, 1)).astype(np.float32)
+        inits += [numpy_helper.from_array(per_head, "added"),
+                  numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                  numpy_helper.from_array(np.array([2], np.int64), "two")]
+        nodes += [helper.make_node("Shape", ["scores"], ["s_shape"]),
+                  helper.make_node("Gather", ["s_shape", "zero"], ["b_1"], axis=0),
+                  helper.make_node("Gather", ["s_shape", "two"], ["s_1"], axis=0),
+                  helper.make_node("Concat", ["b_1", "n_heads", "s_1", "s_1"], ["to"], axis=0),
+                  helper.make_node("Expand", ["added", "to"], ["expanded"]),
+                  helper.make_node("Add", ["scores", "expanded"], ["masked"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["scores"], ["masked"]))
+    nodes += [helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "v_h"], ["ctx"]),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3])]
     if use == "reshape":
         inits.append(numpy_helper.from_array(np.array([0, 0], np.int64), "lead"))
         inits.append(numpy_helper.from_array(np.array([-1], np.int64), "rest"))
@@ -136,11 +152,14 @@ def _attention_with_head_count_read(use: str) -> onnx.ModelProto:
                   helper.make_node("Reshape", ["ctx_t", "t4"], ["ctx_4"]),
                   helper.make_node("Reshape", ["ctx_4", "merge_head"], ["ctx_m"]),
                   helper.make_node("MatMul", ["ctx_m", "wo"], ["y"])]
-    else:
+    elif use == "scale":
         nodes += [helper.make_node("Reshape", ["ctx_t", "merge_head"], ["ctx_m"]),
                   helper.make_node("MatMul", ["ctx_m", "wo"], ["y0"]),
                   helper.make_node("Cast", ["n_heads"], ["h_f"], to=TensorProto.FLOAT),
                   helper.make_node("Mul", ["y0", "h_f"], ["y"])]
+    else:
+        nodes += [helper.make_node("Reshape", ["ctx_t", "merge_head"], ["ctx_m"]),
+                  helper.make_node("MatMul", ["ctx_m", "wo"], ["y"])]
     g = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                         ["b", "s", 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
@@ -150,6 +169,29 @@ def _attention_with_head_count_read(use: str) -> onnx.ModelProto:
 def test_head_count_read_into_a_reshape_target_is_proved():
     _, s = load_analyze(_attention_with_head_count_read("reshape"))
     assert [(b.kind, b.n_units) for b in s.blocks] == [("attention", 4)]
+
+
+def test_a_mask_expanded_to_the_head_count_read_fits_the_kept_heads():
+    """A Shape read of the head axis sizes an Expand of a mask without that axis, added to the
+    scores: its slices are identical, so the Expand, sized from the kept heads, fits as it is."""
+    from optin_onnx import instrument, rewrite
+
+    m, s = load_analyze(_attention_with_head_count_read("mask"))
+    assert s.declined == [] and [(b.kind, b.n_units) for b in s.blocks] == [("attention", 4)]
+    keep = {s.blocks[0].name: [1, 2]}
+    slim = rewrite.rewrite(m, s, keep)
+    masked = instrument.masked_model(m, s, instrument.unit_masks(s, keep))
+    x = np.random.default_rng(5).standard_normal((3, 7, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(slim, {"x": x})[0], run(masked, {"x": x})[0], atol=1e-5)
+
+
+def test_a_head_count_read_that_no_handler_proves_declines_the_heads():
+    """The same read sizing the Expand of a per-head bias: nothing proves that an Expand of 4
+    heads to the kept count holds, so the heads are declined with that read as the reason."""
+    _, s = load_analyze(_attention_with_head_count_read("bias"))
+    assert s.blocks == []
+    assert any("sizes 'Expand" in r and "which nothing proves" in r
+               for d in s.declined for r in d.reasons)
 
 
 def test_head_count_read_as_a_value_declines_the_heads():

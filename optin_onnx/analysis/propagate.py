@@ -49,7 +49,7 @@ import onnx_ir as ir
 from optin_onnx.analysis.cache import reads_axis, source_input, through_copies
 from optin_onnx.analysis.groups import Group, Groups, Track
 from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, SOURCES, UNARY
-from optin_onnx.analysis.handlers.layout import tiled_constant
+from optin_onnx.analysis.handlers.layout import broadcast_along, tiled_constant
 from optin_onnx.analysis.structure import ParamSlice, Port, Role
 from optin_onnx.graph import attr, captured, const_array, const_root
 
@@ -70,6 +70,11 @@ class Propagator(Groups):
         # (value, axis) -> sub-units per unit on that axis (grouped-query attention: the query
         # heads of one key/value head, see :meth:`Groups.regroup`); 1 where absent
         self.grouping: dict[tuple[str, int], int] = {}
+        # Reshape / Expand / Tile -> (Shape node, groups) for each Shape read of a pruned axis
+        # that sizes its target; ``proved``: the nodes whose every target element was proved
+        # (see ``handlers.layout.shape``). What is read and never proved stops the groups.
+        self.unproved: dict[str, list[tuple[str, set[int]]]] = {}
+        self.proved: set[str] = set()
 
     # -- helpers ----------------------------------------------------------------------------
     def shape(self, v: ir.Value) -> tuple[int, ...] | None:
@@ -171,7 +176,7 @@ class Propagator(Groups):
             return self.barrier(gid, f"{node.op_type} '{node.name}' {why}")
         role = roles.pop()
         lead = max(self.lead.get((v.name, a), 1) for _, v, a, _ in tracked)
-        tiled: set[int] = set()  # slots whose folded axis is a tiled constant, sliced at the Tile
+        fits: set[int] = set()  # slots that fit the kept units as they are, or at the Tile
         for i, v, a in entries:
             if a in self.track(v):
                 continue
@@ -180,12 +185,14 @@ class Propagator(Groups):
                 continue
             if role is Role.INNER:
                 continue  # never sliced: rotary cos/sin, or any operand, fits every head
-            if const_array(v) is not None:
+            if broadcast_along(self, node, i, a, gid, role, lead, most):
+                fits.add(i)  # a mask expanded to the heads read from this axis
+            elif const_array(v) is not None:
                 self.group(gid).slices.append(ParamSlice(node.name, i, a, role, group=most))
             elif role is Role.HEAD and lead > 1 and \
                     (src := tiled_constant(self, v, a, lead)) is not None:
                 self.group(gid).slices.append(ParamSlice(*src, role, group=most))
-                tiled.add(i)
+                fits.add(i)
             elif role is Role.HEAD and (v.name, a) not in self.lead:
                 # Per-head values computed at run time (a relative position bias shared by every
                 # layer, ALiBi): each use keeps the heads its group keeps.
@@ -198,7 +205,7 @@ class Propagator(Groups):
                 return
         if lead > 1 and any(
                 a not in self.track(v) and (self.shape(v) or (1,) * (a + 1))[a] != 1
-                and i not in tiled for i, v, a in entries):
+                and i not in fits for i, v, a in entries):
             return self.barrier(gid, f"{node.op_type} '{node.name}' combines a folded (batch x "
                                      f"units) axis with a full-size operand")
         out[out_axis] = (self.find(gid), role)
@@ -257,6 +264,12 @@ class Propagator(Groups):
                 # The inner axis of a unit never changes size: harmless in an output.
                 if role is not Role.INNER and not self.cache_port(v, a, gid, role):
                     self.barrier(gid, f"reaches graph output '{v.name}'", natural=True)
+        for name, reads in self.unproved.items():
+            if name not in self.proved:
+                for shape, gids in reads:
+                    for gid in gids:
+                        self.barrier(gid, f"Shape '{shape}' of the pruned tensor sizes '{name}', "
+                                          f"which nothing proves")
 
     def cache_port(self, out: ir.Value, axis: int, gid: int, role: Role) -> bool:
         """Let graph output ``out`` carry the group's ``axis`` when it is a KV cache: a Concat,

@@ -121,6 +121,7 @@ def reshape(p: Propagator, node: ir.Node) -> None:
                             f"target shape comes from")
     if not _untracked_sizes_proved(p, node, target, out, len(so)):
         return
+    p.proved.add(node.name)
     p.tracks[node.outputs[0].name] = out
     for k, r in folds.items():
         p.repeat[(node.outputs[0].name, k)] = r
@@ -180,10 +181,14 @@ def shape(p: Propagator, node: ir.Node) -> None:
     head_dim as ``Gather(Shape(q), 3)`` to build a Reshape target and the softmax scale)."""
     t = p.track(node.inputs[0])
     for user, picked in shape_reads(node, len(p.shape(node.inputs[0]))):
-        if picked is None or (any(int(a) in t and t[int(a)][1] is not Role.INNER
-                                  for a in picked) and not _only_reshape_targets(user.outputs[0])):
+        pruned = {t[int(a)][0] for a in (() if picked is None else picked)
+                  if int(a) in t and t[int(a)][1] is not Role.INNER}
+        targets = _size_targets(user.outputs[0]) if pruned else set()
+        if picked is None or targets is None:
             return p.barrier_all(t, f"Shape '{node.name}' of the pruned tensor is used by "
                                   f"{user.op_type} '{user.name}'")
+        for name in targets:
+            p.unproved.setdefault(name, []).append((node.name, pruned))
 
 
 #: Ops that only move elements of a shape tensor around, scale them by a constant or pick them
@@ -211,23 +216,31 @@ def _moves_elements(node: ir.Node, slot: int) -> bool:
     return True
 
 
-def _only_reshape_targets(value: ir.Value, depth: int = 0) -> bool:
-    """True when every use of ``value`` ends, through ops that only move shape elements, in the
-    target of a Reshape or an Expand, or a Tile's repeats: there that op's own handler proves each
-    element it takes from a pruned axis (torchlib rebuilds ``[B, H, D, S]`` from
+def _size_targets(value: ir.Value, depth: int = 0) -> set[str] | None:
+    """The Reshapes and Expands whose target, and the Tiles whose repeats, every use of ``value``
+    ends in, through ops that only move shape elements; None where a use ends elsewhere. Each of
+    them must prove every element it takes from a pruned axis (its handler, which runs only
+    where its data is pruned too, or :func:`broadcast_along` for an index); what none proves
+    is a barrier at the end of the pass (torchlib rebuilds ``[B, H, D, S]`` from
     ``Slice(Shape(k), 0, 2)`` after transposing K)."""
     if depth > 16 or value.is_graph_output():
-        return False
+        return None
+    out: set[str] = set()
     for use in value.uses():
         user = use.node
-        if user.op_type in ("Reshape", "Expand", "Tile") and use.idx == 1 or \
-                user.op_type == "Shape":
-            continue  # a target the op's handler proves; the length of a shape vector
+        if user.op_type in ("Reshape", "Expand", "Tile") and use.idx == 1:
+            out.add(user.name)
+            continue
+        if user.op_type == "Shape":
+            continue  # the length of a shape vector
         if user.op_type not in _INDEX_OPS or not _moves_elements(user, use.idx):
-            return False
-        if not all(_only_reshape_targets(o, depth + 1) for o in user.outputs):
-            return False
-    return True
+            return None
+        for o in user.outputs:
+            inner = _size_targets(o, depth + 1)
+            if inner is None:
+                return None
+            out |= inner
+    return out
 
 
 def expand(p: Propagator, node: ir.Node) -> None:
@@ -258,6 +271,7 @@ def expand(p: Propagator, node: ir.Node) -> None:
         return p.barrier(gid, f"Expand '{node.name}': cannot prove where element {k} of its "
                               f"target shape comes from")
     if _untracked_sizes_proved(p, node, target, out, len(so)):
+        p.proved.add(node.name)
         p.tracks[node.outputs[0].name] = out
 
 
@@ -313,8 +327,12 @@ def broadcast_along(p: Propagator, user: ir.Node, slot: int, a: int, gid: int, r
         return False
     si, so = p.shape(node.inputs[0]), p.shape(v)
     j = a - (len(so) - len(si))
-    return (j < 0 or si[j] == 1) and sizes_axis(p, node, a, gid, role, lead, grouping, so[a],
-                                                via=(user.name, (slot,)))
+    if (j < 0 or si[j] == 1) and \
+            _untracked_sizes_proved(p, node, node.inputs[1], {a: (gid, role)}, len(so)) and \
+            sizes_axis(p, node, a, gid, role, lead, grouping, so[a], via=(user.name, (slot,))):
+        p.proved.add(node.name)
+        return True
+    return False
 
 
 def unchanged_count(p: Propagator, node: ir.Node, k: int) -> bool:
@@ -373,6 +391,7 @@ def tile(p: Propagator, node: ir.Node) -> None:
             return p.barrier(gid, f"Tile '{node.name}' repeats the axis other than as a batch of "
                                   f"whole units")
         p.lead[(node.outputs[0].name, a)] = int(counts[a])
+    p.proved.add(node.name)
     p.tracks[node.outputs[0].name] = out
 
 
