@@ -134,3 +134,16 @@ def test_head_axis_output_that_is_no_cache_is_a_barrier(cache_exports):
     assert [b.name for b in structure.blocks if b.kind == "attention"] == ["layer0.attention"]
     assert any("reaches graph output 'new_values'" in r
                for d in structure.declined for r in d.reasons)
+
+
+def test_calibration_with_a_non_empty_past_is_refused(cache_exports):
+    """Every run after calibration sets the token inputs' length; a past of its own length would
+    no longer fit the attention mask: one line, naming the input."""
+    from optin_onnx.errors import OptinError
+
+    zm, path = cache_exports("torchscript")
+    feeds = zm.feeds(4)
+    feeds = {k: np.zeros((4, 2, 3, zoo.HEAD_DIM), np.float32) if k.startswith("past") else v
+             for k, v in feeds.items()}
+    with pytest.raises(OptinError, match="cache input 'past.0.key' holds a past of 3 positions"):
+        analyze(path, feeds)

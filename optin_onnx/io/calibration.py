@@ -86,7 +86,8 @@ def calibration_for(
 
     A decoder's key/value cache inputs (:func:`cache_inputs`) may all be left out: they are then
     filled with the empty past a generation's first step sees (:func:`empty_past`), so a text
-    calibration set serves a decoder exported with its cache. Every other input is required.
+    calibration set serves a decoder exported with its cache. Given, they must hold an empty past
+    too. Every other input is required.
     """
     names = graph_input_names(model)
     cache = cache_inputs(model)
@@ -103,6 +104,15 @@ def calibration_for(
         raise OptinError(
             f"calibration must be an .npz path or a mapping of arrays, got {type(calib).__name__}"
         )
+    filled = [n for n, axis in cache.items()
+              if n in arrays and arrays[n].ndim > axis and arrays[n].shape[axis]]
+    if filled:
+        # Every later run (probe, verify, latency) sets the token inputs' length, and a past
+        # of another length would no longer fit the attention mask's.
+        raise OptinError(
+            f"{source}: key/value cache input '{filled[0]}' holds a past of "
+            f"{arrays[filled[0]].shape[cache[filled[0]]]} positions; calibrate on an empty past "
+            "(length 0), or leave the cache inputs out and an empty one is used")
     absent = [n for n in cache if n not in arrays]
     if absent:
         if len(absent) < len(cache):
