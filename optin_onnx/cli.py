@@ -141,6 +141,10 @@ def _analyze(args) -> None:
                                      channels, macs, model))
     console.print(f"MACs outside every block (embeddings, classifier heads, declined blocks): "
                   f"{macs.base / macs.total:.1%} of the MACs")
+    for b in structure.blocks:
+        if b.ports:
+            console.print(f"{b.name}: KV cache {', '.join(p.name for p in b.ports)} shrinks "
+                          f"with its {b.unit_name} (the pruned model's interface changes)")
     for d in structure.declined:
         console.print(f"[yellow]declined[/] {d.name}: {'; '.join(d.reasons)}")
     if structure.model_width:

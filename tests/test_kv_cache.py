@@ -147,3 +147,17 @@ def test_calibration_with_a_non_empty_past_is_refused(cache_exports):
              for k, v in feeds.items()}
     with pytest.raises(OptinError, match="cache input 'past.0.key' holds a past of 3 positions"):
         analyze(path, feeds)
+
+
+def test_analyze_names_the_cache(cache_exports, tmp_path, capsys):
+    """``optin-onnx analyze`` says which cache tensors shrink with which block's heads."""
+    from tests.test_cli import call
+
+    zm, path = cache_exports("torchscript")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{k: v for k, v in zm.feeds(4).items() if not k.startswith("past")})
+    code, out, _ = call(["analyze", path, "--calib", calib], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "layer1.attention: KV cache past.1.key, present.1.key, past.1.value, " \
+           "present.1.value shrinks with its heads" in text
