@@ -80,11 +80,9 @@ def fates(model: ir.Model, values: dict[str, np.ndarray], structure) -> list[tup
     projections), or, for a group with a head axis, ``DROPPED ...``: either listed as the model
     width (heads the user is told are the residual stream) or listed nowhere. Both are the
     analysis' worst outcome: heads exist and nothing says why they are not pruned."""
-    from optin_onnx.analysis.propagate import Propagator
+    from optin_onnx.analysis.propagate import propagated
 
-    prop = Propagator(model, values)
-    prop.run()
-    prop.resolve()
+    prop = propagated(model, values)
     known = {f"group@{b.sources[0]}": f"block {b.name}" for b in structure.blocks}
     known.update({d.name: "declined" for d in structure.declined})
     width = {d.name for d in structure.model_width}

@@ -376,14 +376,20 @@ class Propagator(Groups):
                     self.grouping.setdefault((out.name, o), grouping)
 
 
-def propagate(model: ir.Model, probe: dict[str, np.ndarray]
-              ) -> tuple[list[Group], dict[str, list[list[tuple[int, int]]]]]:
-    """Run the pass; return the merged groups (roots of the union-find), in creation order, and
-    the MAC factors of every matrix product (:meth:`Propagator.mac_factors`)."""
+def propagated(model: ir.Model, probe: dict[str, np.ndarray]) -> Propagator:
+    """The pass run to its end: every group built, composites resolved, shared weights tied."""
     prop = Propagator(model, probe)
     prop.run()
     prop.resolve()
     prop.tie_shared_weights()
+    return prop
+
+
+def propagate(model: ir.Model, probe: dict[str, np.ndarray]
+              ) -> tuple[list[Group], dict[str, list[list[tuple[int, int]]]]]:
+    """Run the pass; return the merged groups (roots of the union-find), in creation order, and
+    the MAC factors of every matrix product (:meth:`Propagator.mac_factors`)."""
+    prop = propagated(model, probe)
     groups = [g for gid, g in prop.groups.items() if prop.find(gid) == gid and not g.parts]
     return groups, prop.mac_factors()
 
