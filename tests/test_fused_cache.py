@@ -26,9 +26,11 @@ C, D, F = 32, 8, 48
 
 
 def decoder(op: str, heads: int = 4, kv_heads: int = 2, past: bool = True,
-            present_read: bool = False) -> onnx.ModelProto:
+            present_read: bool = False, rotary: bool = False) -> onnx.ModelProto:
     """x [B, S, C] -> Q/K/V projections -> ``op`` (past and present states when ``past``) -> W_o
-    -> residual -> MLP -> residual. ``present_read``: the present key also feeds a graph node."""
+    -> residual -> MLP -> residual. ``present_read``: the present key also feeds a graph node.
+    ``rotary``: Q and K pass through onnxruntime's ``RotaryEmbedding`` (3-D, ``num_heads``) at
+    positions counted from the attention mask, as its generation builder writes."""
     rng = np.random.default_rng(0)
     kv = heads if op == "MultiHeadAttention" else kv_heads
     inits = [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
@@ -42,6 +44,27 @@ def decoder(op: str, heads: int = 4, kv_heads: int = 2, past: bool = True,
              helper.make_node("MatMul", ["x", w("wk", C, kv * D)], ["k"], name="k_proj"),
              helper.make_node("MatMul", ["x", w("wv", C, kv * D)], ["v"], name="v_proj")]
     states = ["past_key", "past_value"] if past else ["", ""]
+    if rotary:
+        angles = np.arange(64)[:, None] / 10000 ** (np.arange(D // 2)[None] / (D // 2))
+        inits += [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+                  numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]
+        nodes += [helper.make_node("CumSum", ["attention_mask", "one"], ["count"]),
+                  helper.make_node("Sub", ["count", "one"], ["positions_all"]),
+                  helper.make_node("Shape", ["x"], ["x_shape"]),
+                  helper.make_node("Gather", ["x_shape", "one"], ["seq"]),
+                  helper.make_node("Unsqueeze", ["seq", "axis0"], ["seq1"]),
+                  helper.make_node("Neg", ["seq1"], ["from_end"]),
+                  helper.make_node("Slice", ["positions_all", "from_end", "big", "axis1"],
+                                   ["positions"])]
+        inits += [numpy_helper.from_array(np.array([2**62], np.int64), "big"),
+                  numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+        for name, n in (("q", heads), ("k", kv)):
+            nodes.append(helper.make_node("RotaryEmbedding", [name, "positions", "cos", "sin"],
+                                          [f"{name}_rot"], domain="com.microsoft",
+                                          num_heads=n))
+        qkv_in = ["q_rot", "k_rot", "v"]
+    else:
+        qkv_in = ["q", "k", "v"]
     if op == "GroupQueryAttention":
         nodes += [
             helper.make_node("ReduceSum", ["attention_mask", "axis1"], ["n"], keepdims=0),
@@ -50,7 +73,7 @@ def decoder(op: str, heads: int = 4, kv_heads: int = 2, past: bool = True,
             helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
             helper.make_node("Gather", ["mask_shape", "one"], ["total"]),
             helper.make_node("Cast", ["total"], ["total_len"], to=T.INT32),
-            helper.make_node(op, ["q", "k", "v", *states, "seqlens_k", "total_len"],
+            helper.make_node(op, [*qkv_in, *states, "seqlens_k", "total_len"],
                              ["attn", "present_key", "present_value"], name="attention",
                              domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads)]
     elif op == "Attention4d":  # the ONNX op, 4-D form: heads split and merged outside it
@@ -188,3 +211,24 @@ def test_fused_past_found_and_filled_empty(op):
     calib = {k: v for k, v in feeds(model, 16).items() if not k.startswith("past")}
     result = prune(model, calib, flops=0.85, prune="heads", latency_cases=[], samples=8)
     assert result.verification.passed
+
+
+def test_rotary_embedding_keeps_the_heads():
+    """onnxruntime's RotaryEmbedding on Q and K (3-D, ``num_heads``): its head count shrinks
+    with the kept heads, exactly."""
+    model = decoder("GroupQueryAttention", rotary=True)
+    result = prune(model, feeds(model, 16), flops=0.85, prune="heads", latency_cases=[],
+                   samples=8)
+    assert result.verification.passed
+    kept = len(result.selection.keep["layer0.attention"])
+    assert kept == 1
+    rotary = sorted(a.i for n in result.model.graph.node if n.op_type == "RotaryEmbedding"
+                    for a in n.attribute if a.name == "num_heads")
+    assert rotary == [kept, 2 * kept]
+    reference = ir.to_proto(masked_model(as_model(model), result.structure,
+                                         unit_masks(result.structure, result.selection.keep)))
+    changes = result.structure.interface(result.selection.keep)
+    check = feeds(model, 1, 5, 4, seed=7)
+    want = run(reference, check)[0]
+    np.testing.assert_allclose(run(result.model, pruned_feeds(check, changes))[0], want,
+                               atol=1e-5, rtol=1e-5)

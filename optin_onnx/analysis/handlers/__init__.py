@@ -62,6 +62,7 @@ _ORT: dict[str, Handler] = {
     "SimplifiedLayerNormalization": ort_contrib.skip_layer_norm,
     "MultiHeadAttention": ort_contrib.multi_head_attention,
     "GroupQueryAttention": ort_contrib.group_query_attention,
+    "RotaryEmbedding": ort_contrib.rotary_embedding,
 }
 
 HANDLERS: dict[tuple[str, str], Handler] = {

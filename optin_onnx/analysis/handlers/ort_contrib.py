@@ -11,6 +11,8 @@ a graph can be pruned after fusion as well as before:
   a key/value head with the query heads that read it; both head counts shrink with it.
 - A fused attention's past key/value inputs and present outputs (a KV cache on the interface)
   shrink with the heads kept: ports of the block, as for an unfused cache.
+- ``RotaryEmbedding`` rotates within each head: a heads axis passes, the head size is never cut,
+  and on the 3-D form ``[B, S, H*D]`` its ``num_heads`` shrinks with the heads.
 - ``Attention`` (projections inside) starts a group: see :func:`.sources.ort_attention`.
 """
 from __future__ import annotations
@@ -142,6 +144,33 @@ def joined_heads(p: Propagator, node: ir.Node, q_attr: str, heads: int, kv_heads
     if n_rep > 1:
         p.grouping[(out, 2)] = n_rep
     return None
+
+
+def rotary_embedding(p: Propagator, node: ir.Node) -> None:
+    """``RotaryEmbedding(x, position_ids, cos_cache, sin_cache)``: x ``[B, H, S, D]`` or
+    ``[B, S, H*D]`` (then ``num_heads`` says H), each head rotated on its own within D. The
+    caches ``[length, D/2]`` and the positions have no heads axis."""
+    t = p.track(node.inputs[0])
+    for v in node.inputs[1:]:
+        p.barrier_all(p.track(v), f"RotaryEmbedding '{node.name}' takes the axis as a parameter")
+    rank, heads = len(p.shape(node.inputs[0]) or ()), attr(node, "num_heads", 0)
+    for a, (gid, role) in t.items():
+        why = None
+        if role is Role.INNER or (rank == 4 and a == 1 and role is Role.HEAD):
+            continue
+        if rank == 3 and a == 2 and role is Role.FLAT and heads:
+            g = p.group(gid)
+            size = p.shape(node.inputs[0])[2] // heads
+            if p.shape(node.inputs[0])[2] % heads or g.unit_size not in (None, size):
+                why = f"rotates heads of {size} channels, units of {g.unit_size} elsewhere"
+            else:
+                g.unit_size, g.has_head = size, True
+                g.attr_edits.append(AttrEdit(node.name, "num_heads", Role.HEAD,
+                                             group=p.group_of(node.inputs[0], a)))
+                continue
+        why = why or "rotates across the axis"
+        return p.barrier_all(t, f"RotaryEmbedding '{node.name}' {why}")
+    p.tracks[node.outputs[0].name] = dict(t)
 
 
 def multi_head_attention(p: Propagator, node: ir.Node) -> None:
