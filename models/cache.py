@@ -24,3 +24,11 @@ def cached(filename: str, build: Callable[[Path], object], cache: str | None = N
     if not path.exists():
         build(path)
     return path
+
+
+def attention_tag(attention: str | None) -> str:
+    """The part of a cached export's file name that says which attention implementation it was
+    exported with (``None``: transformers' default), so that an export of one implementation is
+    never reused for another: the graphs differ (eager MatMul/Softmax chains, SDPA's fused form)
+    and so do their analysis and speed."""
+    return f"{attention or 'default'}-attn"

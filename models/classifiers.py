@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from models.cache import attention_tag
+
 BBC_SEED = 0
 BBC_N_TEST = 600
 BBC_N_CALIB = 64
@@ -192,12 +194,14 @@ def onnx_logits(path: str | Path, texts: Sequence[str], max_length: int, batch: 
 
 def build_bbc_classifier(out_path: str | Path, max_length: int = 128, head: str = "logistic",
                          seed: int = BBC_SEED, exporter: str = "torchscript",
+                         attention: str | None = None,
                          log: Callable[[str], None] | None = print) -> dict:
     """Fit the BBC topic head on the dense MiniLM's embeddings, export one ONNX graph with logits.
 
     Returns (and writes next to ``out_path`` as ``<name>.json``) the dense test accuracy measured
     through the exported graph with onnxruntime, the train accuracy, the head kind, timings, the
-    class names and the split positions into ``bbc_news(seed)``.
+    class names and the split positions into ``bbc_news(seed)``. ``attention``: as
+    :func:`models.text_encoders.load_minilm`.
     """
     import torch
 
@@ -211,7 +215,7 @@ def build_bbc_classifier(out_path: str | Path, max_length: int = 128, head: str 
     t0 = time.perf_counter()
     labels = bbc_labels()
     data = bbc_split_data(seed)
-    wrapper = EncoderWrapper(load_minilm(), "classifier", num_labels=len(labels))
+    wrapper = EncoderWrapper(load_minilm(attention), "classifier", num_labels=len(labels))
     train_texts, y_train = data["train"]
     log(f"embedding {len(train_texts)} training articles (max_length {max_length})")
     x_train = pooled_embeddings(wrapper, train_texts, max_length, log=log)
@@ -230,7 +234,8 @@ def build_bbc_classifier(out_path: str | Path, max_length: int = 128, head: str 
     logits = onnx_logits(out_path, test_texts, max_length)
     t_eval = time.perf_counter() - t1
     result = {
-        "model": str(out_path), "head": head, "max_length": max_length, "seed": seed,
+        "model": str(out_path), "attention": attention_tag(attention), "head": head,
+        "max_length": max_length, "seed": seed,
         "labels": labels, "test_accuracy": accuracy(logits, y_test), "train_accuracy": train_acc,
         "n_train": len(y_train), "n_test": len(y_test),
         "majority_baseline": float(np.bincount(y_test).max() / len(y_test)),
@@ -242,13 +247,14 @@ def build_bbc_classifier(out_path: str | Path, max_length: int = 128, head: str 
     return result
 
 
-def bbc_classifier(cache: str | None = None, max_length: int = 128) -> tuple[Path, dict]:
+def bbc_classifier(cache: str | None = None, max_length: int = 128,
+                   attention: str | None = None) -> tuple[Path, dict]:
     """The cached BBC classifier (built on first use under ``models.cache.cache_dir()``) and its
     metadata."""
     from models.cache import cache_dir
 
-    path = cache_dir(cache) / f"bbc_classifier_L{max_length}.onnx"
+    path = cache_dir(cache) / f"bbc_classifier_L{max_length}_{attention_tag(attention)}.onnx"
     meta = path.with_suffix(".json")
     if not (path.exists() and meta.exists()):
-        build_bbc_classifier(path, max_length=max_length)
+        build_bbc_classifier(path, max_length=max_length, attention=attention)
     return path, json.loads(meta.read_text())

@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from models.cache import attention_tag
 from models.classifiers import seeded_splits
 
 LABELS = ("negative", "positive")
@@ -115,11 +116,13 @@ def sentiment_split_data(seed: int = SENTIMENT_SEED, n_test: int = SENTIMENT_N_T
 
 def finetune(texts: list[str], labels: np.ndarray, epochs: float = 2.0, lr: float = 5e-5,
              batch: int = 32, max_length: int = 64, weight_decay: float = 0.01,
-             warmup: float = 0.06, seed: int = 0,
+             warmup: float = 0.06, seed: int = 0, attention: str | None = None,
              log: Callable[[str], None] | None = None):
-    """Fine-tune ``EncoderWrapper(load_minilm(), "classifier", num_labels=2)`` end to end with
-    AdamW (linear warm-up then linear decay), cross-entropy, dropout on. Returns the module in
-    eval mode and the number of optimiser steps."""
+    """Fine-tune ``EncoderWrapper(load_minilm(attention), "classifier", num_labels=2)`` end to end
+    with AdamW (linear warm-up then linear decay), cross-entropy, dropout on. Returns the module in
+    eval mode and the number of optimiser steps. ``attention`` is trained and exported alike; the
+    implementations compute the same function, but whether their training (attention dropout
+    included) gives equal weights has not been checked."""
     import torch
 
     from models.text_encoders import EncoderWrapper, load_minilm, minilm_dir
@@ -127,7 +130,7 @@ def finetune(texts: list[str], labels: np.ndarray, epochs: float = 2.0, lr: floa
 
     log = log or (lambda s: None)
     torch.manual_seed(seed)
-    model = EncoderWrapper(load_minilm(), "classifier", num_labels=len(LABELS), seed=seed)
+    model = EncoderWrapper(load_minilm(attention), "classifier", num_labels=len(LABELS), seed=seed)
     with torch.no_grad():  # BERT's initialiser for a fresh head (the wrapper's is test-sized)
         model.classifier.weight.normal_(0.0, 0.02)
         model.classifier.bias.zero_()
@@ -173,11 +176,12 @@ def finetune(texts: list[str], labels: np.ndarray, epochs: float = 2.0, lr: floa
 def build_sentiment(out_path: str | Path, epochs: float = 2.0, max_train: int | None = None,
                     max_test: int | None = None, lr: float = 5e-5, batch: int = 32,
                     max_length: int = 64, seed: int = SENTIMENT_SEED, threads: int | None = None,
-                    exporter: str = "torchscript", log: Callable[[str], None] | None = print
-                    ) -> dict:
+                    exporter: str = "torchscript", attention: str | None = None,
+                    log: Callable[[str], None] | None = print) -> dict:
     """Fine-tune on the train split (or its first ``max_train`` tweets), export ONNX with logits
     ``[B, 2]`` and measure test accuracy through the exported graph (onnxruntime). Writes the
-    result as ``<out>.json`` next to the model and returns it."""
+    result as ``<out>.json`` next to the model and returns it. ``attention``: as
+    :func:`models.text_encoders.load_minilm`, for training and export."""
     import torch
 
     from models.classifiers import accuracy, onnx_logits
@@ -198,13 +202,14 @@ def build_sentiment(out_path: str | Path, epochs: float = 2.0, max_train: int | 
     log(f"fine-tuning on {len(x_train)} tweets, {epochs} epoch(s), batch {batch}, "
         f"max_length {max_length}, lr {lr}, {torch.get_num_threads()} threads")
     model, steps = finetune(x_train, y_train, epochs=epochs, lr=lr, batch=batch,
-                            max_length=max_length, seed=seed, log=log)
+                            max_length=max_length, seed=seed, attention=attention, log=log)
     t_train = time.perf_counter() - t0
     export(model, out_path, exporter=exporter)  # type: ignore[arg-type]
     t1 = time.perf_counter()
     logits = onnx_logits(out_path, x_test, max_length)
     result = {
-        "model": str(out_path), "labels": list(LABELS), "epochs": epochs, "steps": steps,
+        "model": str(out_path), "attention": attention_tag(attention), "labels": list(LABELS),
+        "epochs": epochs, "steps": steps,
         "lr": lr, "batch": batch, "max_length": max_length, "seed": seed,
         "n_train": len(y_train), "n_test": len(y_test),
         "test_accuracy": accuracy(logits, y_test),
@@ -220,13 +225,14 @@ def build_sentiment(out_path: str | Path, epochs: float = 2.0, max_train: int | 
     return result
 
 
-def sentiment_classifier(cache: str | None = None, epochs: float = 2.0) -> tuple[Path, dict]:
+def sentiment_classifier(cache: str | None = None, epochs: float = 2.0,
+                         attention: str | None = None) -> tuple[Path, dict]:
     """The cached fine-tuned sentiment classifier under ``models.cache.cache_dir()`` (trained on
     first use: ~30 minutes on 2 CPU cores) and its metadata."""
     from models.cache import cache_dir
 
-    path = cache_dir(cache) / f"sentiment_minilm_e{epochs:g}.onnx"
+    path = cache_dir(cache) / f"sentiment_minilm_e{epochs:g}_{attention_tag(attention)}.onnx"
     meta = path.with_suffix(".json")
     if not (path.exists() and meta.exists()):
-        build_sentiment(path, epochs=epochs)
+        build_sentiment(path, epochs=epochs, attention=attention)
     return path, json.loads(meta.read_text())

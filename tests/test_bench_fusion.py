@@ -14,15 +14,16 @@ pytest.importorskip("onnxruntime.transformers.optimizer")
 
 
 @pytest.fixture(scope="module")
-def pruned(tiny_exports) -> onnx.ModelProto:
-    """The tiny TorchScript classifier with 3 heads kept in layer 0, 2 in layer 1, half the FFN,
-    its Reshape targets made constant as ``optin-onnx prune`` leaves them."""
+def pruned(tiny_eager_export) -> onnx.ModelProto:
+    """The tiny eager TorchScript classifier (the form onnxruntime fuses into ``Attention``) with
+    3 heads kept in layer 0, 2 in layer 1, half the FFN, its Reshape targets made constant as
+    ``optin-onnx prune`` leaves them."""
     from optin_onnx.analysis import analyze_graph
     from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
     from optin_onnx.probe import dummy_feeds, probe
     from optin_onnx.rewrite import rewrite
 
-    m = ir.load(str(tiny_exports[("torchscript", "classifier", False)]))
+    m = ir.load(str(tiny_eager_export("classifier")))
     structure = analyze_graph(m, probe(m))
     keep = {b.name: list(range(3 - b.layer)) if b.kind == "attention"
             else list(range(0, b.n_units, 2)) for b in structure.blocks}

@@ -20,13 +20,19 @@ measured FLOPs (:mod:`tools.bench.onnxsim`).
 on a validation split drawn from the training texts after every calibration prefix
 (:func:`tools.bench.targets.validation_split`), for choosing a configuration. Rows are named by
 method plus whatever differs from the defaults (``optin (cal 128, lam 0.1)``). Writes
-``docs/bench/accuracy_<target>[-val].json``, a PNG plot and the target's block of docs/RESULTS.md.
+``docs/bench/accuracy_<target>[-val][-<attention>].json``, a PNG plot and the target's block of
+docs/RESULTS.md.
+
+The models are exported with transformers' default attention (issue 9: what users export), and
+those records are named ``...-default-attn``; ``--attention eager`` rebuilds the eager exports the
+records without that suffix were measured on (they predate issue 9), and merges into them.
 """
 from __future__ import annotations
 
 import json
 import sys
 
+from models.cache import attention_tag
 from tools.bench import cli, metrics, results
 from tools.bench.methods import OURS, SCORED, Settings
 from tools.bench.onnxsim import ONNXSIM
@@ -60,7 +66,7 @@ def bench(args) -> dict:
     """The record of one run: the header (model, data, dense metrics) and every method's rows."""
     import onnx_ir as ir
 
-    t = text_target(args.model, args.samples, args.split, args.cache)
+    t = text_target(args.model, args.samples, args.split, args.cache, args.attention)
     prep = prepare(t.path, t.calib, held=t.held)
     dense = outputs(ir.to_proto(prep.model), t.evaluate, t.batch)
 
@@ -78,7 +84,7 @@ def bench(args) -> dict:
                         lambda method, lam, rounds: row_name(
                             method, args.samples, args.neuron_group, lam,
                             args.round_step if rounds else 0.0, args.round_teacher))
-    return {"model": t.description, "kind": t.kind, "split": args.split,
+    return {"model": t.description, "export": t.path.name, "kind": t.kind, "split": args.split,
             "calibration_texts": args.samples, "eval_texts": t.eval_size,
             "seq_len_for_flops": prep.seq_len, "dense": measure(dense), "methods": rows,
             "score_seconds": seconds}
@@ -96,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reach", type=float, default=d.reach,
                    help="onnxsim: farthest measured FLOPs from a level that still counts as it")
     p.add_argument("--cache", default=None)
+    p.add_argument("--attention", choices=["eager", "sdpa"], default=None,
+                   help="transformers' attention implementation of the exports (default: the "
+                        "library's default)")
     args = p.parse_args(argv)
     cli.check_methods(p, args.methods, (*OURS, *ONNXSIM))
     key = args.model if args.split == "test" else f"{args.model}-{args.split}"
+    if args.attention != "eager":  # eager records keep the names they had before issue 9
+        key += f"-{attention_tag(args.attention)}"
     record = bench(args)
     # ("kind", "split", "eval_texts"): records written before these keys existed lack them
     record = cli.finish(record, argv, PROG, args.out, f"accuracy_{key}", args.merge,

