@@ -29,6 +29,6 @@ def cached(filename: str, build: Callable[[Path], object], cache: str | None = N
 def attention_tag(attention: str | None) -> str:
     """The part of a cached export's file name that says which attention implementation it was
     exported with (``None``: transformers' default), so that an export of one implementation is
-    never reused for another: the graphs differ (eager MatMul/Softmax chains, SDPA's fused form)
-    and so do their analysis and speed."""
+    never reused for another: the graphs differ (an SDPA export reads the head size at run time
+    and guards fully masked rows), and so may their analysis and speed."""
     return f"{attention or 'default'}-attn"
