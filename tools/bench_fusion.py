@@ -118,7 +118,9 @@ def _pruned(levels: list[float]):
     from tools.bench.targets import text_target
 
     d = Settings()
-    target = text_target("sentiment", d.samples)
+    # Eager: onnxruntime's transformer optimizer fuses only that form into Attention; transformers'
+    # default (SDPA) export stays unfused (tests/test_zoo.py), which would leave nothing to measure.
+    target = text_target("sentiment", d.samples, attention="eager")
     su = prepare(target.path, target.calib)
     m, structure, calib, seq_len, macs = su.model, su.structure, su.calib, su.seq_len, su.macs
     t0 = time.perf_counter()
