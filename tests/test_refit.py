@@ -237,3 +237,33 @@ def test_cli_reconstruct_flags(flags, wanted):
 
     args = cli._parser().parse_args(["prune", "in.onnx", "out.onnx", "--calib", "c.npz", *flags])
     assert args.reconstruct == wanted
+
+
+def test_refit_results_are_pinned(tiny_exports, tmp_path):
+    """The refit's choices, held-out errors and corrected outputs as the first implementation
+    (a session per fit, Cholesky solves) gave them, so that making it cheaper (one shared
+    session with weights as inputs, LU solves) cannot silently change what it computes."""
+    from models.cnn import export_tiny_cnn
+    from tests.test_cnn import images, random_keep
+
+    m, s, keep = _tiny(tiny_exports, FORMS[0])
+    got = rf.refit(m, s, keep, make_calibration(tiny_feeds(32, 12, seed=1), chunk_size=8),
+                   make_calibration(tiny_feeds(32, 12, seed=2), chunk_size=8))
+    assert [(b.block, b.method, b.damping) for b in got.blocks] == [
+        ("layer0.attention", "ridge", 1.0), ("layer0.mlp", "ridge", 0.1),
+        ("layer1.attention", "ridge", 0.1), ("layer1.mlp", "ridge", 0.1)]
+    assert (got.held_before, got.held_after) == pytest.approx((0.157793491, 0.0463606649),
+                                                              rel=1e-5)
+    out = run(got.model, tiny_feeds(3, 9, seed=5))[0]
+    assert (out.sum(), np.abs(out).sum()) == pytest.approx((4.8111897, 5.6064844), rel=1e-5)
+
+    m, s = _load(export_tiny_cnn(tmp_path / "resnet.onnx", "resnet", "torchscript",
+                                 keep_bn=False))
+    got = rf.refit(m, s, random_keep(s, 5),
+                   make_calibration({"input": images(16, seed=4)}, chunk_size=4),
+                   make_calibration({"input": images(16, seed=5)}, chunk_size=4))
+    assert [(b.method, b.damping) for b in got.blocks] == [("ridge", 0.001)] * 9
+    assert (got.held_before, got.held_after) == pytest.approx((0.51184804, 0.00073544965),
+                                                              rel=1e-5)
+    out = run(got.model, {"input": images(2, seed=9)})[0]
+    assert (out.sum(), np.abs(out).sum()) == pytest.approx((-0.828969, 5.504008), rel=1e-5)

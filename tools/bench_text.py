@@ -107,14 +107,19 @@ def bench_e2e(args) -> dict:
     n = args.texts + 32
     model, calib = _setup(n, args.max_length, args.cache, args.attention)
     opt = PruneOptions(flops=args.flops, samples=args.texts, neuron_group=args.neuron_group,
-                       width_multiple=args.ffn_multiple)
+                       width_multiple=args.ffn_multiple, reconstruct=args.reconstruct)
+    # The machine is shared: its load beside the timing says how far the seconds are from an
+    # idle box's (the 1-minute load average at the start and at the end).
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     result = prune(model, calib, opt, output=_pruned_path(model))
     seconds = time.perf_counter() - t0
     r = result.report
     return {"model": model.name, "flops_target": args.flops, "flops_achieved": r.flops_achieved,
             "neuron_group": args.neuron_group, "ffn_multiple": args.ffn_multiple, "texts": args.texts,
-            "seconds": seconds, "stage_seconds": r.stage_seconds, "latency": r.latency,
+            "reconstruct": args.reconstruct, "load_average": [load, os.getloadavg()[0]],
+            "seconds": seconds, "stage_seconds": r.stage_seconds, "notes": list(r.notes),
+            "latency": r.latency,
             "fidelity": r.fidelity, "verify": r.verify,
             "layers": {x["block"]: x["units_after"] for x in r.layers}}
 
@@ -149,6 +154,8 @@ def bench_latency(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from optin_onnx.reconstruct import CORRECTIONS
+
     p = argparse.ArgumentParser(prog="python -m tools.bench_text", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["scorers", "exact", "e2e", "latency"])
     p.add_argument("--trials", dest="trials", type=int, default=5,
@@ -168,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     # The earlier spelling, still accepted (recorded commands use it), not listed.
     p.add_argument("--round", dest="ffn_multiple", type=int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)
+    p.add_argument("--reconstruct", choices=CORRECTIONS, default=None,
+                   help="e2e: correction of the kept weights (default of PruneOptions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None)
     p.add_argument("--attention", choices=["eager", "sdpa"], default=None,
@@ -180,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     d = PruneOptions()
     args.neuron_group = d.neuron_group if args.neuron_group is None else args.neuron_group
     args.ffn_multiple = d.width_multiple if args.ffn_multiple is None else args.ffn_multiple
+    args.reconstruct = d.reconstruct if args.reconstruct is None else args.reconstruct
     Path(args.out).mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()  # the machine is shared: timings mean little without it
     record = {"scorers": bench_scorers, "exact": bench_exact, "e2e": bench_e2e,

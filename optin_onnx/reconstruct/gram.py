@@ -39,14 +39,16 @@ class Gram:
 
 
 def solve_spd(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """``lhs^-1 rhs`` for a symmetric positive (semi-)definite ``lhs``: Cholesky, and a
-    least-squares solve where the damped matrix is still numerically singular (a unit that never
-    fires on the calibration rows, with no damping on it)."""
+    """``lhs^-1 rhs`` for a symmetric positive (semi-)definite ``lhs``: one LU solve, and a
+    least-squares solve where the matrix is singular (a unit that never fires on the calibration
+    rows, with no damping on it). Not Cholesky: numpy has no triangular solve, so a Cholesky
+    factor would be followed by two general solves, 2.5 times the work of one, and the refit
+    solves once per damping and block (the demo model's profile: docs/RESULTS.md, "Weight
+    refit")."""
     try:
-        low = np.linalg.cholesky(lhs)
+        return np.linalg.solve(lhs, rhs)
     except np.linalg.LinAlgError:
         return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
-    return np.linalg.solve(low.T, np.linalg.solve(low, rhs))
 
 
 def ridge(gram: Gram, w0: np.ndarray, damping: float, free: int = 0) -> np.ndarray:

@@ -29,22 +29,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from optin_onnx import runtime
 from optin_onnx.analysis import Block, Consumer, Role, Structure
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
 from optin_onnx.graph import const_array, copy_model, nodes_by_name
-from optin_onnx.instrument import masked_model, oriented, unit_masks
+from optin_onnx.instrument import (channel_mask, mask_input_name, masked_model, oriented,
+                                   unit_masks)
 from optin_onnx.reconstruct.gram import Gram, ridge
 from optin_onnx.reconstruct.scales import consumer_matrix
-
-if TYPE_CHECKING:
-    from onnxruntime import InferenceSession
 
 #: Ridge dampings tried per block (relative to the mean diagonal of X^T X); the held-out samples
 #: choose among them, so no single value has to suit every layer.
@@ -214,12 +210,66 @@ def _rows(arr: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray:
     return rows
 
 
-def _runs(sess: InferenceSession, data: CalibrationSet, names: list[str]
-          ) -> Iterator[tuple[np.ndarray | None, dict[str, np.ndarray]]]:
-    """(attention mask or None, {name: value}) chunk by chunk: one chunk's activations at a
-    time, never a whole set's."""
-    for chunk in data.chunks:
-        yield chunk.feeds.get(MASK_INPUT), dict(zip(names, sess.run(names, chunk.feeds)))
+class _Session:
+    """One onnxruntime session for every run of the refit: the dense model with a mask input per
+    block (:func:`~optin_onnx.instrument.masked_model`) and every weight and bias a fit can move
+    as a graph input of its own, fed at each run. The dense teacher (masks of ones, the weights
+    as they were), the pruned student before and after each fit, and the whole model's check are
+    all feeds of this one session. A session per fit would instead serialise and optimise the
+    whole model once per consumer, which costs more than the fits' runs (the demo model's
+    profile: docs/RESULTS.md, "Weight refit")."""
+
+    def __init__(self, model: ir.Model, structure: Structure, masks: Mapping[str, np.ndarray],
+                 consumers: Sequence[Consumer], slots: Sequence[tuple[str, int]],
+                 points: Sequence[str], providers: Sequence[str] | None) -> None:
+        shared = masked_model(model, structure)
+        nodes = nodes_by_name(shared.graph)
+        taken = {v.name for v in shared.graph.inputs} | set(shared.graph.initializers)
+        self.inputs: dict[tuple[str, int], str] = {}
+        self.original: dict[str, np.ndarray] = {}
+        for node_name, slot in dict.fromkeys(slots):
+            node = nodes[node_name]
+            arr = np.ascontiguousarray(const_array(node.inputs[slot]))
+            name = f"optin_refit__{node_name}__{slot}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            # Its own input per (node, slot): a weight tied between layers is fitted per use, as
+            # :func:`_replace` gives each use its own copy.
+            value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                             shape=ir.Shape(arr.shape))
+            shared.graph.inputs.append(value)
+            node.replace_input_with(slot, value)
+            self.inputs[(node_name, slot)] = name
+            self.original[name] = arr
+        self.current = dict(self.original)
+        #: the masked model's name of each consumer's data input (after its mask Mul)
+        self.data = {(c.node, c.data_index): nodes[c.node].inputs[c.data_index].name
+                     for c in consumers}
+        self.student_masks, self.dense_masks = {}, {}
+        for b in structure.blocks:
+            c = b.consumers[0]
+            self.student_masks[mask_input_name(b)] = channel_mask(b, masks[b.name], c.role,
+                                                                  c.group)
+            self.dense_masks[mask_input_name(b)] = np.ones_like(
+                self.student_masks[mask_input_name(b)])
+        names = list(dict.fromkeys([*points, *self.data.values()]))
+        self.sess = runtime.session(ir.to_proto(shared), providers, outputs=names)
+
+    def set(self, slot: tuple[str, int], arr: np.ndarray) -> None:
+        """A fit's new weight or bias, fed to every later run."""
+        self.current[self.inputs[slot]] = np.ascontiguousarray(arr)
+
+    def runs(self, data: CalibrationSet, names: list[str], *, dense: bool = False,
+             fitted: bool = True) -> Iterator[tuple[np.ndarray | None, dict[str, np.ndarray]]]:
+        """(attention mask or None, {name: value}) chunk by chunk (one chunk's activations at a
+        time, never a whole set's), of the dense model (``dense``) or the pruned one, with the
+        fits made so far (``fitted``) or the weights as they were."""
+        extra = {**(self.dense_masks if dense else self.student_masks),
+                 **(self.current if fitted and not dense else self.original)}
+        for chunk in data.chunks:
+            yield (chunk.feeds.get(MASK_INPUT),
+                   dict(zip(names, self.sess.run(names, {**chunk.feeds, **extra}))))
 
 
 class _Teacher:
@@ -228,30 +278,31 @@ class _Teacher:
     room for longer chunks); above that each request runs the dense model again, trading time for
     bounded memory."""
 
-    def __init__(self, sess: InferenceSession, names: list[str],
+    def __init__(self, session: _Session, names: list[str],
                  sets: Sequence[CalibrationSet]) -> None:
-        self.sess, self.cache = sess, {}
+        self.session, self.cache = session, {}
         first = sets[0].chunks[0]
-        sample = sum(v.nbytes for v in sess.run(names, first.feeds)) / (first.stop - first.start)
+        _, values = next(session.runs(sets[0], names, dense=True))
+        sample = sum(v.nbytes for v in values.values()) / (first.stop - first.start)
         if 2 * sample * sum(data.n for data in sets) <= TEACHER_CACHE_BYTES:
             for data in sets:
-                self.cache[id(data)] = [v for _, v in _runs(sess, data, names)]
+                self.cache[id(data)] = [v for _, v in session.runs(data, names, dense=True)]
 
     def runs(self, data: CalibrationSet, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """{name: dense value} of ``names``, one chunk of ``data`` at a time."""
         if id(data) in self.cache:
             return iter(self.cache[id(data)])
-        return (v for _, v in _runs(self.sess, data, names))
+        return (v for _, v in self.session.runs(data, names, dense=True))
 
 
-def _relative_error(model: onnx.ModelProto, data: CalibrationSet, output: str,
-                    dense: _Teacher,
-                    providers: Sequence[str] | None) -> float:
-    """Squared error of ``model``'s ``output`` to the dense session's, relative to the dense
-    output's squared norm (real tokens only for per-token outputs)."""
-    sess = runtime.session(model, providers, outputs=[output])
+def _relative_error(session: _Session, data: CalibrationSet, output: str, dense: _Teacher,
+                    fitted: bool) -> float:
+    """Squared error of the pruned model's ``output`` (with the fits or without) to the dense
+    model's, relative to the dense output's squared norm (real tokens only for per-token
+    outputs)."""
     err = norm = 0.0
-    for (mask, got), want in zip(_runs(sess, data, [output]), dense.runs(data, [output])):
+    for (mask, got), want in zip(session.runs(data, [output], fitted=fitted),
+                                 dense.runs(data, [output])):
         g = _rows(got[output].astype(np.float64), -1, mask)
         w = _rows(want[output].astype(np.float64), -1, mask)
         err += float(np.sum((g - w) ** 2))
@@ -272,11 +323,13 @@ def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
     jobs = sorted(((b, c) for b in structure.blocks for c in b.consumers),
                   key=lambda job: order[job[1].node])
     plans = {(b.name, c.node): _plan(out, b, c) for b, c in jobs}
-    points = [p.point for p in plans.values() if isinstance(p, _Plan)]
+    fits = [p for p in plans.values() if isinstance(p, _Plan)]
     output = model.graph.outputs[0].name
-    names = list(dict.fromkeys(points + [output]))
-    dense = _Teacher(runtime.session(ir.to_proto(model), providers, outputs=names), names,
-                     (cal, held))
+    points = list(dict.fromkeys([p.point for p in fits] + [output]))
+    slots = [s for p in fits for s in ((p.consumer.node, p.consumer.weight_index), p.bias) if s]
+    session = _Session(model, structure, masks, [p.consumer for p in fits], slots, points,
+                       providers)
+    dense = _Teacher(session, points, (cal, held))
     result = RefitResult(out)
     for b, c in jobs:
         plan = plans[(b.name, c.node)]
@@ -284,30 +337,27 @@ def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
         if isinstance(plan, str):
             result.blocks.append(BlockRefit(label, "none", reason=plan))
             continue
-        got = _fit_block(out, structure, masks, b, plan, (cal, held), dense, providers, dampings)
+        got = _fit_block(out, session, masks, b, plan, (cal, held), dense, dampings)
         got.block = label
         result.blocks.append(got)
         result.gram_bytes = max(result.gram_bytes, got.gram_bytes)
-    result.held_before = _relative_error(ir.to_proto(masked_model(model, structure, masks)),
-                                         held, output, dense, providers)
+    result.held_before = _relative_error(session, held, output, dense, fitted=False)
     if not any(r.method != "none" for r in result.blocks):
         result.held_after = result.held_before
         result.model = copy_model(model)
         return result
-    result.held_after = _relative_error(ir.to_proto(masked_model(out, structure, masks)), held,
-                                        output, dense, providers)
+    result.held_after = _relative_error(session, held, output, dense, fitted=True)
     result.kept = result.held_after < result.held_before
     if not result.kept:
         result.model = copy_model(model)
     return result
 
 
-def _fit_block(out: ir.Model, structure: Structure, masks: Mapping[str, np.ndarray],
+def _fit_block(out: ir.Model, session: _Session, masks: Mapping[str, np.ndarray],
                block: Block, plan: _Plan, sets: tuple[CalibrationSet, CalibrationSet],
-               dense: _Teacher,
-               providers: Sequence[str] | None, dampings: Sequence[float]) -> BlockRefit:
+               dense: _Teacher, dampings: Sequence[float]) -> BlockRefit:
     """Fit ``plan``'s consumer on the first of ``sets`` (scoring samples), choose on the second
-    (held-out), and write the winner into ``out``."""
+    (held-out), and write the winner into ``out`` and the ``session``'s feeds."""
     c = plan.consumer
     nodes = nodes_by_name(out.graph)
     node = nodes[c.node]
@@ -321,13 +371,11 @@ def _fit_block(out: ir.Model, structure: Structure, masks: Mapping[str, np.ndarr
         kept = (kept[:, None] * plan.window.size + np.arange(plan.window.size)).reshape(-1)
     w0 = w_full[kept]
     free = 1 if plan.bias else 0
-    student = ir.to_proto(masked_model(out, structure, masks))
-    x_name = next(n for n in student.graph.node if n.name == c.node).input[c.data_index]
-    sess = runtime.session(student, providers, outputs=[x_name, plan.point])
+    x_name = session.data[(c.node, c.data_index)]
     grams = []
     for data in sets:
         gram = Gram(len(kept) + free, w0.shape[1])
-        pairs = zip(_runs(sess, data, [x_name, plan.point]), dense.runs(data, [plan.point]))
+        pairs = zip(session.runs(data, [x_name, plan.point]), dense.runs(data, [plan.point]))
         for (mask, got), want in pairs:
             x = (plan.window.patches(got[x_name]) if plan.window else
                  _rows(got[x_name], c.data_axis, mask))[:, kept].astype(np.float64)
@@ -346,12 +394,14 @@ def _fit_block(out: ir.Model, structure: Structure, masks: Mapping[str, np.ndarr
     w_full[kept] = w[:len(kept)]
     new = (oriented(w_full, c) if node.op_type != "Conv" else w_full.T.reshape(weight.shape))
     _replace(out, node, c.weight_index, new.astype(weight.dtype), weight_value.name)
+    session.set((c.node, c.weight_index), new.astype(weight.dtype))
     if free:
         bnode = nodes[plan.bias[0]]
         old = const_array(bnode.inputs[plan.bias[1]])
         shifted = old.astype(np.float64) + plan.pre * w[-1]
         _replace(out, bnode, plan.bias[1], shifted.astype(old.dtype),
                  bnode.inputs[plan.bias[1]].name)
+        session.set(plan.bias, shifted.astype(old.dtype))
     return BlockRefit(block.name, method, before, after, damping,
                       gram_bytes=fit.nbytes + check.nbytes)
 
