@@ -10,7 +10,7 @@ from tools.bench.methods import Settings
 from tools.bench.metrics import classification
 from tools.bench.prepare import prepare
 from tools.bench.records import merge_record, write
-from tools.bench.results import accuracy_block
+from tools.bench.results import accuracy_block, accuracy_table
 from tools.bench.run import run
 from tools.bench.runner import outputs
 
@@ -76,6 +76,15 @@ def test_accuracy_block_and_merge(tmp_path) -> None:
     later = dict(record, methods={"local": [row]}, score_seconds={"local": 2.0}, command="b")
     merged = merge_record(tmp_path / "accuracy_bbc.json", later, ("methods", "score_seconds"))
     assert list(merged["methods"]) == ["optin", "local"] and merged["command"] == "a && b"
+    # A rerun at one level replaces that cell of a row and keeps its other levels.
+    write(dict(record, methods={"optin": [dict(row, level=0.9), row]}), tmp_path / "two.json")
+    again = dict(record, methods={"optin": [dict(row, accuracy=0.5)]}, command="c")
+    merged = merge_record(tmp_path / "two.json", again, ("methods", "score_seconds"))
+    assert [(c["level"], c["accuracy"]) for c in merged["methods"]["optin"]] == [(0.9, 0.9),
+                                                                                (0.6, 0.5)]
+    # A row at fewer levels has its cell under its own level's column.
+    merged["methods"]["local"], merged["score_seconds"]["local"] = [dict(row, level=0.6)], 2.0
+    assert accuracy_table(merged).splitlines()[-1].startswith("| local | 2 + 1.0 |  | 90.0")
 
 
 def test_flops_per_round_keeps_its_old_spelling_unlisted() -> None:

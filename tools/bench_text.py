@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     d = PruneOptions()
     args.neuron_group = d.neuron_group if args.neuron_group is None else args.neuron_group
     args.ffn_multiple = d.width_multiple if args.ffn_multiple is None else args.ffn_multiple
+    # An explicit correction gets its own record (e2e_refit.json): the default's stays comparable.
+    stem = args.what if args.reconstruct is None else f"{args.what}_{args.reconstruct}"
     args.reconstruct = d.reconstruct if args.reconstruct is None else args.reconstruct
     Path(args.out).mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()  # the machine is shared: timings mean little without it
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
               "latency": bench_latency}[args.what](args)
     record["command"] = "python -m tools.bench_text " + " ".join(argv or sys.argv[1:])
     record["load_average"] = {"before": load_before, "after": os.getloadavg()}
-    path = Path(args.out) / f"{args.what}.json"
+    path = Path(args.out) / f"{stem}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     return 0

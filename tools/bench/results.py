@@ -62,12 +62,15 @@ def _accuracy_time(record: dict, method: str, rows: list[dict]) -> str:
 
 
 def accuracy_table(record: dict) -> str:
-    """Markdown: one row per method, one column per FLOPs level, plus the time it took."""
-    levels = [r["level"] for r in next(iter(record["methods"].values()))]
+    """Markdown: one row per method, one column per FLOPs level any row has (a row from a run at
+    fewer levels leaves the others blank), plus the time it took."""
+    levels = sorted({r["level"] for rows in record["methods"].values() for r in rows},
+                    reverse=True)
     head = "| method | time (s) | " + " | ".join(f"{lv:g}" for lv in levels) + " |"
     lines = [head, "|---" * (len(levels) + 2) + "|"]
     for method, rows in record["methods"].items():
-        cells = [_accuracy_cell(record, r) for r in rows]
+        at = {r["level"]: r for r in rows}
+        cells = [_accuracy_cell(record, at[lv]) if lv in at else "" for lv in levels]
         lines.append(f"| {method} | {_accuracy_time(record, method, rows)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
