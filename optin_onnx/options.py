@@ -152,9 +152,9 @@ class PruneOptions:
         "is the loss a unit adds; default %(default)s)")
     allow_block_removal: bool = option(False, "--allow-block-removal",
                                        "allow removing every head (or neuron) of a layer")
-    # Off by default until the sentiment classifier and EfficientNet are measured with the refit
-    # (it helps on every model measured so far: docs/DESIGN.md, "Why the defaults are what they
-    # are").
+    # Off by default until the sentiment classifier is measured with the refit (it helps, or at
+    # worst changes nothing, on every model measured so far: docs/DESIGN.md, "Why the defaults
+    # are what they are").
     reconstruct: Reconstruct = option(
         "none", "--reconstruct", "correct the kept weights: refit (ridge refit of the layer "
         "reading each block's kept units against the dense residual stream, kept only where the "
