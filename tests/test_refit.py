@@ -229,9 +229,10 @@ def test_streamed_dense_targets_give_the_cached_result(tiny_exports, monkeypatch
     assert streamed.held_after == pytest.approx(cached.held_after, rel=1e-6)
 
 
-@pytest.mark.parametrize("flags, wanted", [([], "none"), (["--reconstruct"], "refit"),
+@pytest.mark.parametrize("flags, wanted", [([], "refit"), (["--reconstruct"], "refit"),
                                            (["--reconstruct", "scales"], "scales"),
-                                           (["--reconstruct", "none"], "none")])
+                                           (["--reconstruct", "none"], "none"),
+                                           (["--no-reconstruct"], "none")])
 def test_cli_reconstruct_flags(flags, wanted):
     from optin_onnx import cli
 

@@ -1,4 +1,4 @@
-"""Stage *reconstruct*, ``--reconstruct refit`` (off by default for now): a closed-form refit of
+"""Stage *reconstruct*, ``--reconstruct refit`` (the default): a closed-form refit of
 the layer that reads each block's kept units, guarded by held-out samples.
 
 Consumer by consumer in graph order, the consumer weight's kept rows (the attention output
