@@ -108,17 +108,13 @@ def bench_e2e(args) -> dict:
     model, calib = _setup(n, args.max_length, args.cache, args.attention)
     opt = PruneOptions(flops=args.flops, samples=args.texts, neuron_group=args.neuron_group,
                        width_multiple=args.ffn_multiple, reconstruct=args.reconstruct)
-    # The machine is shared: its load beside the timing says how far the seconds are from an
-    # idle box's (the 1-minute load average at the start and at the end).
-    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     result = prune(model, calib, opt, output=_pruned_path(model))
     seconds = time.perf_counter() - t0
     r = result.report
     return {"model": model.name, "flops_target": args.flops, "flops_achieved": r.flops_achieved,
             "neuron_group": args.neuron_group, "ffn_multiple": args.ffn_multiple, "texts": args.texts,
-            "reconstruct": args.reconstruct, "load_average": [load, os.getloadavg()[0]],
-            "seconds": seconds, "stage_seconds": r.stage_seconds, "notes": list(r.notes),
+            "reconstruct": args.reconstruct, "seconds": seconds, "stage_seconds": r.stage_seconds, "notes": list(r.notes),
             "latency": r.latency,
             "fidelity": r.fidelity, "verify": r.verify,
             "layers": {x["block"]: x["units_after"] for x in r.layers}}
