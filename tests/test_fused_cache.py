@@ -152,7 +152,7 @@ def test_heads_and_cache_ports_found(op, units, group, attribute):
 def test_fused_cache_heads_pruned_exactly(op):
     model = decoder(op)
     result = prune(model, feeds(model, 16), flops=0.85, prune="heads", latency_cases=[],
-                   samples=8)
+                   samples=8, reconstruct="none")
     assert result.verification.passed
     keep = result.selection.keep
     attention = next(b for b in result.structure.blocks if b.kind == "attention")
@@ -195,7 +195,7 @@ def test_present_read_inside_the_graph_is_a_barrier():
 def test_gqa_without_cache():
     model = decoder("GroupQueryAttention", past=False)
     result = prune(model, feeds(model, 16), flops=0.85, prune="heads", latency_cases=[],
-                   samples=8)
+                   samples=8, reconstruct="none")
     assert result.verification.passed and not result.report.interface or all(
         e["kind"] == "output" for e in result.report.interface)
 
@@ -209,7 +209,8 @@ def test_fused_past_found_and_filled_empty(op):
     model = decoder(op)
     assert cache_inputs(as_model(model)) == {"past_key": 2, "past_value": 2}
     calib = {k: v for k, v in feeds(model, 16).items() if not k.startswith("past")}
-    result = prune(model, calib, flops=0.85, prune="heads", latency_cases=[], samples=8)
+    result = prune(model, calib, flops=0.85, prune="heads", latency_cases=[],
+                   samples=8, reconstruct="none")
     assert result.verification.passed
 
 
@@ -218,7 +219,7 @@ def test_rotary_embedding_keeps_the_heads():
     with the kept heads, exactly."""
     model = decoder("GroupQueryAttention", rotary=True)
     result = prune(model, feeds(model, 16), flops=0.85, prune="heads", latency_cases=[],
-                   samples=8)
+                   samples=8, reconstruct="none")
     assert result.verification.passed
     kept = len(result.selection.keep["layer0.attention"])
     assert kept == 1

@@ -36,7 +36,7 @@ import onnx_ir as ir
 from optin_onnx import runtime
 from optin_onnx.analysis import Block, Consumer, Role, Structure
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
-from optin_onnx.graph import const_array, copy_model, nodes_by_name
+from optin_onnx.graph import const_array, const_root, copy_model, nodes_by_name
 from optin_onnx.instrument import (channel_mask, mask_input_name, masked_model, oriented,
                                    unit_masks)
 from optin_onnx.reconstruct.gram import Gram, ridge
@@ -166,6 +166,11 @@ def _plan(model: ir.Model, block: Block, c: Consumer) -> _Plan | str:
         return "its consumer reads a head axis"
     nodes = nodes_by_name(model.graph)
     node = nodes[c.node]
+    root = const_root(node.inputs[c.weight_index])
+    if root is not None and sum(const_root(v) is root for n in model.graph if n.op_type != "Identity"
+                                for v in n.inputs if v is not None) > 1:
+        return "its weight is shared with another layer (ALBERT): a refit of one use would " \
+               "unshare it"
     matrix = _matrix(node, c)
     if matrix is None:
         return "the consumer is not a conv of group 1 or a plain matrix product"
