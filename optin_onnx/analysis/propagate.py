@@ -49,7 +49,7 @@ import onnx_ir as ir
 from optin_onnx.analysis.cache import reads_axis, source_input, through_copies
 from optin_onnx.analysis.groups import Group, Groups, Track
 from optin_onnx.analysis.handlers import FOLDED_OK, HANDLERS, HEAVY, LEAD_OK, SOURCES, UNARY
-from optin_onnx.analysis.handlers.layout import broadcast_along, tiled_constant
+from optin_onnx.analysis.handlers.repeat import broadcast_along, tiled_constant
 from optin_onnx.analysis.structure import ParamSlice, Port, Role
 from optin_onnx.graph import attr, captured, const_array, const_root
 

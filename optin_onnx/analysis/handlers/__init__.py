@@ -11,8 +11,9 @@ from optin_onnx.analysis.handlers.attention import attention
 from optin_onnx.analysis.handlers.conv import batch_norm, conv, pad, pool, reduce, resize
 from optin_onnx.analysis.handlers.elementwise import BROADCAST, UNARY, elementwise
 from optin_onnx.analysis.handlers.index_mapping import concat, gather_elements, split
-from optin_onnx.analysis.handlers.layout import (expand, flatten, reshape, shape, slice_,
-                                                 squeeze, tile, transpose, unsqueeze)
+from optin_onnx.analysis.handlers.layout import (flatten, reshape, shape, slice_, squeeze,
+                                                 transpose, unsqueeze)
+from optin_onnx.analysis.handlers.repeat import expand, tile
 from optin_onnx.analysis.handlers.linear import gemm, matmul
 from optin_onnx.analysis.handlers.normalization import layer_norm, softmax
 

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import numpy as np
 
 from optin_onnx.analysis.groups import Track
-from optin_onnx.analysis.handlers.layout import broadcast_along
+from optin_onnx.analysis.handlers.repeat import broadcast_along
 from optin_onnx.analysis.structure import Role, ShapeEdit
 from optin_onnx.graph import attr, const_array
 
