@@ -18,8 +18,8 @@ from optin_onnx.probe import PROBE_SEQ, dummy_feeds
 from optin_onnx.runtime import run_all_values
 
 _HEAVY = {("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"),
-          ("", "Attention"), ("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention"),
-          ("com.microsoft", "GroupQueryAttention")}
+          ("", "Attention"), ("com.microsoft", "Attention"),
+          ("com.microsoft", "MultiHeadAttention"), ("com.microsoft", "GroupQueryAttention")}
 
 
 @dataclass

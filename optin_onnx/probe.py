@@ -111,11 +111,18 @@ def probe_like(model: ir.Model, like: dict[str, np.ndarray] | None) -> dict[str,
     try:
         return probe(model, dummy_feeds(model, like=like))
     except OptinError as first:
-        lengths = {like[k].shape[1] for k in sequence_inputs(model) & set(like or {})}
-        if len(lengths) != 1 or PROBE_SEQ in lengths:
+        length = calibration_length(model, like or {})
+        if length in (None, PROBE_SEQ):
             raise
         try:
-            return probe(model, dummy_feeds(model, seq=lengths.pop(), like=like))
+            return probe(model, dummy_feeds(model, seq=length, like=like))
         except OptinError:
             raise first from None
+
+
+def calibration_length(model: ir.Model, like: dict[str, np.ndarray]) -> int | None:
+    """The one length of the calibration's token inputs (axis 1), or None where they have none
+    or disagree."""
+    lengths = {like[k].shape[1] for k in sequence_inputs(model) & set(like)}
+    return lengths.pop() if len(lengths) == 1 else None
 

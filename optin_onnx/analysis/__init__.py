@@ -12,7 +12,8 @@ from optin_onnx.analysis.structure import (AttrEdit, Block, Consumer, Declined, 
 from optin_onnx.graph import const_array, nodes_by_name, subgraphs
 
 __all__ = ["analyze_graph", "AttrEdit", "pre_layer_norm", "residual_features", "Block", "Consumer",
-           "Declined", "ParamSlice", "Port", "PortChange", "Removal", "Role", "ShapeEdit", "Structure", "pruned_feeds"]
+           "Declined", "ParamSlice", "Port", "PortChange", "Removal", "Role", "ShapeEdit",
+           "Structure", "pruned_feeds"]
 
 #: Ops a removed block's contribution may pass through on its way to the residual add.
 _PASS_THROUGH = {"Reshape", "Identity", "Dropout"}

@@ -167,8 +167,8 @@ def _plan(model: ir.Model, block: Block, c: Consumer) -> _Plan | str:
     nodes = nodes_by_name(model.graph)
     node = nodes[c.node]
     root = const_root(node.inputs[c.weight_index])
-    if root is not None and sum(const_root(v) is root for n in model.graph if n.op_type != "Identity"
-                                for v in n.inputs if v is not None) > 1:
+    if root is not None and sum(const_root(v) is root for n in model.graph
+                                if n.op_type != "Identity" for v in n.inputs if v is not None) > 1:
         return "its weight is shared with another layer (ALBERT): a refit of one use would " \
                "unshare it"
     matrix = _matrix(node, c)

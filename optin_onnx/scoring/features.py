@@ -79,9 +79,9 @@ def outputs_left_out(model: ir.Model, structure: Structure, objectives: Collecti
     """Every graph output that is not an objective, with why (for the report); ``exclude`` as
     given to :func:`objective_outputs`."""
     dependent = set(dependent_outputs(model, structure))
+    cache = "a KV cache output (its shape follows the kept heads)"
     return {v.name: ("no prunable block reaches it" if v.name not in dependent else
-                     "a KV cache output (its shape follows the kept heads)" if v.name in exclude else
-                     "not chosen by --objective-output")
+                     cache if v.name in exclude else "not chosen by --objective-output")
             for v in model.graph.outputs if v.name not in objectives}
 
 

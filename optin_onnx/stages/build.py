@@ -17,7 +17,8 @@ from optin_onnx.analysis import pruned_feeds
 from optin_onnx.errors import OptinError
 from optin_onnx.options import PruneOptions
 from optin_onnx.passes.canonicalize_reshapes import canonicalize_reshapes
-from optin_onnx.probe import dummy_feeds, probe, sample_feeds, sequence_inputs
+from optin_onnx.probe import (calibration_length, dummy_feeds, probe, sample_feeds,
+                              sequence_inputs)
 from optin_onnx.reconstruct import correct
 from optin_onnx.rewrite import rewrite
 from optin_onnx.scoring.types import Units
@@ -34,11 +35,8 @@ def _canonicalize_probes(model: ir.Model, calib: dict[str, np.ndarray]
                          ) -> list[dict[str, np.ndarray]] | None:
     """Two probe runs at :data:`CANONICALIZE_PROBES`, or, for a model that cannot run at those
     lengths (a window size), at the calibration's own length and twice it; None if neither."""
-    lengths = {calib[k].shape[1] for k in sequence_inputs(model) & set(calib)}
-    tries = [CANONICALIZE_PROBES]
-    if len(lengths) == 1:
-        n = lengths.pop()
-        tries.append(((3, n), (2, 2 * n)))
+    n = calibration_length(model, calib)
+    tries = [CANONICALIZE_PROBES] + ([((3, n), (2, 2 * n))] if n is not None else [])
     for sizes in tries:
         try:
             return [probe(model, dummy_feeds(model, batch=b, seq=s, like=calib)) for b, s in sizes]

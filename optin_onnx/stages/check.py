@@ -33,13 +33,15 @@ from optin_onnx.verify import RUN_ERRORS, VerifyResult, verify
 @dataclass(frozen=True)
 class Checked:
     """What the report states about a verified slim model; ``fidelity``: per objective output,
-    in the prepare stage's order; ``notes``: checks skipped, and why."""
+    in the prepare stage's order; ``notes``: checks skipped, and why; ``resized``: the graph
+    inputs and outputs whose shape the prune changed (a KV cache)."""
 
     verification: VerifyResult
     macs_after: int
     fidelity: dict[str, dict[str, float]]
     latency: dict[str, dict]
     notes: tuple[str, ...]
+    resized: tuple[PortChange, ...] = ()
 
 
 def fidelity(dense: onnx.ModelProto, slim: onnx.ModelProto, kinds: Mapping[str, str],
@@ -98,10 +100,11 @@ def check(prep: Prepared, options: PruneOptions, built: Built, keep: Units, *,
         changes = prep.structure.interface(keep)
         macs_after = total_macs(ir.from_proto(slim), prep.seq_len,
                                 like=pruned_feeds(prep.calib, changes))
-        resized = [c.describe() for c in changes.values() if len(c.kept) != c.before]
+        resized = tuple(c for c in changes.values() if len(c.kept) != c.before)
         if resized:
             notes.append("the model's interface changed (a KV cache keeps the kept heads only: "
-                         "allocate it at the new size): " + "; ".join(resized))
+                         "allocate it at the new size): "
+                         + "; ".join(c.describe() for c in resized))
         declared = {v.name: v for v in reference.graph.outputs}
         kinds = {name: output_kind(reference, name, len(declared[name].shape or ()) or 2, "auto")
                  for name in prep.objectives}
@@ -120,7 +123,7 @@ def check(prep: Prepared, options: PruneOptions, built: Built, keep: Units, *,
                              f"model at that shape ({first_line(exc)})")
                 continue
             latency[f"{options.provider} b{batch} s{seq}"] = latency_entry(before, after)
-    return Checked(result, macs_after, measured, latency, tuple(notes))
+    return Checked(result, macs_after, measured, latency, tuple(notes), resized)
 
 
 def file_size(path: Path) -> int:
@@ -168,5 +171,5 @@ def make_report(prep: Prepared, options: PruneOptions, built: Built, keep: Units
         declined=[f"{d.name}: {'; '.join(d.reasons)}" for d in prep.structure.declined],
         interface=[{"name": c.name, "kind": "output" if c.output else "input", "axis": c.axis,
                     "before": c.before, "after": len(c.kept)}
-                   for c in prep.structure.interface(keep).values() if len(c.kept) != c.before],
+                   for c in checked.resized],
         notes=notes)
