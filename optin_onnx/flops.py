@@ -40,6 +40,7 @@ class MacModel:
     # (dense MACs, factors): each factor is one axis of the node (Structure.mac_factors)
     terms: list[tuple[float, tuple[Factor, ...]]] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)  # block name -> units when dense
+    nodes: dict[str, int] = field(default_factory=dict)  # node name -> its dense MACs
 
     def term(self, term: tuple[float, tuple[Factor, ...]], kept: dict[str, int]) -> float:
         m, factors = term
@@ -125,4 +126,4 @@ def mac_model(model: ir.Model, structure: Structure, seq_len: int,
             / b.n_units for b in structure.blocks}
     base = total - sum(m for m, _ in terms)
     return MacModel(total=total, base=int(round(base)), unit=unit, seq_len=seq_len, terms=terms,
-                    sizes={b.name: b.n_units for b in structure.blocks})
+                    sizes={b.name: b.n_units for b in structure.blocks}, nodes=per_node)

@@ -93,6 +93,16 @@ def _parse_names(text: str) -> list[str]:
     return names
 
 
+def _parse_group(text: str) -> int | None:
+    """``--neuron-group``: a positive integer, or ``auto`` (None)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of neurons or 'auto', got '{text}'")
+
+
 def _show_cases(cases: Sequence[tuple[int, int]]) -> str:
     return ",".join(f"{b}x{s}" for b, s in cases)
 
@@ -135,10 +145,13 @@ class PruneOptions:
         8, "--channel-multiple", "keep conv channel counts a multiple of N where a group has at "
         "least N (default %(default)s)", lowest=1)
     # Proxy-ordered groups: far less scoring time than exact scores, with held-out fidelity as
-    # good on MiniLM (docs/RESULTS.md, "One-off measurements").
-    neuron_group: int = option(
-        8, "--neuron-group", "score neurons (and conv channels) in groups of N adjacent by a "
-        "local proxy (approximate; default %(default)s; 1 = exact)", lowest=1)
+    # good on MiniLM (docs/RESULTS.md, "One-off measurements"). None (auto): the finest group
+    # whose estimated scoring cost fits a budget of dense forwards (optin_onnx.scoring.budget).
+    neuron_group: int | None = option(
+        None, "--neuron-group", "score neurons (and conv channels) in groups of N adjacent by a "
+        "local proxy (approximate; 1 = exact; default auto: the finest group of 8, 16, 32, ... "
+        "whose estimated scoring time fits a fixed number of dense forward passes)", lowest=1,
+        parse=_parse_group, to_cli=lambda group: "auto" if group is None else group)
     feature_kind: FeatureKind = option(
         "auto", "--feature", "trajectory feature: FFN outputs (post-LN, BERT), the LayerNorm'ed "
         "residual stream entering each later layer (pre-LN, ViT), the block outputs (CNNs), or "

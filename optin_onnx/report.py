@@ -321,7 +321,9 @@ def _stages_table(stage_seconds: dict[str, float]) -> Table:
 _SCORING_LABELS = {"executor": "Scoring executor", "workers": "Scoring workers",
                    "memory_limit_gib": "Memory limit (GiB)",
                    "one_sample_forward_mib": "One sample's forward values (MiB)",
-                   "gram_tokens": "Gram matrix tokens (K)"}
+                   "gram_tokens": "Gram matrix tokens (K)",
+                   "neuron_group": "Neuron group", "neuron_group_auto": "Neuron group chosen (auto)",
+                   "estimated_dense_forwards": "Scoring estimate (dense forwards)"}
 
 
 def _resources_table(memory: dict[str, float], scoring: dict[str, Any]) -> Table:

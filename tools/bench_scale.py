@@ -2,6 +2,12 @@
 
     python -m tools.bench_scale                       # 4 x 384 encoder, local + 1 and 2 workers
     python -m tools.bench_scale --layers 12 --heads 12 --ffn 3072   # BERT-base size (slow)
+    python -m tools.bench_scale --layers 12 --heads 12 --ffn 3072 --prune  # the default prune
+    python -m tools.bench_scale --layers 12 --heads 6 --ffn 1536 --image 224 --prune  # DINOv2-S
+
+With ``--prune`` it times the whole default ``prune`` instead (``--texts`` scoring texts plus as
+many held out, as the refit checks its fits on them), per stage, with the peak resident memory,
+the neuron group ``auto`` chose and its estimated cost: the issue's BERT-base-size target.
 
 A random-weight BERT-style encoder (timing does not depend on the weights) is exported once and
 scored with the default settings (neuron groups of 8, 4 candidates per run) by every executor and
@@ -28,6 +34,8 @@ def _encoder(args) -> Path:
     """The exported encoder, cached under ``--cache`` by its shape."""
     from models import text_encoders as te
 
+    if args.image:
+        return _dinov2(args)
     name = f"bert_{args.layers}x{args.heads * 64}_ffn{args.ffn}.onnx"
     path = Path(args.cache) / name
     if not path.exists():
@@ -36,6 +44,29 @@ def _encoder(args) -> Path:
                                    head="pool")
         te.export(module, path, exporter="torchscript")
     return path
+
+
+def _dinov2(args) -> Path:
+    """A random Dinov2 backbone of the asked shape at ``--image`` pixels, patches of 14."""
+    from models import vision
+
+    name = f"dinov2_{args.layers}x{args.heads * 64}_ffn{args.ffn}_{args.image}px.onnx"
+    path = Path(args.cache) / name
+    if not path.exists():
+        module = vision.VisionWrapper(vision.tiny_vision(
+            "dinov2", image=args.image, patch=14, heads=args.heads, head_dim=64, mlp=args.ffn,
+            layers=args.layers, init_range=0.02))
+        vision.export(module, path)
+    return path
+
+
+def _inputs(args, n: int) -> dict[str, np.ndarray]:
+    """``n`` calibration samples: token ids, or images for ``--image``."""
+    if args.image:
+        from models import vision
+
+        return {"pixel_values": vision.calibration_images(n, args.image)}
+    return _calibration(n, args.max_length)
 
 
 def _calibration(texts: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -67,6 +98,37 @@ def _dense_forward_s(path: Path, feeds: dict[str, np.ndarray]) -> float:
     return float(np.median(times))
 
 
+def _bench_prune(args, path: Path) -> int:
+    """The default prune of the encoder at ``path``, timed per stage, into
+    ``scale_prune_<model>.json``."""
+    from optin_onnx.pipeline import PruneOptions, prune
+
+    feeds = _inputs(args, 2 * args.texts)
+    dense_s = _dense_forward_s(path, {k: a[:args.texts] for k, a in feeds.items()})
+    before = _load()
+    t0 = time.perf_counter()
+    result = prune(path, feeds, PruneOptions(samples=args.texts),
+                   output=path.with_suffix(".pruned.onnx"))
+    seconds = time.perf_counter() - t0
+    r = result.report
+    record = {"model": path.name, "params_mb": path.stat().st_size / 2**20, "texts": args.texts,
+              "held_out": args.texts, "max_length": args.max_length,
+              "cores": len(os.sched_getaffinity(0)), "dense_forward_s": dense_s,
+              "seconds": seconds, "dense_forwards": seconds / dense_s,
+              "stage_seconds": r.stage_seconds, "peak_memory_gib": r.peak_memory,
+              "scoring": r.scoring, "verified": r.verify.get("passed"),
+              "flops_achieved": r.flops_achieved, "notes": list(r.notes),
+              "load_before": before, "load_after": _load(),
+              "command": "python -m tools.bench_scale " + " ".join(sys.argv[1:])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"scale_prune_{path.stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{seconds:.1f} s ({seconds / dense_s:.0f} dense forwards of {dense_s:.3f} s), peak "
+          f"{r.peak_memory.get('process_gib', 0):.2f} GiB, stages "
+          + ", ".join(f"{k} {v:.1f}" for k, v in r.stage_seconds.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -74,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ffn", type=int, default=1536)
     p.add_argument("--texts", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--neuron-group", type=int, default=8)
+    p.add_argument("--neuron-group", type=int, default=8, help="scoring runs (--prune: auto)")
+    p.add_argument("--prune", action="store_true", help="time the default prune end to end")
+    p.add_argument("--image", type=int, default=0,
+                   help="--prune: a Dinov2 backbone at this many pixels instead of a text encoder")
     p.add_argument("--runs", default="local:1,processes:1,processes:2,ray:1,ray:2",
                    help="EXECUTOR:WORKERS,... (the first is the reference the others must equal)")
     p.add_argument("--cache", default="/tmp/optin-bench-scale")
@@ -87,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     from optin_onnx.scoring.types import ExecutorConfig
 
     path = _encoder(args)
+    if args.prune:
+        return _bench_prune(args, path)
     feeds = _calibration(args.texts, args.max_length)
     model, structure = analyze(path)
     cal = make_calibration(feeds, 16)

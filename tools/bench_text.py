@@ -113,7 +113,8 @@ def bench_e2e(args) -> dict:
     seconds = time.perf_counter() - t0
     r = result.report
     return {"model": model.name, "flops_target": args.flops, "flops_achieved": r.flops_achieved,
-            "neuron_group": args.neuron_group, "ffn_multiple": args.ffn_multiple, "texts": args.texts,
+            "neuron_group": r.scoring.get("neuron_group"), "ffn_multiple": args.ffn_multiple,
+            "texts": args.texts,
             "reconstruct": args.reconstruct, "seconds": seconds, "stage_seconds": r.stage_seconds, "notes": list(r.notes),
             "latency": r.latency,
             "fidelity": r.fidelity, "verify": r.verify,
@@ -183,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     from optin_onnx.pipeline import PruneOptions
 
     d = PruneOptions()
-    args.neuron_group = d.neuron_group if args.neuron_group is None else args.neuron_group
     args.ffn_multiple = d.width_multiple if args.ffn_multiple is None else args.ffn_multiple
     # An explicit correction gets its own record (e2e_refit.json): the default's stays comparable.
     stem = args.what if args.reconstruct is None else f"{args.what}_{args.reconstruct}"

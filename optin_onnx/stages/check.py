@@ -137,12 +137,15 @@ def file_size(path: Path) -> int:
 
 def scoring_summary(options: PruneOptions, prep: Prepared) -> dict[str, object]:
     """How scoring divided its work, for the report: where it ran, the chunking and the limit it
-    was chosen under, and the share of tokens the Gram matrices sample."""
+    was chosen under, the neuron group and the cost it was estimated at, and the share of tokens
+    the Gram matrices sample."""
     plan, real = prep.chunking, int(prep.cal.token_mask.sum())
     return {"executor": options.executor, "workers": options.workers,
             "samples_per_chunk": plan.chunk_size, "candidates_per_run": plan.candidates_per_run,
             "memory_limit_gib": options.max_memory_gib,
             "one_sample_forward_mib": plan.sample_bytes / 2**20,
+            "neuron_group": prep.group.group, "neuron_group_auto": prep.group.auto,
+            "estimated_dense_forwards": round(prep.group.cost, 1),
             "gram_tokens": (f"{min(options.tokens, real)} of {real} real tokens" if prep.seq_len
                             else f"{options.tokens} per feature map, at most its positions")}
 

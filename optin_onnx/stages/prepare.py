@@ -25,6 +25,7 @@ from optin_onnx.io import calibration_for, files_read, load_model
 from optin_onnx.options import PruneOptions, providers_for
 from optin_onnx.passes.unfuse_projections import split_fused_projections
 from optin_onnx.probe import probe_like, sequence_inputs
+from optin_onnx.scoring.budget import GroupChoice, choose_group
 from optin_onnx.scoring.features import objective_outputs, outputs_left_out
 from optin_onnx.stages.clock import Clock
 
@@ -64,6 +65,7 @@ class Prepared:
     providers: list[str]
     notes: tuple[str, ...]
     chunking: Chunking  # samples per chunk and candidates per run, under --max-memory-gib
+    group: GroupChoice  # --neuron-group, resolved (auto: from the estimated scoring cost)
     objectives: tuple[str, ...]
     outputs_left_out: dict[str, str]
 
@@ -124,7 +126,8 @@ def prepare(model: ModelLike, calib: CalibLike, options: PruneOptions, *,
         has_seq = bool(sequence_inputs(m))
         seq_len = options.seq_len or (max(1, int(round(cal.mean_length))) if has_seq else 0)
         macs = mac_model(m, structure, seq_len, like=arrays)
+        group = choose_group(m, structure, macs, options.neuron_group)
     source = None if isinstance(model, (ir.Model, onnx.ModelProto)) else Path(model)
     return Prepared(m, original, source, structure, arrays, full, cal, held_cal,
-                    bool(held.size), seq_len, macs, providers, tuple(notes), plan, objectives,
-                    left_out)
+                    bool(held.size), seq_len, macs, providers, tuple(notes), plan, group,
+                    objectives, left_out)

@@ -13,6 +13,7 @@ import numpy as np
 
 from optin_onnx.iterate import Round, budgets, rounds
 from optin_onnx.options import PruneOptions
+from optin_onnx.scoring.budget import GROUPS
 from optin_onnx.scoring.importance import Importance, make_importance
 from optin_onnx.calibrate import Chunking
 from optin_onnx.scoring.types import ExecutorConfig, ScoreConfig, Scores, Units
@@ -57,15 +58,16 @@ class _Tally:
 
 
 def score_config(options: PruneOptions, providers: list[str], objectives: Sequence[str],
-                 chunking: Chunking | None = None) -> ScoreConfig:
+                 chunking: Chunking | None = None, group: int | None = None) -> ScoreConfig:
     """The scorers' settings from the options (the objective outputs as the prepare stage
-    resolved them; candidates per run as ``chunking`` sized them under the memory limit, where
-    given)."""
+    resolved them; candidates per run as ``chunking`` sized them under the memory limit, and
+    the neuron ``group`` it chose, where given)."""
     per_run = options.candidates_per_run if chunking is None else chunking.candidates_per_run
     return ScoreConfig(lam=options.lam, tokens=options.tokens, seed=options.seed,
                        objective_outputs=tuple(objectives),
                        candidates_per_run=per_run,
-                       neuron_group=options.neuron_group, feature_kind=options.feature_kind,
+                       neuron_group=group or options.neuron_group or GROUPS[0],
+                       feature_kind=options.feature_kind,
                        teacher=options.round_teacher, providers=providers,
                        executor=ExecutorConfig(options.executor, options.workers,
                                                options.ray_address),
@@ -98,10 +100,10 @@ def select(prep: Prepared, options: PruneOptions, *, progress: Progress | None =
     schedule = budgets(options.flops, options.steps)
     criterion = make_importance(options.method,
                                 score_config(options, prep.providers, prep.objectives,
-                                             prep.chunking))
+                                             prep.chunking, prep.group.group))
     done = tuple(rounds(partial(score, prep, criterion, progress=progress, clock=clock),
                         partial(search_level, prep, options, clock=clock), schedule))
-    notes = []
+    notes = [prep.group.note()] if criterion.rescores else []
     if options.steps > 1:
         notes.append(f"{options.steps} rounds of scoring and search, at "
                      + ", ".join(f"{b:.3g}" for b in schedule) + " of the FLOPs")
