@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.bench.timing import dense_forward_s
+
 
 def _encoder(args) -> Path:
     """The exported encoder, cached under ``--cache`` by its shape."""
@@ -84,27 +86,13 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _dense_forward_s(path: Path, feeds: dict[str, np.ndarray]) -> float:
-    """Median of 3 runs of the whole calibration set through the dense model."""
-    from optin_onnx.runtime import session
-
-    sess = session(str(path))
-    sess.run(None, feeds)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _bench_prune(args, path: Path) -> int:
     """The default prune of the encoder at ``path``, timed per stage, into
     ``scale_prune_<model>.json``."""
     from optin_onnx.pipeline import PruneOptions, prune
 
     feeds = _inputs(args, 2 * args.texts)
-    dense_s = _dense_forward_s(path, {k: a[:args.texts] for k, a in feeds.items()})
+    dense_s = dense_forward_s(path, {k: a[:args.texts] for k, a in feeds.items()})
     before = _load()
     t0 = time.perf_counter()
     result = prune(path, feeds, PruneOptions(samples=args.texts),
@@ -158,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     model, structure = analyze(path)
     cal = make_calibration(feeds, 16)
     base = ScoreConfig(neuron_group=args.neuron_group)
-    dense_s = _dense_forward_s(path, feeds)
+    dense_s = dense_forward_s(path, feeds)
     record = {"model": path.name, "params_mb": path.stat().st_size / 2**20,
               "blocks": len(structure.blocks), "units": sum(b.n_units for b in structure.blocks),
               "texts": args.texts, "max_length": args.max_length,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.bench.timing import dense_forward_s
+
 
 def _setup(n_texts: int, max_length: int, cache: str | None, attention: str | None):
     from models.build import build_calib, minilm_export
@@ -108,11 +110,15 @@ def bench_e2e(args) -> dict:
     model, calib = _setup(n, args.max_length, args.cache, args.attention)
     opt = PruneOptions(flops=args.flops, samples=args.texts, neuron_group=args.neuron_group,
                        width_multiple=args.ffn_multiple, reconstruct=args.reconstruct)
+    arrays = np.load(calib)
+    dense_s = dense_forward_s(model, {k: arrays[k][:args.texts] for k in arrays.files})
     t0 = time.perf_counter()
     result = prune(model, calib, opt, output=_pruned_path(model))
     seconds = time.perf_counter() - t0
     r = result.report
     return {"model": model.name, "flops_target": args.flops, "flops_achieved": r.flops_achieved,
+            "dense_forward_s": dense_s, "dense_forwards": seconds / dense_s,
+            "scoring": r.scoring, "peak_memory_gib": r.peak_memory,
             "neuron_group": r.scoring.get("neuron_group"), "ffn_multiple": args.ffn_multiple,
             "texts": args.texts,
             "reconstruct": args.reconstruct, "seconds": seconds, "stage_seconds": r.stage_seconds, "notes": list(r.notes),
