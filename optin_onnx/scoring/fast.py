@@ -107,7 +107,6 @@ def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
         raise OptinError(f"{shared.name} has {len(shared.consumers)} consumers; the rank-k scorer "
                          f"needs one (score_masked scores any block)")
     t0 = time.perf_counter()
-    teacher_proto = ir.to_proto(model)
     # The base masks as constant Muls before the consumers: each consumer's data input is then
     # the masked activation, so the rank-k update of a dropped unit is zero by construction.
     base_model = model if base is None else masked_model(model, structure,
@@ -129,7 +128,9 @@ def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
     check_cache_fits(proto, cal, sorted(needed), cfg.max_memory_bytes, holders(cfg.executor))
     dense = capture(proto, cal, sorted(needed), cfg.providers)
     base_loss = anchor(obj, model, structure, cfg, base, dense,
-                       lambda: capture(teacher_proto, cal, obj.wanted_all(), cfg.providers))
+                       # the dense teacher's proto only when asked for (rounds, dense
+                       # teacher): a model's worth of memory otherwise held all through scoring
+                       lambda: capture(ir.to_proto(model), cal, obj.wanted_all(), cfg.providers))
     axes = batch_axes(proto, cal, sorted(needed | set(cal.feeds)))
     per_run = max(1, cfg.candidates_per_run)
     tasks: list[Task] = []
