@@ -83,7 +83,8 @@ def prune(model: ModelLike, calib: CalibLike, options: PruneOptions | None = Non
     if output is not None:
         save_model(built.slim, output, input_path=prep.source)
     notes = [*prep.notes, *chosen.notes, *built.notes, *checked.notes]
-    report = make_report(prep, opt, built, chosen.keep, checked, notes, clock.seconds, output)
+    report = make_report(prep, opt, built, chosen.keep, checked, notes, clock.seconds, output,
+                         stage_peaks=clock.peaks)
     if report_path is not None:
         report.to_json(report_path)
     return PruneResult(built.slim, report, prep.structure, chosen.scores, chosen.selection,

@@ -128,7 +128,8 @@ class Report:
     structures left unpruned, each with its reason. ``interface`` lists the graph inputs and
     outputs whose shape the prune changed (a decoder's KV cache: ``{"name", "kind":
     "input"|"output", "axis", "before", "after"}``). ``peak_memory`` is :func:`peak_memory` at
-    the end of the run; ``scoring`` says how scoring divided its work: executor, workers, samples
+    the end of the run, ``stage_peak_gib`` this process's peak as each stage ended (the stage
+    where it last rose is the one that set it); ``scoring`` says how scoring divided its work: executor, workers, samples
     per chunk, candidates per run, the memory limit, and how many tokens the Gram matrices sample
     of how many real ones.
     """
@@ -152,6 +153,7 @@ class Report:
     outputs_left_out: dict[str, str] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_peak_gib: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, float] = field(default_factory=dict)
     scoring: dict[str, Any] = field(default_factory=dict)
     declined: list[str] = field(default_factory=list)
@@ -221,7 +223,7 @@ def _renderable(report: Report) -> Group:
         parts.append(_fidelity_table(report.fidelity_by_output or {"": report.fidelity}))
     parts.append(_verify_text(report.verify))
     if report.stage_seconds:
-        parts.append(_stages_table(report.stage_seconds))
+        parts.append(_stages_table(report.stage_seconds, report.stage_peak_gib))
     if report.peak_memory or report.scoring:
         parts.append(_resources_table(report.peak_memory, report.scoring))
     parts += _bullets("Declined (left unpruned)", report.declined, "yellow")
@@ -306,15 +308,18 @@ def _verify_text(verify: dict[str, Any]) -> Text:
     )
 
 
-def _stages_table(stage_seconds: dict[str, float]) -> Table:
+def _stages_table(stage_seconds: dict[str, float], peaks: dict[str, float]) -> Table:
     total = sum(stage_seconds.values())
     table = Table(title="Time per stage")
     table.add_column("Stage")
     table.add_column("Seconds", justify="right")
     table.add_column("Share", justify="right")
+    if peaks:
+        table.add_column("Peak memory so far", justify="right")
     for name, seconds in stage_seconds.items():
-        table.add_row(Text(name), f"{seconds:.2f}", f"{seconds / total:.0%}" if total else "n/a")
-    table.add_row(Text("total", style="bold"), f"{total:.2f}", "")
+        row = [Text(name), f"{seconds:.2f}", f"{seconds / total:.0%}" if total else "n/a"]
+        table.add_row(*row, *([f"{peaks[name]:.2f} GiB" if name in peaks else ""] if peaks else []))
+    table.add_row(Text("total", style="bold"), f"{total:.2f}", "", *([""] if peaks else []))
     return table
 
 

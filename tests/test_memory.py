@@ -13,6 +13,7 @@ from optin_onnx import cli
 from optin_onnx.calibrate import CHUNK_SHARE, GIB, chunking, make_calibration
 from optin_onnx.errors import OptinError
 from optin_onnx.pipeline import analyze, prune
+from optin_onnx.report import render
 from optin_onnx.runtime import run_all_values
 from optin_onnx.scoring.trajectory import ScoreConfig, score_fast
 from tests.helpers import tiny_feeds
@@ -74,3 +75,16 @@ def test_cli_refuses_bad_executor_options(tiny, tmp_path, capsys) -> None:
                            (["--max-memory-gib", "0"], "--max-memory-gib must be above 0")):
         assert cli.main(base + extra) == 2
         assert message in capsys.readouterr().err
+
+
+def test_report_gives_the_peak_memory_as_each_stage_ended(tiny) -> None:
+    got = prune(tiny, tiny_feeds(8, 16, seed=1), samples=6, latency_cases=(), simplify="off",
+                reconstruct="none").report
+    peaks = got.stage_peak_gib
+    assert list(peaks) == list(got.stage_seconds)
+    # ru_maxrss is a running maximum: never falls from one stage to the next, and the last is the
+    # run's peak as the report states it.
+    values = list(peaks.values())
+    assert values == sorted(values) and values[0] > 0
+    assert values[-1] <= got.peak_memory["process_gib"]
+    assert "Peak memory so far" in render(got)

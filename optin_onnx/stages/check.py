@@ -152,8 +152,10 @@ def scoring_summary(options: PruneOptions, prep: Prepared) -> dict[str, object]:
 
 def make_report(prep: Prepared, options: PruneOptions, built: Built, keep: Units,
                 checked: Checked, notes: list[str], stage_seconds: dict[str, float],
-                output: str | Path | None) -> Report:
-    """The report of a run whose slim model is at ``output`` (None: kept in memory)."""
+                output: str | Path | None, stage_peaks: dict[str, float] | None = None
+                ) -> Report:
+    """The report of a run whose slim model is at ``output`` (None: kept in memory);
+    ``stage_peaks``: the process's peak memory as each stage ended (:class:`Clock`)."""
     source = prep.source
     return Report(
         input_path=str(source) if source else "<in-memory>",
@@ -169,7 +171,8 @@ def make_report(prep: Prepared, options: PruneOptions, built: Built, keep: Units
         latency=checked.latency, fidelity=checked.fidelity[prep.objectives[0]],
         fidelity_by_output=checked.fidelity, objective_outputs=list(prep.objectives),
         outputs_left_out=prep.outputs_left_out, verify=checked.verification.to_dict(),
-        stage_seconds=stage_seconds, peak_memory=peak_memory(),
+        stage_seconds=stage_seconds, stage_peak_gib=dict(stage_peaks or {}),
+        peak_memory=peak_memory(),
         scoring=scoring_summary(options, prep),
         declined=[f"{d.name}: {'; '.join(d.reasons)}" for d in prep.structure.declined],
         interface=[{"name": c.name, "kind": "output" if c.output else "input", "axis": c.axis,
