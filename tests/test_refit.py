@@ -15,6 +15,8 @@ from optin_onnx.pipeline import prune
 from optin_onnx.probe import probe
 from optin_onnx.reconstruct import gram as gm
 from optin_onnx.reconstruct import layerwise as rf
+from optin_onnx.reconstruct import session
+from optin_onnx.reconstruct.session import Window
 from optin_onnx.rewrite import rewrite
 from tests.helpers import run, tiny_feeds
 
@@ -198,7 +200,7 @@ def test_cnn_readers_are_refitted_and_slicing_stays_exact(tmp_path, kind):
 
 
 def test_im2col_patches_reproduce_the_conv():
-    w = rf._Window((3, 3), (2, 1), (1, 0, 1, 2), (1, 2))
+    w = Window((3, 3), (2, 1), (1, 0, 1, 2), (1, 2))
     rng = np.random.default_rng(0)
     x, k = rng.normal(size=(2, 3, 9, 8)), rng.normal(size=(4, 3, 3, 3))
     import onnx
@@ -222,7 +224,7 @@ def test_streamed_dense_targets_give_the_cached_result(tiny_exports, monkeypatch
     cal = make_calibration(tiny_feeds(16, 12, seed=1), chunk_size=8)
     held = make_calibration(tiny_feeds(16, 12, seed=2), chunk_size=8)
     cached = rf.refit(m, s, keep, cal, held)
-    monkeypatch.setattr(rf, "TEACHER_CACHE_BYTES", 0)
+    monkeypatch.setattr(session, "TEACHER_CACHE_BYTES", 0)
     streamed = rf.refit(m, s, keep, cal, held)
     assert [(b.block, b.method, b.damping) for b in streamed.blocks] == \
         [(b.block, b.method, b.damping) for b in cached.blocks]

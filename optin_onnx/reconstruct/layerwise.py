@@ -27,29 +27,25 @@ corrected model, masked.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from optin_onnx import runtime
 from optin_onnx.analysis import Block, Consumer, Role, Structure
-from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
+from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.graph import const_array, const_root, copy_model, nodes_by_name
-from optin_onnx.instrument import (channel_mask, mask_input_name, masked_model, oriented,
-                                   unit_masks)
+from optin_onnx.instrument import oriented, unit_masks
 from optin_onnx.reconstruct.gram import Gram, ridge
 from optin_onnx.reconstruct.scales import consumer_matrix
+from optin_onnx.reconstruct.session import Session, Teacher, Window, relative_error, rows
 
 #: Ridge dampings tried per block (relative to the mean diagonal of X^T X); the held-out samples
 #: choose among them, so no single value has to suit every layer.
 DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
 #: Held-out gains smaller than this fraction of the target's squared norm are rounding noise.
 NOISE = 1e-9
-#: Dense activations at every refit point are kept in memory up to this size (else recomputed for
-#: each consumer: one more dense run per consumer).
-TEACHER_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -111,36 +107,10 @@ class _Plan:
     bias: tuple[str, int] | None
     scale: np.ndarray | float = 1.0
     pre: np.ndarray | float = 1.0
-    window: _Window | None = None
+    window: Window | None = None
 
 
-@dataclass(frozen=True)
-class _Window:
-    """A k x k conv's geometry (group 1, explicit padding): its input is read as im2col patches,
-    one row per output position, so the conv is a matrix product of [C*kh*kw, M]."""
-
-    kernel: tuple[int, int]
-    strides: tuple[int, int]
-    pads: tuple[int, int, int, int]
-    dilations: tuple[int, int]
-
-    @property
-    def size(self) -> int:
-        return self.kernel[0] * self.kernel[1]
-
-    def patches(self, x: np.ndarray) -> np.ndarray:
-        """[B, C, H, W] -> [B*Ho*Wo, C*kh*kw], rows in the conv output's (b, h, w) order and
-        columns in the weight's (c, i, j) order."""
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
-        top, left, bottom, right = self.pads
-        x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-        win = np.lib.stride_tricks.sliding_window_view(
-            x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-        win = win[:, :, ::sh, ::sw, ::dh, ::dw]
-        return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
-
-
-def _matrix(node: ir.Node, c: Consumer) -> tuple[np.ndarray, int, _Window | None] | None:
+def _matrix(node: ir.Node, c: Consumer) -> tuple[np.ndarray, int, Window | None] | None:
     """The consumer's weight as [K, N] (a k x k conv's as [C*kh*kw, M]), its output's channel
     axis and, for a k x k conv, its window; None when it is none of these."""
     plain = consumer_matrix(node, c)
@@ -152,7 +122,7 @@ def _matrix(node: ir.Node, c: Consumer) -> tuple[np.ndarray, int, _Window | None
     attrs = {k: a.value for k, a in node.attributes.items()}
     if attrs.get("group", 1) != 1 or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return None
-    window = _Window(tuple(weight.shape[2:]), tuple(attrs.get("strides", (1, 1))),
+    window = Window(tuple(weight.shape[2:]), tuple(attrs.get("strides", (1, 1))),
                      tuple(attrs.get("pads", (0, 0, 0, 0))),
                      tuple(attrs.get("dilations", (1, 1))))
     return weight.reshape(weight.shape[0], -1).T, 1, window
@@ -204,117 +174,6 @@ def _vector(nodes: Mapping[str, ir.Node], use: tuple[str, int] | None,
     return use if arr is not None and arr.shape == (width,) else None
 
 
-def _rows(arr: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray:
-    """``arr`` as [positions, channels] (channel ``axis`` last), real tokens only where
-    ``mask`` (the chunk's attention mask) has one entry per position."""
-    if axis not in (-1, arr.ndim - 1):
-        arr = np.moveaxis(arr, axis, -1)
-    rows = arr.reshape(-1, arr.shape[-1])
-    if mask is not None and mask.size == rows.shape[0]:
-        rows = rows[mask.reshape(-1).astype(bool)]
-    return rows
-
-
-class _Session:
-    """One onnxruntime session for every run of the refit: the dense model with a mask input per
-    block (:func:`~optin_onnx.instrument.masked_model`) and every weight and bias a fit can move
-    as a graph input of its own, fed at each run. The dense teacher (masks of ones, the weights
-    as they were), the pruned student before and after each fit, and the whole model's check are
-    all feeds of this one session. A session per fit would instead serialise and optimise the
-    whole model once per consumer, which costs more than the fits' runs (the demo model's
-    profile: docs/RESULTS.md, "Weight refit")."""
-
-    def __init__(self, model: ir.Model, structure: Structure, masks: Mapping[str, np.ndarray],
-                 consumers: Sequence[Consumer], slots: Sequence[tuple[str, int]],
-                 points: Sequence[str], providers: Sequence[str] | None) -> None:
-        shared = masked_model(model, structure)
-        nodes = nodes_by_name(shared.graph)
-        taken = {v.name for v in shared.graph.inputs} | set(shared.graph.initializers)
-        self.inputs: dict[tuple[str, int], str] = {}
-        self.original: dict[str, np.ndarray] = {}
-        for node_name, slot in dict.fromkeys(slots):
-            node = nodes[node_name]
-            arr = np.ascontiguousarray(const_array(node.inputs[slot]))
-            name = f"optin_refit__{node_name}__{slot}"
-            while name in taken:
-                name += "_"
-            taken.add(name)
-            # Its own input per (node, slot): a weight tied between layers is fitted per use, as
-            # :func:`_replace` gives each use its own copy.
-            value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                             shape=ir.Shape(arr.shape))
-            shared.graph.inputs.append(value)
-            node.replace_input_with(slot, value)
-            self.inputs[(node_name, slot)] = name
-            self.original[name] = arr
-        self.current = dict(self.original)
-        #: the masked model's name of each consumer's data input (after its mask Mul)
-        self.data = {(c.node, c.data_index): nodes[c.node].inputs[c.data_index].name
-                     for c in consumers}
-        self.student_masks, self.dense_masks = {}, {}
-        for b in structure.blocks:
-            c = b.consumers[0]
-            self.student_masks[mask_input_name(b)] = channel_mask(b, masks[b.name], c.role,
-                                                                  c.group)
-            self.dense_masks[mask_input_name(b)] = np.ones_like(
-                self.student_masks[mask_input_name(b)])
-        names = list(dict.fromkeys([*points, *self.data.values()]))
-        self.sess = runtime.session(ir.to_proto(shared), providers, outputs=names)
-
-    def set(self, slot: tuple[str, int], arr: np.ndarray) -> None:
-        """A fit's new weight or bias, fed to every later run."""
-        self.current[self.inputs[slot]] = np.ascontiguousarray(arr)
-
-    def runs(self, data: CalibrationSet, names: list[str], *, dense: bool = False,
-             fitted: bool = True) -> Iterator[tuple[np.ndarray | None, dict[str, np.ndarray]]]:
-        """(attention mask or None, {name: value}) chunk by chunk (one chunk's activations at a
-        time, never a whole set's), of the dense model (``dense``) or the pruned one, with the
-        fits made so far (``fitted``) or the weights as they were."""
-        extra = {**(self.dense_masks if dense else self.student_masks),
-                 **(self.current if fitted and not dense else self.original)}
-        for chunk in data.chunks:
-            yield (chunk.feeds.get(MASK_INPUT),
-                   dict(zip(names, self.sess.run(names, {**chunk.feeds, **extra}))))
-
-
-class _Teacher:
-    """The dense model's values at the refit's points, chunk by chunk. Captured once for every
-    consumer while they fit in :data:`TEACHER_CACHE_BYTES` (estimated from the first chunk, with
-    room for longer chunks); above that each request runs the dense model again, trading time for
-    bounded memory."""
-
-    def __init__(self, session: _Session, names: list[str],
-                 sets: Sequence[CalibrationSet]) -> None:
-        self.session, self.cache = session, {}
-        first = sets[0].chunks[0]
-        _, values = next(session.runs(sets[0], names, dense=True))
-        sample = sum(v.nbytes for v in values.values()) / (first.stop - first.start)
-        if 2 * sample * sum(data.n for data in sets) <= TEACHER_CACHE_BYTES:
-            for data in sets:
-                self.cache[id(data)] = [v for _, v in session.runs(data, names, dense=True)]
-
-    def runs(self, data: CalibrationSet, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
-        """{name: dense value} of ``names``, one chunk of ``data`` at a time."""
-        if id(data) in self.cache:
-            return iter(self.cache[id(data)])
-        return (v for _, v in self.session.runs(data, names, dense=True))
-
-
-def _relative_error(session: _Session, data: CalibrationSet, output: str, dense: _Teacher,
-                    fitted: bool) -> float:
-    """Squared error of the pruned model's ``output`` (with the fits or without) to the dense
-    model's, relative to the dense output's squared norm (real tokens only for per-token
-    outputs)."""
-    err = norm = 0.0
-    for (mask, got), want in zip(session.runs(data, [output], fitted=fitted),
-                                 dense.runs(data, [output])):
-        g = _rows(got[output].astype(np.float64), -1, mask)
-        w = _rows(want[output].astype(np.float64), -1, mask)
-        err += float(np.sum((g - w) ** 2))
-        norm += float(np.sum(w * w))
-    return err / norm if norm > 0 else err
-
-
 def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int]],
           cal: CalibrationSet, held: CalibrationSet, providers: Sequence[str] | None = None,
           dampings: Sequence[float] = DAMPINGS) -> RefitResult:
@@ -332,9 +191,9 @@ def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
     output = model.graph.outputs[0].name
     points = list(dict.fromkeys([p.point for p in fits] + [output]))
     slots = [s for p in fits for s in ((p.consumer.node, p.consumer.weight_index), p.bias) if s]
-    session = _Session(model, structure, masks, [p.consumer for p in fits], slots, points,
+    session = Session(model, structure, masks, [p.consumer for p in fits], slots, points,
                        providers)
-    dense = _Teacher(session, points, (cal, held))
+    dense = Teacher(session, points, (cal, held))
     result = RefitResult(out)
     for b, c in jobs:
         plan = plans[(b.name, c.node)]
@@ -346,21 +205,21 @@ def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
         got.block = label
         result.blocks.append(got)
         result.gram_bytes = max(result.gram_bytes, got.gram_bytes)
-    result.held_before = _relative_error(session, held, output, dense, fitted=False)
+    result.held_before = relative_error(session, held, output, dense, fitted=False)
     if not any(r.method != "none" for r in result.blocks):
         result.held_after = result.held_before
         result.model = copy_model(model)
         return result
-    result.held_after = _relative_error(session, held, output, dense, fitted=True)
+    result.held_after = relative_error(session, held, output, dense, fitted=True)
     result.kept = result.held_after < result.held_before
     if not result.kept:
         result.model = copy_model(model)
     return result
 
 
-def _fit_block(out: ir.Model, session: _Session, masks: Mapping[str, np.ndarray],
+def _fit_block(out: ir.Model, session: Session, masks: Mapping[str, np.ndarray],
                block: Block, plan: _Plan, sets: tuple[CalibrationSet, CalibrationSet],
-               dense: _Teacher, dampings: Sequence[float]) -> BlockRefit:
+               dense: Teacher, dampings: Sequence[float]) -> BlockRefit:
     """Fit ``plan``'s consumer on the first of ``sets`` (scoring samples), choose on the second
     (held-out), and write the winner into ``out`` and the ``session``'s feeds."""
     c = plan.consumer
@@ -383,9 +242,9 @@ def _fit_block(out: ir.Model, session: _Session, masks: Mapping[str, np.ndarray]
         pairs = zip(session.runs(data, [x_name, plan.point]), dense.runs(data, [plan.point]))
         for (mask, got), want in pairs:
             x = (plan.window.patches(got[x_name]) if plan.window else
-                 _rows(got[x_name], c.data_axis, mask))[:, kept].astype(np.float64)
-            diff = (_rows(want[plan.point], plan.axis, mask).astype(np.float64)
-                    - _rows(got[plan.point], plan.axis, mask)) / plan.scale
+                 rows(got[x_name], c.data_axis, mask))[:, kept].astype(np.float64)
+            diff = (rows(want[plan.point], plan.axis, mask).astype(np.float64)
+                    - rows(got[plan.point], plan.axis, mask)) / plan.scale
             gram.add(np.hstack([x, np.ones((x.shape[0], free))]), x @ w0 + diff)
         grams.append(gram)
     fit, check = grams
