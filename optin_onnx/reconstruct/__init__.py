@@ -2,7 +2,8 @@
 did, in closed form and without retraining.
 
 ``refit`` (:mod:`.layerwise`): a ridge refit of the layer that reads each block's kept
-units, against the dense model's residual stream, kept only where held-out samples confirm it.
+units, against the dense model's residual stream, and of the convs downstream of a pruned group
+channel by channel (:mod:`.channelwise`), kept only where held-out samples confirm it.
 ``scales`` (:mod:`.scales`): Kwon et al.'s one least-squares scale per kept unit. ``none``: the
 selection's weights as they are. Either correction only changes constants of the dense graph, so
 the rewrite slices the corrected weights and verify compares against the corrected model, masked.

@@ -24,6 +24,10 @@ held-out error at its own point. The whole model is then checked the same way: i
 model's held-out output is not closer to the dense model's than the uncorrected one, every fit is
 dropped. The result is a plain graph with new constants; verify compares the slim graph with this
 corrected model, masked.
+
+The convs that read no pruned group but sit downstream of one (a depthwise conv of an inverted
+residual block) are fitted in the same pass, in graph order, channel by channel
+(:mod:`optin_onnx.reconstruct.channelwise`), under the same guard.
 """
 from __future__ import annotations
 
@@ -35,11 +39,13 @@ import onnx_ir as ir
 
 from optin_onnx.analysis import Block, Consumer, Role, Structure
 from optin_onnx.calibrate import CalibrationSet
-from optin_onnx.graph import const_array, const_root, copy_model, nodes_by_name
+from optin_onnx.graph import const_array, copy_model, nodes_by_name
 from optin_onnx.instrument import oriented, unit_masks
+from optin_onnx.reconstruct.channelwise import ChannelPlan, channel_plan, fit_channels
 from optin_onnx.reconstruct.gram import Gram, ridge
 from optin_onnx.reconstruct.scales import consumer_matrix
-from optin_onnx.reconstruct.session import Session, Teacher, Window, relative_error, rows
+from optin_onnx.reconstruct.session import (Session, Teacher, Window, relative_error,
+                                             replace_constant, rows, shared)
 
 #: Ridge dampings tried per block (relative to the mean diagonal of X^T X); the held-out samples
 #: choose among them, so no single value has to suit every layer.
@@ -136,9 +142,7 @@ def _plan(model: ir.Model, block: Block, c: Consumer) -> _Plan | str:
         return "its consumer reads a head axis"
     nodes = nodes_by_name(model.graph)
     node = nodes[c.node]
-    root = const_root(node.inputs[c.weight_index])
-    if root is not None and sum(const_root(v) is root for n in model.graph
-                                if n.op_type != "Identity" for v in n.inputs if v is not None) > 1:
+    if shared(model, node.inputs[c.weight_index]):
         return "its weight is shared with another layer (ALBERT): a refit of one use would " \
                "unshare it"
     matrix = _matrix(node, c)
@@ -176,32 +180,40 @@ def _vector(nodes: Mapping[str, ir.Node], use: tuple[str, int] | None,
 
 def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int]],
           cal: CalibrationSet, held: CalibrationSet, providers: Sequence[str] | None = None,
-          dampings: Sequence[float] = DAMPINGS) -> RefitResult:
+          dampings: Sequence[float] = DAMPINGS, per_channel: bool = True) -> RefitResult:
     """A copy of ``model`` whose consumer weights and biases are refitted on ``cal`` where that
     lowers the error on ``held`` (see the module doc), one consumer at a time in graph order.
     Blocks ``keep`` does not name stay whole and are refitted too: they can absorb the error
-    that reaches them."""
+    that reaches them. With ``per_channel``, the convs downstream of a pruned group that read
+    none are fitted channel by channel in the same pass (:mod:`.channelwise`)."""
     out = copy_model(model)
     masks = unit_masks(structure, keep)
     order = {n.name: i for i, n in enumerate(out.graph)}
-    jobs = sorted(((b, c) for b in structure.blocks for c in b.consumers),
-                  key=lambda job: order[job[1].node])
-    plans = {(b.name, c.node): _plan(out, b, c) for b, c in jobs}
-    fits = [p for p in plans.values() if isinstance(p, _Plan)]
+    # (label, the node it fits, its plan or why it has none, the block for a consumer's refit)
+    jobs: list[tuple[str, str, _Plan | ChannelPlan | str, Block | None]] = [
+        (b.name if len(b.consumers) == 1 else f"{b.name}@{c.node}", c.node, _plan(out, b, c), b)
+        for b in structure.blocks for c in b.consumers]
+    if per_channel:
+        jobs += [(name, name, plan, None)
+                 for name, plan in _channel_plans(out, structure, masks, order).items()]
+    jobs.sort(key=lambda job: order[job[1]])
+    fits = [p for _, _, p, _ in jobs if isinstance(p, _Plan)]
+    convs = [p for _, _, p, _ in jobs if isinstance(p, ChannelPlan)]
     output = model.graph.outputs[0].name
-    points = list(dict.fromkeys([p.point for p in fits] + [output]))
+    points = list(dict.fromkeys([p.point for p in fits + convs] + [output]))
     slots = [s for p in fits for s in ((p.consumer.node, p.consumer.weight_index), p.bias) if s]
-    session = Session(model, structure, masks, [p.consumer for p in fits], slots, points,
-                       providers)
+    slots += [(p.node, slot) for p in convs for slot in (1, 2)]
+    session = Session(model, structure, masks, [p.consumer for p in fits], slots,
+                      points + [p.data for p in convs], providers)
     dense = Teacher(session, points, (cal, held))
     result = RefitResult(out)
-    for b, c in jobs:
-        plan = plans[(b.name, c.node)]
-        label = b.name if len(b.consumers) == 1 else f"{b.name}@{c.node}"
+    for label, _, plan, block in jobs:
         if isinstance(plan, str):
             result.blocks.append(BlockRefit(label, "none", reason=plan))
             continue
-        got = _fit_block(out, session, masks, b, plan, (cal, held), dense, dampings)
+        got = (_fit_conv(out, session, plan, (cal, held), dense, dampings)
+               if isinstance(plan, ChannelPlan) else
+               _fit_block(out, session, masks, block, plan, (cal, held), dense, dampings))
         got.block = label
         result.blocks.append(got)
         result.gram_bytes = max(result.gram_bytes, got.gram_bytes)
@@ -215,6 +227,39 @@ def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
     if not result.kept:
         result.model = copy_model(model)
     return result
+
+
+def _channel_plans(model: ir.Model, structure: Structure, masks: Mapping[str, np.ndarray],
+                   order: Mapping[str, int]) -> dict[str, ChannelPlan | str]:
+    """{conv: its per-channel plan or why it has none} for every conv after the first consumer
+    of a pruned group (before it, the pruned model computes what the dense one does) that is no
+    group's consumer (those are refitted whole)."""
+    pruned = [order[c.node] for b in structure.blocks if not np.all(masks[b.name] > 0)
+              for c in b.consumers]
+    readers = {c.node for b in structure.blocks for c in b.consumers}
+    if not pruned:
+        return {}
+    plans: dict[str, ChannelPlan | str] = {}
+    for node in model.graph:
+        if node.op_type != "Conv" or node.name in readers or order[node.name] <= min(pruned):
+            continue
+        plans[node.name] = ("its weight is shared with another layer" if len(node.inputs) > 1
+                            and shared(model, node.inputs[1]) else channel_plan(node))
+    return plans
+
+
+def _fit_conv(out: ir.Model, session: Session, plan: ChannelPlan,
+              sets: tuple[CalibrationSet, CalibrationSet], dense: Teacher,
+              dampings: Sequence[float]) -> BlockRefit:
+    """A conv fitted channel by channel (:func:`.channelwise.fit_channels`), as a report entry:
+    its held-out errors are summed over its output channels."""
+    got = fit_channels(out, session, plan, sets, dense, dampings)
+    kind = "depthwise" if plan.window else "affine"
+    if got is None:
+        return BlockRefit(plan.node, "none", reason="no channel's fit lowered its held-out error")
+    choice, nbytes = got
+    return BlockRefit(plan.node, f"{kind} ({choice.summary()})", choice.before, choice.after,
+                      gram_bytes=nbytes)
 
 
 def _fit_block(out: ir.Model, session: Session, masks: Mapping[str, np.ndarray],
@@ -257,13 +302,13 @@ def _fit_block(out: ir.Model, session: Session, masks: Mapping[str, np.ndarray],
     method, damping, w, before, after = chosen
     w_full[kept] = w[:len(kept)]
     new = (oriented(w_full, c) if node.op_type != "Conv" else w_full.T.reshape(weight.shape))
-    _replace(out, node, c.weight_index, new.astype(weight.dtype), weight_value.name)
+    replace_constant(out, node, c.weight_index, new.astype(weight.dtype), weight_value.name)
     session.set((c.node, c.weight_index), new.astype(weight.dtype))
     if free:
         bnode = nodes[plan.bias[0]]
         old = const_array(bnode.inputs[plan.bias[1]])
         shifted = old.astype(np.float64) + plan.pre * w[-1]
-        _replace(out, bnode, plan.bias[1], shifted.astype(old.dtype),
+        replace_constant(out, bnode, plan.bias[1], shifted.astype(old.dtype),
                  bnode.inputs[plan.bias[1]].name)
         session.set(plan.bias, shifted.astype(old.dtype))
     return BlockRefit(block.name, method, before, after, damping,
@@ -293,15 +338,3 @@ def choose(fit: Gram, check: Gram, w0: np.ndarray, free: int, dampings: Sequence
     # squared norm (a block with nothing to correct) is noise, not a better fit.
     gain = before - after
     return (method, damping, w, before, after) if gain > NOISE * check.tt else None
-
-
-def _replace(model: ir.Model, node: ir.Node, slot: int, arr: np.ndarray, name: str) -> None:
-    """Give ``node``'s input ``slot`` a new constant (its own copy: a shared weight or bias keeps
-    its value for every other use)."""
-    fresh = f"{name}__refit"
-    names = {v.name for v in model.graph.initializers.values()}
-    while fresh in names:
-        fresh += "_"
-    value = ir.Value(name=fresh, const_value=ir.tensor(np.ascontiguousarray(arr), name=fresh))
-    model.graph.register_initializer(value)
-    node.replace_input_with(slot, value)

@@ -1,7 +1,8 @@
 """The refit's runs and data layouts: one onnxruntime session for the dense teacher and the
 pruned student (:class:`Session`), the dense values at the refit's points (:class:`Teacher`),
 activations as rows of a least-squares problem (:func:`rows`, :class:`Window` for a k x k conv's
-im2col patches) and the whole model's held-out check (:func:`relative_error`)."""
+im2col patches), the whole model's held-out check (:func:`relative_error`), and the write of a
+fitted constant into the model (:func:`replace_constant`, :func:`shared`)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,7 +14,7 @@ import onnx_ir as ir
 from optin_onnx import runtime
 from optin_onnx.analysis import Consumer, Structure
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
-from optin_onnx.graph import const_array, nodes_by_name
+from optin_onnx.graph import const_array, const_root, nodes_by_name
 from optin_onnx.instrument import channel_mask, mask_input_name, masked_model
 
 #: Dense activations at every refit point are kept in memory up to this size (else recomputed for
@@ -159,3 +160,24 @@ def relative_error(session: Session, data: CalibrationSet, output: str, dense: T
         norm += float(np.sum(w * w))
     return err / norm if norm > 0 else err
 
+
+def shared(model: ir.Model, value: ir.Value | None) -> bool:
+    """Whether the constant behind ``value`` is read by more than one node (a weight tied
+    between layers, as in ALBERT): a fit of one use would unshare it."""
+    root = const_root(value) if value is not None else None
+    return root is not None and sum(const_root(v) is root for n in model.graph
+                                    if n.op_type != "Identity" for v in n.inputs
+                                    if v is not None) > 1
+
+
+def replace_constant(model: ir.Model, node: ir.Node, slot: int, arr: np.ndarray,
+                     name: str) -> None:
+    """Give ``node``'s input ``slot`` a new constant (its own copy: a shared weight or bias keeps
+    its value for every other use)."""
+    fresh = f"{name}__refit"
+    names = {v.name for v in model.graph.initializers.values()}
+    while fresh in names:
+        fresh += "_"
+    value = ir.Value(name=fresh, const_value=ir.tensor(np.ascontiguousarray(arr), name=fresh))
+    model.graph.register_initializer(value)
+    node.replace_input_with(slot, value)
