@@ -71,11 +71,14 @@ def test_the_guard_keeps_a_channel_whose_fits_do_not_generalise():
     assert got.after < got.before
 
 
-def _depthwise_net(path) -> str:
+def _net(path, group: int = 6) -> str:
     """A 1x1 conv widening 3 -> 8 channels (the pruned group: its reader is the 1x1 conv after
-    the ReLU), then a ReLU, a 1x1 conv 8 -> 6, a ReLU, a 3x3 depthwise conv with a bias (group
-    6, padding 1, stride 2), a ReLU and a 1x1 conv to 4 outputs: the depthwise conv reads no
-    pruned group, but pruning the first group changes its input."""
+    the ReLU), then a ReLU, a 1x1 conv 8 -> 6, a ReLU, a 3x3 conv of ``group`` groups with a bias
+    (padding 1, stride 2), a ReLU and a 1x1 conv to 4 outputs. With ``group`` 6 the 3x3 conv is
+    depthwise and reads no pruned group, but pruning the first group changes its input. With
+    ``group`` 2 the analysis declines the 6-channel group (a grouped conv mixes channels within
+    groups), so neither the grouped conv nor the last 1x1 conv is any group's reader: they get
+    the per-channel affine correction."""
     rng = np.random.default_rng(3)
 
     def const(name, *shape, scale=0.5):
@@ -83,12 +86,13 @@ def _depthwise_net(path) -> str:
                                             name)
 
     inits = [const("w1", 8, 3, 1, 1), const("b1", 8), const("w2", 6, 8, 1, 1), const("b2", 6),
-             const("wd", 6, 1, 3, 3), const("bd", 6), const("w3", 4, 6, 1, 1), const("b3", 4)]
+             const("wd", 6, 6 // group, 3, 3), const("bd", 6), const("w3", 4, 6, 1, 1),
+             const("b3", 4)]
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="expand"),
              helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="reduce"),
              helper.make_node("Relu", ["c2"], ["r2"], name="r2"),
-             helper.make_node("Conv", ["r2", "wd", "bd"], ["cd"], name="depthwise", group=6,
+             helper.make_node("Conv", ["r2", "wd", "bd"], ["cd"], name="spatial", group=group,
                               kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
              helper.make_node("Relu", ["cd"], ["rd"], name="rd"),
              helper.make_node("Conv", ["rd", "w3", "b3"], ["y"], name="head")]
@@ -104,29 +108,31 @@ def _value(model, name: str, feeds) -> np.ndarray:
         np.float64)
 
 
+def _x(n: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).normal(size=(n, 3, 12, 12)).astype(np.float32)}
+
+
 def test_a_depthwise_conv_downstream_of_a_pruned_group_is_refitted(tmp_path):
-    m, s = _load(_depthwise_net(str(tmp_path / "dw.onnx")))
+    m, s = _load(_net(str(tmp_path / "dw.onnx")))
     group = next(b for b in s.blocks if b.n_units == 8)
     keep = {b.name: list(range(b.n_units)) for b in s.blocks}
     keep[group.name] = [0, 2, 5]
-    x = lambda n, seed: {"x": np.random.default_rng(seed).normal(  # noqa: E731
-        size=(n, 3, 12, 12)).astype(np.float32)}
-    cal, held = (make_calibration(x(24, 4), chunk_size=8),
-                 make_calibration(x(24, 5), chunk_size=8))
+    cal, held = (make_calibration(_x(24, 4), chunk_size=8),
+                 make_calibration(_x(24, 5), chunk_size=8))
     plain = rf.refit(m, s, keep, cal, held, per_channel=False)
     fitted = rf.refit(m, s, keep, cal, held)
-    entry = next(b for b in fitted.blocks if b.block == "depthwise")
+    entry = next(b for b in fitted.blocks if b.block == "spatial")
     assert entry.method.startswith("depthwise") and entry.held_after < entry.held_before
-    assert not any(b.block == "depthwise" for b in plain.blocks)
+    assert not any(b.block == "spatial" for b in plain.blocks)
     # Only the depthwise conv's weight and bias differ between the two refits.
     old, new = nodes_by_name(plain.model.graph), nodes_by_name(fitted.model.graph)
-    assert not np.array_equal(const_array(old["depthwise"].inputs[1]),
-                              const_array(new["depthwise"].inputs[1]))
+    assert not np.array_equal(const_array(old["spatial"].inputs[1]),
+                              const_array(new["spatial"].inputs[1]))
     for name in ("expand", "reduce"):
         np.testing.assert_array_equal(const_array(old[name].inputs[1]),
                                       const_array(new[name].inputs[1]))
     # Checked by onnxruntime on fresh inputs: the depthwise output is closer to the dense one.
-    feeds = x(16, 9)
+    feeds = _x(16, 9)
     masks = unit_masks(s, keep)
     dense = _value(m, "cd", feeds)
     before = np.sum((_value(masked_model(plain.model, s, masks), "cd", feeds) - dense) ** 2)
@@ -134,4 +140,28 @@ def test_a_depthwise_conv_downstream_of_a_pruned_group_is_refitted(tmp_path):
     assert after < 0.9 * before
     # masked == sliced on the corrected model.
     want = run(masked_model(fitted.model, s, unit_masks(s, keep)), feeds)[0]
+    np.testing.assert_allclose(run(rewrite(fitted.model, s, keep), feeds)[0], want, atol=1e-5)
+
+
+def test_convs_no_group_reads_get_the_affine_correction(tmp_path):
+    """The grouped conv and the last 1x1 conv read no prunable group: each output channel is
+    rescaled and shifted toward the dense model's, which lowers the model output's error on fresh
+    inputs (onnxruntime), and the sliced model still equals the masked corrected one."""
+    m, s = _load(_net(str(tmp_path / "g2.onnx"), group=2))
+    assert [b.n_units for b in s.blocks] == [8]
+    keep = {s.blocks[0].name: [0, 2, 5]}
+    cal, held = (make_calibration(_x(24, 4), chunk_size=8),
+                 make_calibration(_x(24, 5), chunk_size=8))
+    plain = rf.refit(m, s, keep, cal, held, per_channel=False)
+    fitted = rf.refit(m, s, keep, cal, held)
+    methods = {b.block: b.method for b in fitted.blocks}
+    assert methods["spatial"].startswith("affine") and methods["head"].startswith("affine")
+    assert fitted.kept and fitted.held_after < plain.held_after
+    feeds = _x(32, 9)
+    masks = unit_masks(s, keep)
+    dense = _value(m, "y", feeds)
+    before = np.sum((_value(masked_model(plain.model, s, masks), "y", feeds) - dense) ** 2)
+    after = np.sum((_value(masked_model(fitted.model, s, masks), "y", feeds) - dense) ** 2)
+    assert after < before
+    want = run(masked_model(fitted.model, s, masks), feeds)[0]
     np.testing.assert_allclose(run(rewrite(fitted.model, s, keep), feeds)[0], want, atol=1e-5)
