@@ -11,9 +11,12 @@ temporary directory with its weights as external data and the session is opened 
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +29,37 @@ from optin_onnx.errors import OptinError
 SERIALIZE_LIMIT = 1_800_000_000
 
 
-def with_outputs(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph outputs are ``outputs`` (any values), in that order; an
-    output the graph already declares keeps its declared type."""
-    declared = {o.name: o for o in model.graph.output}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
+@contextmanager
+def outputs_set(model: onnx.ModelProto, outputs: Sequence[str] | None) -> Iterator[None]:
+    """``model``'s graph outputs are ``outputs`` (any values, in that order) inside the block and
+    as they were after it; an output the graph already declares keeps its declared type. Changed
+    in place rather than on a copy: a copy of a large model is its size again in memory, on top
+    of the serialised bytes and onnxruntime's own copy."""
+    if outputs is None:
+        yield
+        return
+    saved = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output]
+    declared = {o.name: o for o in saved}
+    del model.graph.output[:]
     for name in outputs:
-        m.graph.output.append(declared.get(name) or onnx.ValueInfoProto(name=name))
-    return m
+        model.graph.output.append(declared.get(name) or onnx.ValueInfoProto(name=name))
+    try:
+        yield
+    finally:
+        del model.graph.output[:]
+        model.graph.output.extend(saved)
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``). Sessions and
+    serialised models are freed when dropped, but glibc keeps the pages, so without this the
+    resident memory after one large transient stays as high as its peak and the next stage's
+    peak stacks on top. A no-op where the C library is not glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str] | None = None,
@@ -58,19 +82,22 @@ def session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str]
     providers = list(providers or ["CPUExecutionProvider"])
     if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
         raise OptinError(f"model file not found: {model}")
-    if outputs is not None:
-        if not isinstance(model, onnx.ModelProto):
-            raise OptinError("internal: choosing a session's outputs needs the model in memory")
-        model = with_outputs(model, outputs)
+    if outputs is not None and not isinstance(model, onnx.ModelProto):
+        raise OptinError("internal: choosing a session's outputs needs the model in memory")
     try:
         if not isinstance(model, onnx.ModelProto):
             return ort.InferenceSession(str(model), so, providers=providers)
-        if model.ByteSize() <= SERIALIZE_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        with outputs_set(model, outputs):
+            if model.ByteSize() <= SERIALIZE_LIMIT:
+                data = model.SerializeToString()
+            else:
+                data = None
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)
+        if data is not None:
+            return ort.InferenceSession(data, so, providers=providers)
         with tempfile.TemporaryDirectory(prefix="optin-ort-") as tmp:
             path = Path(tmp) / "model.onnx"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
             onnx.save_model(copy, path, save_as_external_data=True, location="model.onnx.data")
             return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as exc:  # onnxruntime raises several unrelated exception types

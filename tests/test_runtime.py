@@ -7,7 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optin_onnx.errors import OptinError
-from optin_onnx.runtime import first_output, run_all_values, run_batched, session
+from optin_onnx.runtime import (first_output, release_memory, run_all_values, run_batched,
+                                session)
 
 
 def _model() -> onnx.ModelProto:
@@ -28,6 +29,19 @@ def test_outputs_chooses_what_a_session_returns_without_touching_the_model():
     y, z = session(model, outputs=["Y", "Z"]).run(None, {"X": X})
     np.testing.assert_allclose(np.maximum(y, 0), z)
     assert [o.name for o in model.graph.output] == ["Z"]
+    # The declared output keeps its type and shape, also when a load fails half-way.
+    before = model.graph.output[0].SerializeToString()
+    with pytest.raises(OptinError, match="could not load"):
+        session(model, outputs=["Y", "nowhere"])
+    assert [o.SerializeToString() for o in model.graph.output] == [before]
+    np.testing.assert_allclose(session(model).run(None, {"X": X})[0], z)
+
+
+def test_release_memory_keeps_every_session_working():
+    sess = session(_model())
+    want = sess.run(None, {"X": X})[0]
+    release_memory()
+    np.testing.assert_array_equal(sess.run(None, {"X": X})[0], want)
 
 
 def test_run_all_values_returns_every_value_by_name():

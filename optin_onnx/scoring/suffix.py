@@ -21,7 +21,7 @@ from onnx import helper
 
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.errors import OptinError
-from optin_onnx.runtime import run_all_values, session
+from optin_onnx.runtime import release_memory, run_all_values, session
 
 
 def value_dtypes(proto: onnx.ModelProto, cal: CalibrationSet,
@@ -172,6 +172,7 @@ class SuffixSessions:
         key = (start, tuple(outputs), threads)
         if self._open is None or self._open[0] != key:
             self._open = None  # the previous block's session goes before the next one is built
+            release_memory()
             sfx = build_suffix(self.model, start, outputs, self.dtypes)
             self._open = (key, sfx, session(sfx.model, self.providers, outputs=sfx.outputs,
                                             threads=threads))

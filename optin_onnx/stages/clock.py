@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from optin_onnx.report import peak_memory
+from optin_onnx.runtime import release_memory
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Clock:
         t0 = time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        release_memory()  # what the stage freed goes back before the next one allocates
         peak = peak_memory().get("process_gib")
         if peak is not None:
             self.peaks[name] = peak
