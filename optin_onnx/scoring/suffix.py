@@ -37,7 +37,7 @@ def value_dtypes(proto: onnx.ModelProto, cal: CalibrationSet,
 
 @dataclass
 class Suffix:
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None  # None once a session holds it (a copy of downstream weights)
     start: str
     cut: list[str]  # float values fed from the dense cache
     graph_inputs: list[str]  # original graph inputs the suffix recomputes from
@@ -174,6 +174,7 @@ class SuffixSessions:
             self._open = None  # the previous block's session goes before the next one is built
             release_memory()
             sfx = build_suffix(self.model, start, outputs, self.dtypes)
-            self._open = (key, sfx, session(sfx.model, self.providers, outputs=sfx.outputs,
-                                            threads=threads))
+            sess = session(sfx.model, self.providers, outputs=sfx.outputs, threads=threads)
+            sfx.model = None
+            self._open = (key, sfx, sess)
         return self._open[1], self._open[2]
