@@ -104,6 +104,7 @@ def _bench_prune(args, path: Path) -> int:
               "cores": len(os.sched_getaffinity(0)), "dense_forward_s": dense_s,
               "seconds": seconds, "dense_forwards": seconds / dense_s,
               "stage_seconds": r.stage_seconds, "peak_memory_gib": r.peak_memory,
+              "stage_peak_gib": r.stage_peak_gib,
               "scoring": r.scoring, "verified": r.verify.get("passed"),
               "flops_achieved": r.flops_achieved, "notes": list(r.notes),
               "load_before": before, "load_after": _load(),

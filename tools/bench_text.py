@@ -118,7 +118,7 @@ def bench_e2e(args) -> dict:
     r = result.report
     return {"model": model.name, "flops_target": args.flops, "flops_achieved": r.flops_achieved,
             "dense_forward_s": dense_s, "dense_forwards": seconds / dense_s,
-            "scoring": r.scoring, "peak_memory_gib": r.peak_memory,
+            "scoring": r.scoring, "peak_memory_gib": r.peak_memory, "stage_peak_gib": r.stage_peak_gib,
             "neuron_group": r.scoring.get("neuron_group"), "ffn_multiple": args.ffn_multiple,
             "texts": args.texts,
             "reconstruct": args.reconstruct, "seconds": seconds, "stage_seconds": r.stage_seconds, "notes": list(r.notes),
