@@ -165,3 +165,71 @@ def test_convs_no_group_reads_get_the_affine_correction(tmp_path):
     assert after < before
     want = run(masked_model(fitted.model, s, masks), feeds)[0]
     np.testing.assert_allclose(run(rewrite(fitted.model, s, keep), feeds)[0], want, atol=1e-5)
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {f"{n.name}:{i}": const_array(n.inputs[i]) for n in model.graph if n.op_type == "Conv"
+            for i in (1, 2)}
+
+
+@pytest.mark.parametrize("group", [6, 2])
+def test_the_per_channel_fits_are_pinned(tmp_path, group):
+    """The per-channel fits' choices, held-out errors and fitted weights as the first
+    implementation (a sample at a time, the dense model run again for every fit) gave them, so
+    that building a chunk's rows at once and the teacher's windows cannot change them."""
+    m, s = _load(_net(str(tmp_path / "n.onnx"), group=group))
+    keep = {b.name: list(range(b.n_units)) for b in s.blocks}
+    keep[next(b for b in s.blocks if b.n_units == 8).name] = [0, 2, 5]
+    got = rf.refit(m, s, keep, make_calibration(_x(24, 4), chunk_size=8),
+                   make_calibration(_x(24, 5), chunk_size=8))
+    pinned = {6: ([("spatial", "depthwise (5 of 6 channels: ridge 1 3, ridge 0.001 1, ridge 0.1 1)",
+                    876.151413926, 788.62837763)], (0.17418472024144696, 0.04129596182641865),
+                  {"spatial": (0.6060552317649126, 0.6067419201135635)}),
+              2: ([("spatial", "affine (5 of 6 channels: ridge 0.01 1, ridge 0.001 2, ridge 0.1 1, "
+                    "ridge 1 1)", 2524.15460314, 2406.298726943),
+                   ("head", "affine (3 of 4 channels: ridge 1 2, ridge 0.1 1)", 709.225129506,
+                    687.870726955)], (0.5821257598032252, 0.12709116683537974),
+                  {"spatial": (2.275856767897494, 1.148743785917759),
+                   "head": (5.049312110990286, 0.7626936044543982)})}[group]
+    entries = {b.block: b for b in got.blocks}
+    for name, method, before, after in pinned[0]:
+        assert entries[name].method == method
+        assert (entries[name].held_before, entries[name].held_after) == pytest.approx(
+            (before, after), rel=1e-7)
+    assert (got.held_before, got.held_after) == pytest.approx(pinned[1], rel=1e-7)
+    nodes = nodes_by_name(got.model.graph)
+    for name, sums in pinned[2].items():
+        assert tuple(float(const_array(nodes[name].inputs[i]).astype(np.float64).sum())
+                     for i in (1, 2)) == pytest.approx(sums, rel=1e-6)
+
+
+def test_the_teachers_windows_give_the_same_fits_with_fewer_dense_runs(tmp_path, monkeypatch):
+    """Whatever the cache limit (none: a dense run per fit; a window of points at a time; every
+    point at once), the fits are the same bit for bit, and a larger limit never runs the dense
+    model more often."""
+    from optin_onnx.reconstruct import session
+
+    m, s = _load(_net(str(tmp_path / "n.onnx")))
+    keep = {b.name: list(range(b.n_units)) for b in s.blocks}
+    keep[next(b for b in s.blocks if b.n_units == 8).name] = [0, 2, 5]
+    runs = session.Session.runs
+    dense_runs = [0]
+
+    def counted(self, data, names, *, dense=False, fitted=True):
+        dense_runs[0] += dense
+        return runs(self, data, names, dense=dense, fitted=fitted)
+
+    monkeypatch.setattr(session.Session, "runs", counted)
+    results = {}
+    for limit in (0, 200_000, 400_000, 1 << 30):
+        monkeypatch.setattr(session, "TEACHER_CACHE_BYTES", limit)
+        dense_runs[0] = 0
+        got = rf.refit(m, s, keep, make_calibration(_x(24, 4), chunk_size=8),
+                       make_calibration(_x(24, 5), chunk_size=8))
+        results[limit] = (dense_runs[0], _weights(got.model), got.held_after)
+    counts = [results[k][0] for k in sorted(results)]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    for count, weights, held_after in results.values():
+        assert held_after == results[0][2]
+        for name, arr in weights.items():
+            np.testing.assert_array_equal(arr, results[0][1][name])

@@ -35,6 +35,9 @@ from optin_onnx.reconstruct.session import Session, Teacher, Window, replace_con
 #: Per-channel gains smaller than this fraction of the channel target's squared norm are
 #: rounding noise (as :data:`optin_onnx.reconstruct.layerwise.NOISE` for a block).
 NOISE = 1e-9
+#: The per-channel rows of a chunk's samples are built this many bytes at a time (a depthwise
+#: conv's 3 x 3 patches on a 112 x 112 map are 9 values per position and channel).
+BASIS_BYTES = 1 << 26
 
 
 class ChannelGram:
@@ -170,15 +173,24 @@ def channel_plan(node: ir.Node) -> ChannelPlan | str:
 
 
 def _basis(plan: ChannelPlan, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """One sample's rows per channel, [C, k, positions]: a depthwise conv's k x k patches of
-    its input ``x`` [1, C, H, W], else the pruned model's output ``y`` [1, C, Ho, Wo]; a row of
-    ones last (the bias)."""
+    """Samples' rows per channel, float64 [C, k, samples * positions]: a depthwise conv's
+    k x k patches of its input ``x`` [B, C, H, W], else the pruned model's output ``y``
+    [B, C, Ho, Wo]; a row of ones last (the bias). Rows in (sample, position) order, as
+    :func:`_targets`."""
+    channels = y.shape[1]
     if plan.window is None:
-        cols = y.reshape(y.shape[1], 1, -1)
+        cols = y.transpose(1, 0, 2, 3).reshape(channels, 1, -1)
     else:
-        channels = x.shape[1]
         cols = plan.window.patches(x).reshape(-1, channels, plan.window.size).transpose(1, 2, 0)
-    return np.concatenate([cols, np.ones((cols.shape[0], 1, cols.shape[2]), cols.dtype)], 1)
+    out = np.empty((channels, cols.shape[1] + 1, cols.shape[2]))
+    out[:, :-1] = cols
+    out[:, -1] = 1.0
+    return out
+
+
+def _targets(t: np.ndarray) -> np.ndarray:
+    """The dense output [B, C, Ho, Wo] as [C, samples * positions], in :func:`_basis`' order."""
+    return t.transpose(1, 0, 2, 3).reshape(t.shape[1], -1)
 
 
 def fit_channels(out: ir.Model, session: Session, plan: ChannelPlan,
@@ -199,10 +211,11 @@ def fit_channels(out: ir.Model, session: Session, plan: ChannelPlan,
         gram = ChannelGram(channels, w0.shape[1])
         for (_, got), want in zip(session.runs(data, [plan.data, plan.point]),
                                   dense.runs(data, [plan.point])):
-            for i in range(len(got[plan.point])):  # a sample at a time: patches are k*k wide
-                y = got[plan.point][i:i + 1]
-                t = want[plan.point][i:i + 1]
-                gram.add(_basis(plan, got[plan.data][i:i + 1], y), t.reshape(channels, -1))
+            x, y, t = got[plan.data], got[plan.point], want[plan.point]
+            # As many samples at once as keep the float64 basis under BASIS_BYTES.
+            step = max(1, BASIS_BYTES // (8 * w0.size * y[0, 0].size))
+            for i in range(0, len(y), step):
+                gram.add(_basis(plan, x[i:i + step], y[i:i + step]), _targets(t[i:i + step]))
         grams.append(gram)
     choice = choose_channels(*grams, w0, dampings)
     if not any(choice.method):

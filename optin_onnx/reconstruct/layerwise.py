@@ -200,7 +200,9 @@ def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
     fits = [p for _, _, p, _ in jobs if isinstance(p, _Plan)]
     convs = [p for _, _, p, _ in jobs if isinstance(p, ChannelPlan)]
     output = model.graph.outputs[0].name
-    points = list(dict.fromkeys([p.point for p in fits + convs] + [output]))
+    # In job order: the teacher captures the dense values a window of fits ahead.
+    points = list(dict.fromkeys([p.point for _, _, p, _ in jobs if not isinstance(p, str)]
+                                + [output]))
     slots = [s for p in fits for s in ((p.consumer.node, p.consumer.weight_index), p.bias) if s]
     slots += [(p.node, slot) for p in convs for slot in (1, 2)]
     session = Session(model, structure, masks, [p.consumer for p in fits], slots,

@@ -124,26 +124,53 @@ class Session:
 
 
 class Teacher:
-    """The dense model's values at the refit's points, chunk by chunk. Captured once for every
-    consumer while they fit in :data:`TEACHER_CACHE_BYTES` (estimated from the first chunk, with
-    room for longer chunks); above that each request runs the dense model again, trading time for
-    bounded memory."""
+    """The dense model's values at the refit's points, chunk by chunk. The fits ask for their
+    points in graph order (``names``' order), each point once, so the teacher runs the dense model
+    for as many of the next points as fit in :data:`TEACHER_CACHE_BYTES` (per-sample sizes taken
+    from the first chunk, with room for longer chunks) and keeps them until a fit asks for a point
+    past them: one dense pass per set where every point fits (a small model), one per window of
+    points on a large one (EfficientNet's maps at 224 x 224), instead of one per fit. A point
+    that alone exceeds the limit, or one asked for out of order, is streamed: the dense model
+    runs again for that request, trading time for bounded memory."""
 
     def __init__(self, session: Session, names: list[str],
                  sets: Sequence[CalibrationSet]) -> None:
-        self.session, self.cache = session, {}
+        self.session, self.names = session, list(dict.fromkeys(names))
         first = sets[0].chunks[0]
-        _, values = next(session.runs(sets[0], names, dense=True))
-        sample = sum(v.nbytes for v in values.values()) / (first.stop - first.start)
-        if 2 * sample * sum(data.n for data in sets) <= TEACHER_CACHE_BYTES:
-            for data in sets:
-                self.cache[id(data)] = [v for _, v in session.runs(data, names, dense=True)]
+        _, values = next(session.runs(sets[0], self.names, dense=True))
+        self.per_sample = {k: 2 * v.nbytes / (first.stop - first.start)
+                           for k, v in values.items()}
+        # Per sample of every set together: each set's window then fits beside the others'.
+        self.limit = TEACHER_CACHE_BYTES / sum(data.n for data in sets)
+        self.sets = {id(data) for data in sets}
+        #: {set id: (the names captured, their values chunk by chunk)}
+        self.cache: dict[int, tuple[set[str], list[dict[str, np.ndarray]]]] = {}
+
+    def window(self, data: CalibrationSet, names: list[str]) -> list[str] | None:
+        """The points to capture for a request of ``names``: from the earliest of them on in
+        graph order while they fit ``data``'s share of the limit; None where ``names`` do not."""
+        if not set(names) <= set(self.names) or id(data) not in self.sets:
+            return None
+        start = min(self.names.index(n) for n in names)
+        taken, size = [], 0.0
+        for name in self.names[start:]:
+            size += self.per_sample[name]
+            if size > self.limit:
+                break
+            taken.append(name)
+        return taken if set(names) <= set(taken) else None
 
     def runs(self, data: CalibrationSet, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
-        """{name: dense value} of ``names``, one chunk of ``data`` at a time."""
-        if id(data) in self.cache:
-            return iter(self.cache[id(data)])
-        return (v for _, v in self.session.runs(data, names, dense=True))
+        """{name: dense value} of (at least) ``names``, one chunk of ``data`` at a time."""
+        cached = self.cache.get(id(data))
+        if cached is None or not set(names) <= cached[0]:
+            self.cache.pop(id(data), None)
+            taken = self.window(data, names)
+            if taken is None:
+                return (v for _, v in self.session.runs(data, names, dense=True))
+            self.cache[id(data)] = (set(taken), [v for _, v in self.session.runs(
+                data, taken, dense=True)])
+        return iter(self.cache[id(data)][1])
 
 
 def relative_error(session: Session, data: CalibrationSet, output: str, dense: Teacher,
