@@ -198,13 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{_cnn_summary(path, args.exporter, max_diff, t_export)}; dense test accuracy "
                   f"{acc:.4f} on {len(y)} load_digits images")
         elif args.cmd == "efficientnet-lite0":
-            from models import cnn
+            from models import cnn, photos
 
             path = cnn.export_efficientnet_lite0(args.out, args.exporter, args.opset,
                                                  args.dynamic_image, args.keep_bn)
             t_export = time.perf_counter() - t0
-            images, sources = cnn.natural_images()
-            held_out = cnn.natural_splits(sources)["eval"]
+            images, sources = photos.natural_images()
+            held_out = photos.natural_splits(sources)["eval"]
             views = held_out[::max(1, len(held_out) // args.check)][:args.check]
             max_diff, agree = cnn.compare(cnn.efficientnet_lite0(), path,
                                           cnn.efficientnet_input(images[views]))

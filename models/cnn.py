@@ -16,10 +16,7 @@ Data:
 * **Digits**: scikit-learn's ``load_digits`` (1,797 images 8x8, values 0..16), turned into each
   digit CNN's input by :func:`digits_input`; a seeded split into 64 calibration images and a
   disjoint test set (the other 1,733): :func:`digits_splits`.
-* **Natural images**: every natural RGB photo shipped with scikit-image, scikit-learn and
-  matplotlib (:data:`NATURAL_SOURCES`), each expanded to deterministic crops and their mirror
-  images (:func:`natural_views`); the split into calibration and evaluation images is by source
-  photo, so no photo has views on both sides (:func:`natural_splits`).
+* **Natural images**: the packaged photos of :mod:`models.photos`.
 
 Slow exports are cached under ``models.cache.cache_dir()`` (``$OPTIN_CACHE``, default
 ``~/.cache/optin-onnx``)::
@@ -41,6 +38,7 @@ from torch import nn
 
 from models.cache import cached
 from models.classifiers import seeded_splits
+from models.photos import IMAGE_SIZE
 
 Exporter = Literal["torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
@@ -235,109 +233,6 @@ def digits_cnn(name: str = "mnist", exporter: Exporter = "torchscript",
     """The cached ONNX export of the ccexam ``name`` net."""
     return cached(f"digits_{name}_{exporter}.onnx",
                   lambda p: export_digit_cnn(p, name, exporter), cache)
-
-
-# ---------------------------------------------------------------------------------------------
-# Natural images
-
-
-#: Natural RGB photos shipped with the installed packages, grouped by scene: ``(package, item)``.
-#: scikit-image's stereo pair shows one scene twice, so it is one source. Left out: the synthetic
-#: or clip-art RGB files (scikit-image's logo, colorwheel and RGB chessboard; matplotlib's logo2 and
-#: its 128x128 Minduka present icon) and every greyscale image.
-NATURAL_SOURCES: dict[str, tuple[tuple[str, str], ...]] = {
-    "astronaut": (("skimage", "astronaut"),),
-    "chelsea": (("skimage", "chelsea"),),
-    "coffee": (("skimage", "coffee"),),
-    "hubble_deep_field": (("skimage", "hubble_deep_field"),),
-    "immunohistochemistry": (("skimage", "immunohistochemistry"),),
-    "retina": (("skimage", "retina"),),
-    "rocket": (("skimage", "rocket"),),
-    "stereo_motorcycle": (("skimage", "motorcycle_left"), ("skimage", "motorcycle_right")),
-    "china": (("sklearn", "china.jpg"),),
-    "flower": (("sklearn", "flower.jpg"),),
-    "grace_hopper": (("matplotlib", "grace_hopper.jpg"),),
-}
-NATURAL_SEED = 0
-NATURAL_N_CALIB_SOURCES = 3
-IMAGE_SIZE = 224
-
-#: Crops per photo: (fraction of the shorter side, positions along each axis). Every crop is also
-#: mirrored left-right; a crop that repeats another (square photos) is kept once.
-CROPS: tuple[tuple[float, int], ...] = ((1.0, 3), (0.8, 2), (0.6, 3))
-
-
-def _read_photo(package: str, item: str) -> np.ndarray:
-    """One shipped photo as uint8 [H, W, 3], read from the package's own files (no downloads:
-    these scikit-image items are files inside its wheel)."""
-    from PIL import Image
-
-    if package == "skimage":
-        from skimage import data
-
-        if item.startswith("motorcycle_"):
-            left, right, _ = data.stereo_motorcycle()
-            return left if item == "motorcycle_left" else right
-        return getattr(data, item)()
-    if package == "sklearn":
-        import sklearn.datasets
-
-        root = resources.files(sklearn.datasets) / "images" / item
-    elif package == "matplotlib":
-        import matplotlib
-
-        root = resources.files(matplotlib) / "mpl-data" / "sample_data" / item
-    else:
-        raise ValueError(f"unknown package {package!r}")
-    with resources.as_file(root) as f, Image.open(f) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def natural_views(photo: np.ndarray, size: int = IMAGE_SIZE) -> list[np.ndarray]:
-    """Deterministic square crops of ``photo`` (see :data:`CROPS`) resized to ``size`` (PIL
-    bilinear, antialiased when shrinking) and their mirror images, uint8 [size, size, 3] each."""
-    from PIL import Image
-
-    h, w = photo.shape[:2]
-    im = Image.fromarray(photo)
-    boxes: list[tuple[int, int, int, int]] = []
-    for frac, steps in CROPS:
-        side = int(round(min(h, w) * frac))
-        for top in np.linspace(0, h - side, steps).round().astype(int):
-            for left in np.linspace(0, w - side, steps).round().astype(int):
-                box = (int(left), int(top), int(left) + side, int(top) + side)
-                if box not in boxes:
-                    boxes.append(box)
-    views = []
-    for box in boxes:
-        crop = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=box))
-        views += [crop, crop[:, ::-1]]
-    return views
-
-
-def natural_images(size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
-    """Every view of every :data:`NATURAL_SOURCES` photo: uint8 [n, size, size, 3] and, per view,
-    the name of its source (the unit of :func:`natural_splits`)."""
-    images, sources = [], []
-    for source, items in NATURAL_SOURCES.items():
-        for package, item in items:
-            views = natural_views(_read_photo(package, item), size)
-            images += views
-            sources += [source] * len(views)
-    return np.stack(images), sources
-
-
-def natural_splits(sources: list[str], seed: int = NATURAL_SEED,
-                   n_calib_sources: int = NATURAL_N_CALIB_SOURCES) -> dict[str, np.ndarray]:
-    """Indices of ``calib`` and ``eval`` views: the views of ``n_calib_sources`` source photos,
-    drawn by a seeded permutation of the sources, and the views of all the others."""
-    names = sorted(set(sources))
-    if not 0 < n_calib_sources < len(names):
-        raise ValueError(f"n_calib_sources must be in (0, {len(names)}) (got {n_calib_sources})")
-    order = np.random.default_rng(seed).permutation(len(names))
-    calib = {names[i] for i in order[:n_calib_sources]}
-    is_calib = np.array([s in calib for s in sources])
-    return {"calib": np.flatnonzero(is_calib), "eval": np.flatnonzero(~is_calib)}
 
 
 # ---------------------------------------------------------------------------------------------

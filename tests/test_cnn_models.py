@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from models import cnn
+from models import cnn, photos
 
 TINY_FORMS = list(itertools.product(cnn.TINY_NETS, cnn.EXPORTERS))
 
@@ -35,7 +35,7 @@ def _quiet_export(fn, *args, **kwargs) -> Path:
 
 @pytest.fixture(scope="module")
 def natural() -> tuple[np.ndarray, list[str]]:
-    return cnn.natural_images()
+    return photos.natural_images()
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_natural_images(natural) -> None:
     images, sources = natural
     assert images.dtype == np.uint8 and images.shape[1:] == (224, 224, 3)
     assert 300 <= len(images) == len(sources)
-    assert set(sources) == set(cnn.NATURAL_SOURCES)
+    assert set(sources) == set(photos.NATURAL_SOURCES)
     assert len({img.tobytes() for img in images}) == len(images)  # no view twice
     # Views come in mirror pairs.
     assert np.array_equal(images[1], images[0][:, ::-1])
@@ -147,19 +147,19 @@ def test_natural_images(natural) -> None:
 
 def test_natural_splits_are_disjoint_by_source(natural) -> None:
     _, sources = natural
-    split = cnn.natural_splits(sources)
+    split = photos.natural_splits(sources)
     calib, ev = split["calib"], split["eval"]
     assert sorted(np.concatenate([calib, ev]).tolist()) == list(range(len(sources)))
     calib_src = {sources[i] for i in calib}
     eval_src = {sources[i] for i in ev}
-    assert len(calib_src) == cnn.NATURAL_N_CALIB_SOURCES and not calib_src & eval_src
-    assert calib_src | eval_src == set(cnn.NATURAL_SOURCES)
-    assert all(np.array_equal(split[k], cnn.natural_splits(sources)[k]) for k in split)
-    assert any({sources[i] for i in cnn.natural_splits(sources, seed=s)["calib"]} != calib_src
+    assert len(calib_src) == photos.NATURAL_N_CALIB_SOURCES and not calib_src & eval_src
+    assert calib_src | eval_src == set(photos.NATURAL_SOURCES)
+    assert all(np.array_equal(split[k], photos.natural_splits(sources)[k]) for k in split)
+    assert any({sources[i] for i in photos.natural_splits(sources, seed=s)["calib"]} != calib_src
                for s in range(1, 4))
-    for bad in (0, len(cnn.NATURAL_SOURCES)):
+    for bad in (0, len(photos.NATURAL_SOURCES)):
         with pytest.raises(ValueError, match="n_calib_sources"):
-            cnn.natural_splits(sources, n_calib_sources=bad)
+            photos.natural_splits(sources, n_calib_sources=bad)
 
 
 def test_efficientnet_input() -> None:
@@ -246,7 +246,7 @@ def test_efficientnet_lite0(natural, tmp_path: Path) -> None:
     BatchNorms; a dynamic-image export runs at other sizes."""
     images, sources = natural
     module = cnn.efficientnet_lite0()
-    first = {s: sources.index(s) for s in cnn.NATURAL_SOURCES}
+    first = {s: sources.index(s) for s in photos.NATURAL_SOURCES}
     top1 = dict(zip(first, cnn.torch_logits(
         module, cnn.efficientnet_input(images[list(first.values())])).argmax(1).tolist()))
     assert top1["chelsea"] in (TABBY, TIGER_CAT, EGYPTIAN_CAT)
@@ -255,7 +255,7 @@ def test_efficientnet_lite0(natural, tmp_path: Path) -> None:
     assert top1["rocket"] in (MISSILE, PROJECTILE)
     assert top1["stereo_motorcycle"] in (MOPED, MOTOR_SCOOTER)
 
-    x = cnn.efficientnet_input(images[cnn.natural_splits(sources)["eval"][::20]])
+    x = cnn.efficientnet_input(images[photos.natural_splits(sources)["eval"][::20]])
     expected = {
         "torchscript": dict(Conv=49, Clip=33, Add=9, Pad=17, GlobalAveragePool=1, Gemm=1),
         "dynamo": dict(Conv=49, Clip=33, Add=9, Pad=0, ReduceMean=1, Reshape=1, Gemm=1),

