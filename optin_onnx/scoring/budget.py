@@ -9,9 +9,8 @@ forward pass of the scoring samples, and the stage's cost is that share summed o
 
 with ``candidates_b(g)`` the block's units for attention (heads are always scored one by one)
 and ``ceil(units / g)`` for neurons and channels scored in proxy-ordered groups of ``g``
-(:mod:`optin_onnx.scoring.candidates`). The sum grows with units x depth: a 12-layer encoder
-with 3,072 FFN neurons per layer costs six times what a 6-layer one with 1,536 costs at the same
-``g``. ``--neuron-group auto`` (the default) takes the finest group in :data:`GROUPS` whose cost
+(:mod:`optin_onnx.scoring.candidates`). At a fixed ``g`` the sum grows with units x depth
+(each added layer adds units and lengthens every earlier unit's suffix). ``--neuron-group auto`` (the default) takes the finest group in :data:`GROUPS` whose cost
 fits :data:`SCORING_BUDGET`, so scoring time follows the model's dense forward time instead of
 its units x depth; the report states the group and the estimate. The estimate counts
 matrix-product MACs only: measured time per estimated dense forward is in docs/RESULTS.md.
@@ -31,7 +30,7 @@ from optin_onnx.graph import nodes_by_name
 #: Estimated dense forwards of the scoring samples that ``auto`` lets scoring take (one round).
 SCORING_BUDGET = 300.0
 #: Group sizes ``auto`` chooses from, finest first: 8 is the finest because it already scores as
-#: well as exact per-neuron scores on MiniLM at an eighth of the cost (docs/RESULTS.md).
+#: well as exact per-neuron scores on MiniLM at a fraction of the cost (docs/RESULTS.md).
 GROUPS = (8, 16, 32, 64, 128, 256)
 
 
