@@ -21,12 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from optin_onnx.errors import OptinError
-
-#: Leave headroom under protobuf's 2 GiB hard limit.
-SERIALIZE_LIMIT = 1_800_000_000
-
 
 @contextmanager
 def outputs_set(model: onnx.ModelProto, outputs: Sequence[str] | None) -> Iterator[None]:
@@ -88,9 +85,11 @@ def session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str]
         if not isinstance(model, onnx.ModelProto):
             return ort.InferenceSession(str(model), so, providers=providers)
         with outputs_set(model, outputs):
-            if model.ByteSize() <= SERIALIZE_LIMIT:
+            # Serialised directly: protobuf's ByteSize would serialise it once more to measure
+            # it, and raises the same error as serialising past 2 GB.
+            try:
                 data = model.SerializeToString()
-            else:
+            except (EncodeError, ValueError):
                 data = None
                 copy = onnx.ModelProto()
                 copy.CopyFrom(model)

@@ -217,18 +217,34 @@ def test_im2col_patches_reproduce_the_conv():
     np.testing.assert_allclose(rows, np.moveaxis(y, 1, -1).reshape(-1, 4), atol=1e-4)
 
 
-def test_streamed_dense_targets_give_the_cached_result(tiny_exports, monkeypatch):
-    """Above the cache limit every consumer re-runs the dense model chunk by chunk instead of
-    keeping its activations: the fits are the same."""
+def test_the_walk_gives_what_whole_model_runs_give(tiny_exports):
+    """Walked segment by segment, teacher and student see at every position exactly the values
+    a whole-model run with their feeds computes; a walk cannot go back."""
+    from optin_onnx import runtime
+
     m, s, keep = _tiny(tiny_exports, FORMS[0])
-    cal = make_calibration(tiny_feeds(16, 12, seed=1), chunk_size=8)
-    held = make_calibration(tiny_feeds(16, 12, seed=2), chunk_size=8)
-    cached = rf.refit(m, s, keep, cal, held)
-    monkeypatch.setattr(session, "TEACHER_CACHE_BYTES", 0)
-    streamed = rf.refit(m, s, keep, cal, held)
-    assert [(b.block, b.method, b.damping) for b in streamed.blocks] == \
-        [(b.block, b.method, b.damping) for b in cached.blocks]
-    assert streamed.held_after == pytest.approx(cached.held_after, rel=1e-6)
+    cal = make_calibration(tiny_feeds(10, 12, seed=1), chunk_size=4)
+    held = make_calibration(tiny_feeds(6, 12, seed=2), chunk_size=4)
+    masks = unit_masks(s, keep)
+    consumers = [b.consumers[0] for b in s.blocks]
+    sess = session.Session(m, s, masks, consumers, [], None)
+    walk = sess.start(cal, held)
+    nodes = list(sess.proto.graph.node)
+    names = [n.output[0] for n in nodes]
+    stops = sorted(sess.position[c.node] for c in consumers) + [len(nodes)]
+    for position in stops:
+        walk.goto(position)
+        later = names[position:position + 5] + [sess.proto.graph.output[0].name]
+        for walker in ("teacher", "student"):
+            for data in (cal, held):
+                for chunk, got in zip(data.chunks, walk.values(walker, data, later)):
+                    want = runtime.run_all_values(sess.proto, {**chunk.feeds,
+                                                               **sess.feeds[walker]}, later)
+                    for name in later:
+                        np.testing.assert_allclose(got[name], want[name], rtol=1e-5,
+                                                   atol=1e-5)
+    with pytest.raises(ValueError, match="cannot|not before"):
+        walk.goto(stops[0])
 
 
 @pytest.mark.parametrize("flags, wanted", [([], "refit"), (["--reconstruct"], "refit"),

@@ -203,33 +203,36 @@ def test_the_per_channel_fits_are_pinned(tmp_path, group):
                      for i in (1, 2)) == pytest.approx(sums, rel=1e-6)
 
 
-def test_the_teachers_windows_give_the_same_fits_with_fewer_dense_runs(tmp_path, monkeypatch):
-    """Whatever the cache limit (none: a dense run per fit; a window of points at a time; every
-    point at once), the fits are the same bit for bit, and a larger limit never runs the dense
-    model more often."""
-    from optin_onnx.reconstruct import session
+def test_the_refit_runs_each_node_about_once_per_walker(tmp_path, monkeypatch):
+    """The refit's walk runs each node at most once per walker and chunk to move forward, plus
+    the short stretches from a fitted node to its point (peeks): not a whole-model pass per
+    fit, which is what a whole-model session costs (onnxruntime runs every node whatever is
+    fetched)."""
+    from optin_onnx.reconstruct import walk as wk
 
     m, s = _load(_net(str(tmp_path / "n.onnx")))
     keep = {b.name: list(range(b.n_units)) for b in s.blocks}
     keep[next(b for b in s.blocks if b.n_units == 8).name] = [0, 2, 5]
-    runs = session.Session.runs
-    dense_runs = [0]
+    ran = {"all": 0, "goto": 0}
+    run, goto = wk.Walk._run, wk.Walk.goto
 
-    def counted(self, data, names, *, dense=False, fitted=True):
-        dense_runs[0] += dense
-        return runs(self, data, names, dense=dense, fitted=fitted)
+    def counted_run(self, stop, outputs, live, feeds):
+        ran["all"] += stop - self.position
+        return run(self, stop, outputs, live, feeds)
 
-    monkeypatch.setattr(session.Session, "runs", counted)
-    results = {}
-    for limit in (0, 200_000, 400_000, 1 << 30):
-        monkeypatch.setattr(session, "TEACHER_CACHE_BYTES", limit)
-        dense_runs[0] = 0
-        got = rf.refit(m, s, keep, make_calibration(_x(24, 4), chunk_size=8),
-                       make_calibration(_x(24, 5), chunk_size=8))
-        results[limit] = (dense_runs[0], _weights(got.model), got.held_after)
-    counts = [results[k][0] for k in sorted(results)]
-    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
-    for count, weights, held_after in results.values():
-        assert held_after == results[0][2]
-        for name, arr in weights.items():
-            np.testing.assert_array_equal(arr, results[0][1][name])
+    def counted_goto(self, position):
+        ran["goto"] += (position - self.position) * sum(len(c) for _, c in self.state.values())
+        return goto(self, position)
+
+    monkeypatch.setattr(wk.Walk, "_run", counted_run)
+    monkeypatch.setattr(wk.Walk, "goto", counted_goto)
+    cal, held = make_calibration(_x(24, 4), chunk_size=8), make_calibration(_x(24, 5), chunk_size=8)
+    got = rf.refit(m, s, keep, cal, held)
+    fits = sum(b.method != "none" for b in got.blocks)
+    assert fits >= 2
+    n_nodes = len(masked_model(m, s).graph)
+    chunks = 2 * (3 + 3) + 3  # teacher and student on both sets, the uncorrected student held out
+    assert ran["goto"] <= n_nodes * chunks
+    peeks = ran["all"] - ran["goto"]
+    # a whole-model pass per fit for teacher and student on both sets would be this much
+    assert 0 < peeks < fits * n_nodes * 4 * 3 / 2

@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.graph import const_array, nodes_by_name
-from optin_onnx.reconstruct.session import Session, Teacher, Window, replace_constant
+from optin_onnx.reconstruct.session import Session, Window, replace_constant
 
 #: Per-channel gains smaller than this fraction of the channel target's squared norm are
 #: rounding noise (as :data:`optin_onnx.reconstruct.layerwise.NOISE` for a block).
@@ -194,8 +194,8 @@ def _targets(t: np.ndarray) -> np.ndarray:
 
 
 def fit_channels(out: ir.Model, session: Session, plan: ChannelPlan,
-                 sets: tuple[CalibrationSet, CalibrationSet], dense: Teacher,
-                 dampings: Sequence[float]) -> tuple[ChannelChoice, int] | None:
+                 sets: tuple[CalibrationSet, CalibrationSet], dampings: Sequence[float]
+                 ) -> tuple[ChannelChoice, int] | None:
     """Fit ``plan``'s conv on the first of ``sets``, choose per channel on the second, and write
     the winners into ``out`` and the ``session``'s feeds; (the choice, the Gram bytes), or None
     where no channel gained."""
@@ -209,8 +209,8 @@ def fit_channels(out: ir.Model, session: Session, plan: ChannelPlan,
     grams = []
     for data in sets:
         gram = ChannelGram(channels, w0.shape[1])
-        for (_, got), want in zip(session.runs(data, [plan.data, plan.point]),
-                                  dense.runs(data, [plan.point])):
+        for got, want in zip(session.walk.values("student", data, [plan.data, plan.point]),
+                             session.walk.values("teacher", data, [plan.point])):
             x, y, t = got[plan.data], got[plan.point], want[plan.point]
             # As many samples at once as keep the float64 basis under BASIS_BYTES.
             step = max(1, BASIS_BYTES // (8 * w0.size * y[0, 0].size))

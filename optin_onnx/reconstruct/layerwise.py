@@ -38,14 +38,14 @@ import numpy as np
 import onnx_ir as ir
 
 from optin_onnx.analysis import Block, Consumer, Role, Structure
-from optin_onnx.calibrate import CalibrationSet
+from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
 from optin_onnx.graph import const_array, copy_model, nodes_by_name
 from optin_onnx.instrument import oriented, unit_masks
 from optin_onnx.reconstruct.channelwise import ChannelPlan, channel_plan, fit_channels
 from optin_onnx.reconstruct.gram import Gram, ridge
 from optin_onnx.reconstruct.scales import consumer_matrix
-from optin_onnx.reconstruct.session import (Session, Teacher, Window, relative_error,
-                                             replace_constant, rows, shared)
+from optin_onnx.reconstruct.session import (Session, Window, relative_error, replace_constant,
+                                             rows, shared)
 
 #: Ridge dampings tried per block (relative to the mean diagonal of X^T X); the held-out samples
 #: choose among them, so no single value has to suit every layer.
@@ -196,35 +196,35 @@ def refit(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
     if per_channel:
         jobs += [(name, name, plan, None)
                  for name, plan in _channel_plans(out, structure, masks, order).items()]
-    jobs.sort(key=lambda job: order[job[1]])
     fits = [p for _, _, p, _ in jobs if isinstance(p, _Plan)]
     convs = [p for _, _, p, _ in jobs if isinstance(p, ChannelPlan)]
     output = model.graph.outputs[0].name
-    # In job order: the teacher captures the dense values a window of fits ahead.
-    points = list(dict.fromkeys([p.point for _, _, p, _ in jobs if not isinstance(p, str)]
-                                + [output]))
     slots = [s for p in fits for s in ((p.consumer.node, p.consumer.weight_index), p.bias) if s]
     slots += [(p.node, slot) for p in convs for slot in (1, 2)]
-    session = Session(model, structure, masks, [p.consumer for p in fits], slots,
-                      points + [p.data for p in convs], providers)
-    dense = Teacher(session, points, (cal, held))
+    session = Session(model, structure, masks, [p.consumer for p in fits], slots, providers)
+    walk = session.start(cal, held)
+    # The walk moves forward only: jobs in the order of their nodes in the walked model.
+    jobs.sort(key=lambda job: session.position[job[1]])
     result = RefitResult(out)
-    for label, _, plan, block in jobs:
+    for label, node, plan, block in jobs:
         if isinstance(plan, str):
             result.blocks.append(BlockRefit(label, "none", reason=plan))
             continue
-        got = (_fit_conv(out, session, plan, (cal, held), dense, dampings)
+        walk.goto(session.position[node])
+        got = (_fit_conv(out, session, plan, (cal, held), dampings)
                if isinstance(plan, ChannelPlan) else
-               _fit_block(out, session, masks, block, plan, (cal, held), dense, dampings))
+               _fit_block(out, session, masks, block, plan, (cal, held), dampings))
         got.block = label
         result.blocks.append(got)
         result.gram_bytes = max(result.gram_bytes, got.gram_bytes)
-    result.held_before = relative_error(session, held, output, dense, fitted=False)
+    walk.drop(cal)
+    walk.goto(walk.end)
+    result.held_before = relative_error(walk, held, output, "baseline")
     if not any(r.method != "none" for r in result.blocks):
         result.held_after = result.held_before
         result.model = copy_model(model)
         return result
-    result.held_after = relative_error(session, held, output, dense, fitted=True)
+    result.held_after = relative_error(walk, held, output, "student")
     result.kept = result.held_after < result.held_before
     if not result.kept:
         result.model = copy_model(model)
@@ -251,11 +251,11 @@ def _channel_plans(model: ir.Model, structure: Structure, masks: Mapping[str, np
 
 
 def _fit_conv(out: ir.Model, session: Session, plan: ChannelPlan,
-              sets: tuple[CalibrationSet, CalibrationSet], dense: Teacher,
-              dampings: Sequence[float]) -> BlockRefit:
+              sets: tuple[CalibrationSet, CalibrationSet], dampings: Sequence[float]
+              ) -> BlockRefit:
     """A conv fitted channel by channel (:func:`.channelwise.fit_channels`), as a report entry:
     its held-out errors are summed over its output channels."""
-    got = fit_channels(out, session, plan, sets, dense, dampings)
+    got = fit_channels(out, session, plan, sets, dampings)
     kind = "depthwise" if plan.window else "affine"
     if got is None:
         return BlockRefit(plan.node, "none", reason="no channel's fit lowered its held-out error")
@@ -266,7 +266,7 @@ def _fit_conv(out: ir.Model, session: Session, plan: ChannelPlan,
 
 def _fit_block(out: ir.Model, session: Session, masks: Mapping[str, np.ndarray],
                block: Block, plan: _Plan, sets: tuple[CalibrationSet, CalibrationSet],
-               dense: Teacher, dampings: Sequence[float]) -> BlockRefit:
+               dampings: Sequence[float]) -> BlockRefit:
     """Fit ``plan``'s consumer on the first of ``sets`` (scoring samples), choose on the second
     (held-out), and write the winner into ``out`` and the ``session``'s feeds."""
     c = plan.consumer
@@ -286,8 +286,10 @@ def _fit_block(out: ir.Model, session: Session, masks: Mapping[str, np.ndarray],
     grams = []
     for data in sets:
         gram = Gram(len(kept) + free, w0.shape[1])
-        pairs = zip(session.runs(data, [x_name, plan.point]), dense.runs(data, [plan.point]))
-        for (mask, got), want in pairs:
+        pairs = zip(data.chunks, session.walk.values("student", data, [x_name, plan.point]),
+                    session.walk.values("teacher", data, [plan.point]))
+        for chunk, got, want in pairs:
+            mask = chunk.feeds.get(MASK_INPUT)
             x = (plan.window.patches(got[x_name]) if plan.window else
                  rows(got[x_name], c.data_axis, mask))[:, kept].astype(np.float64)
             diff = (rows(want[plan.point], plan.axis, mask).astype(np.float64)

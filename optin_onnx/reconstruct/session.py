@@ -1,25 +1,20 @@
-"""The refit's runs and data layouts: one onnxruntime session for the dense teacher and the
-pruned student (:class:`Session`), the dense values at the refit's points (:class:`Teacher`),
-activations as rows of a least-squares problem (:func:`rows`, :class:`Window` for a k x k conv's
+"""The refit's model and data layouts: one model for the dense teacher and the pruned student,
+with masks and fitted weights as inputs (:class:`Session`, walked by :mod:`.walk`), activations as rows of a least-squares problem (:func:`rows`, :class:`Window` for a k x k conv's
 im2col patches), the whole model's held-out check (:func:`relative_error`), and the write of a
 fitted constant into the model (:func:`replace_constant`, :func:`shared`)."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from optin_onnx import runtime
 from optin_onnx.analysis import Consumer, Structure
 from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
 from optin_onnx.graph import const_array, const_root, nodes_by_name
 from optin_onnx.instrument import channel_mask, mask_input_name, masked_model
-
-#: Dense activations at every refit point are kept in memory up to this size (else recomputed for
-#: each consumer: one more dense run per consumer).
-TEACHER_CACHE_BYTES = 1 << 30
+from optin_onnx.reconstruct.walk import Walk
 
 
 @dataclass(frozen=True)
@@ -62,22 +57,23 @@ def rows(arr: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray:
 
 
 class Session:
-    """One onnxruntime session for every run of the refit: the dense model with a mask input per
-    block (:func:`~optin_onnx.instrument.masked_model`) and every weight and bias a fit can move
-    as a graph input of its own, fed at each run. The dense teacher (masks of ones, the weights
-    as they were), the pruned student before and after each fit, and the whole model's check are
-    all feeds of this one session. A session per fit would instead serialise and optimise the
-    whole model once per consumer, which costs more than the fits' runs (the demo model's
-    profile: docs/RESULTS.md, "Weight refit")."""
+    """The model every run of the refit uses: the dense model with a mask input per block
+    (:func:`~optin_onnx.instrument.masked_model`) and every weight and bias a fit can move as a
+    graph input of its own. The dense teacher (masks of ones, the weights as they were), the
+    pruned student with the fits so far and the student as pruned are feeds of this one model,
+    walked through it segment by segment (:class:`~optin_onnx.reconstruct.walk.Walk`). One
+    model per fit would instead serialise and optimise the whole model once per consumer, and
+    a whole-model session per run costs a forward pass per fit (docs/RESULTS.md, "Weight
+    refit")."""
 
     def __init__(self, model: ir.Model, structure: Structure, masks: Mapping[str, np.ndarray],
                  consumers: Sequence[Consumer], slots: Sequence[tuple[str, int]],
-                 points: Sequence[str], providers: Sequence[str] | None) -> None:
+                 providers: Sequence[str] | None) -> None:
         shared = masked_model(model, structure)
         nodes = nodes_by_name(shared.graph)
         taken = {v.name for v in shared.graph.inputs} | set(shared.graph.initializers)
         self.inputs: dict[tuple[str, int], str] = {}
-        self.original: dict[str, np.ndarray] = {}
+        original: dict[str, np.ndarray] = {}
         for node_name, slot in dict.fromkeys(slots):
             node = nodes[node_name]
             arr = np.ascontiguousarray(const_array(node.inputs[slot]))
@@ -92,95 +88,43 @@ class Session:
             shared.graph.inputs.append(value)
             node.replace_input_with(slot, value)
             self.inputs[(node_name, slot)] = name
-            self.original[name] = arr
-        self.current = dict(self.original)
+            original[name] = arr
         #: the masked model's name of each consumer's data input (after its mask Mul)
         self.data = {(c.node, c.data_index): nodes[c.node].inputs[c.data_index].name
                      for c in consumers}
-        self.student_masks, self.dense_masks = {}, {}
+        student_masks, dense_masks = {}, {}
         for b in structure.blocks:
             c = b.consumers[0]
-            self.student_masks[mask_input_name(b)] = channel_mask(b, masks[b.name], c.role,
-                                                                  c.group)
-            self.dense_masks[mask_input_name(b)] = np.ones_like(
-                self.student_masks[mask_input_name(b)])
-        names = list(dict.fromkeys([*points, *self.data.values()]))
-        self.sess = runtime.session(ir.to_proto(shared), providers, outputs=names)
+            student_masks[mask_input_name(b)] = channel_mask(b, masks[b.name], c.role, c.group)
+            dense_masks[mask_input_name(b)] = np.ones_like(student_masks[mask_input_name(b)])
+        self.feeds = {"teacher": {**dense_masks, **original},
+                      "student": {**student_masks, **original},
+                      "baseline": {**student_masks, **original}}
+        self.proto = ir.to_proto(shared)
+        #: each node's position in the walk's node order
+        self.position = {n.name: i for i, n in enumerate(self.proto.graph.node)}
+        self.providers = providers
+        self.walk: Walk | None = None
+
+    def start(self, cal: CalibrationSet, held: CalibrationSet) -> Walk:
+        """The walk of the refit: teacher and student on the fitting and the held-out samples,
+        the uncorrected student on the held-out ones."""
+        self.walk = Walk(self.proto, self.feeds, {"teacher": (cal, held), "student": (cal, held),
+                                                  "baseline": (held,)}, self.providers)
+        return self.walk
 
     def set(self, slot: tuple[str, int], arr: np.ndarray) -> None:
-        """A fit's new weight or bias, fed to every later run."""
-        self.current[self.inputs[slot]] = np.ascontiguousarray(arr)
-
-    def runs(self, data: CalibrationSet, names: list[str], *, dense: bool = False,
-             fitted: bool = True) -> Iterator[tuple[np.ndarray | None, dict[str, np.ndarray]]]:
-        """(attention mask or None, {name: value}) chunk by chunk (one chunk's activations at a
-        time, never a whole set's), of the dense model (``dense``) or the pruned one, with the
-        fits made so far (``fitted``) or the weights as they were."""
-        extra = {**(self.dense_masks if dense else self.student_masks),
-                 **(self.current if fitted and not dense else self.original)}
-        for chunk in data.chunks:
-            yield (chunk.feeds.get(MASK_INPUT),
-                   dict(zip(names, self.sess.run(names, {**chunk.feeds, **extra}))))
+        """A fit's new weight or bias, fed to the student from now on."""
+        self.walk.set("student", self.inputs[slot], np.ascontiguousarray(arr))
 
 
-class Teacher:
-    """The dense model's values at the refit's points, chunk by chunk. The fits ask for their
-    points in graph order (``names``' order), each point once, so the teacher runs the dense model
-    for as many of the next points as fit in :data:`TEACHER_CACHE_BYTES` (per-sample sizes taken
-    from the first chunk, with room for longer chunks) and keeps them until a fit asks for a point
-    past them: one dense pass per set where every point fits (a small model), one per window of
-    points on a large one (EfficientNet's maps at 224 x 224), instead of one per fit. A point
-    that alone exceeds the limit, or one asked for out of order, is streamed: the dense model
-    runs again for that request, trading time for bounded memory."""
-
-    def __init__(self, session: Session, names: list[str],
-                 sets: Sequence[CalibrationSet]) -> None:
-        self.session, self.names = session, list(dict.fromkeys(names))
-        first = sets[0].chunks[0]
-        _, values = next(session.runs(sets[0], self.names, dense=True))
-        self.per_sample = {k: 2 * v.nbytes / (first.stop - first.start)
-                           for k, v in values.items()}
-        # Per sample of every set together: each set's window then fits beside the others'.
-        self.limit = TEACHER_CACHE_BYTES / sum(data.n for data in sets)
-        self.sets = {id(data) for data in sets}
-        #: {set id: (the names captured, their values chunk by chunk)}
-        self.cache: dict[int, tuple[set[str], list[dict[str, np.ndarray]]]] = {}
-
-    def window(self, data: CalibrationSet, names: list[str]) -> list[str] | None:
-        """The points to capture for a request of ``names``: from the earliest of them on in
-        graph order while they fit ``data``'s share of the limit; None where ``names`` do not."""
-        if not set(names) <= set(self.names) or id(data) not in self.sets:
-            return None
-        start = min(self.names.index(n) for n in names)
-        taken, size = [], 0.0
-        for name in self.names[start:]:
-            size += self.per_sample[name]
-            if size > self.limit:
-                break
-            taken.append(name)
-        return taken if set(names) <= set(taken) else None
-
-    def runs(self, data: CalibrationSet, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
-        """{name: dense value} of (at least) ``names``, one chunk of ``data`` at a time."""
-        cached = self.cache.get(id(data))
-        if cached is None or not set(names) <= cached[0]:
-            self.cache.pop(id(data), None)
-            taken = self.window(data, names)
-            if taken is None:
-                return (v for _, v in self.session.runs(data, names, dense=True))
-            self.cache[id(data)] = (set(taken), [v for _, v in self.session.runs(
-                data, taken, dense=True)])
-        return iter(self.cache[id(data)][1])
-
-
-def relative_error(session: Session, data: CalibrationSet, output: str, dense: Teacher,
-                    fitted: bool) -> float:
-    """Squared error of the pruned model's ``output`` (with the fits or without) to the dense
-    model's, relative to the dense output's squared norm (real tokens only for per-token
-    outputs)."""
+def relative_error(walk: Walk, data: CalibrationSet, output: str, walker: str) -> float:
+    """Squared error of ``walker``'s ``output`` to the teacher's, relative to the teacher's
+    squared norm (real tokens only for per-token outputs)."""
     err = norm = 0.0
-    for (mask, got), want in zip(session.runs(data, [output], fitted=fitted),
-                                 dense.runs(data, [output])):
+    for chunk, got, want in zip(data.chunks, walk.values(walker, data, [output]),
+                                walk.values("teacher", data, [output])):
+        mask = chunk.feeds.get(MASK_INPUT)
         g = rows(got[output].astype(np.float64), -1, mask)
         w = rows(want[output].astype(np.float64), -1, mask)
         err += float(np.sum((g - w) ** 2))

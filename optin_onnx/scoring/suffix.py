@@ -55,7 +55,7 @@ def _trace(model: onnx.ModelProto, start: str, outputs: list[str], dtypes: dict[
     downstream = {start}
     static = set(inits)  # values computed from constants alone: cheap and batch-free, recompute
     for n in g.node:
-        if any(i in downstream for i in (*n.input, *_implicit_inputs(n))):
+        if any(i in downstream for i in (*n.input, *implicit_inputs(n))):
             downstream.update(o for o in n.output if o)
         if all(not i or i in static for i in n.input):
             static.update(o for o in n.output if o)
@@ -133,7 +133,7 @@ def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
     return Suffix(sub, start, cut, graph_inputs, list(outputs))
 
 
-def _implicit_inputs(node: onnx.NodeProto) -> set[str]:
+def implicit_inputs(node: onnx.NodeProto) -> set[str]:
     """Names ``node``'s subgraphs (If branches, Loop bodies) read from the enclosing graph."""
     out: set[str] = set()
     for a in node.attribute:
@@ -143,7 +143,7 @@ def _implicit_inputs(node: onnx.NodeProto) -> set[str]:
             local = {v.name for v in sub.input} | {t.name for t in sub.initializer}
             local |= {o for n in sub.node for o in n.output}
             for n in sub.node:
-                out |= {i for i in (*n.input, *_implicit_inputs(n)) if i and i not in local}
+                out |= {i for i in (*n.input, *implicit_inputs(n)) if i and i not in local}
     return out
 
 
