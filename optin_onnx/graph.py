@@ -22,8 +22,11 @@ def normalize(model: ir.Model) -> ir.Model:
 
 
 def copy_model(model: ir.Model) -> ir.Model:
-    """A deep, independent copy (the input model is never mutated)."""
-    return ir.from_proto(ir.to_proto(model))
+    """An independent copy of the graph (the input model is never mutated) that shares the
+    stored tensors: every pass replaces a constant by a new one rather than writing into it, so
+    a copy costs the graph's nodes and values, not the weights again (a copy through protobuf
+    held a model's worth of bytes per copy: four at once in a prune with the refit)."""
+    return model.clone()
 
 
 def nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
@@ -54,12 +57,14 @@ def const_root(value: ir.Value | None) -> ir.Value | None:
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind ``value``: an initializer, or the output of a ``Constant`` node, also
     when reached through ``Identity`` nodes (the TorchScript exporter de-duplicates equal weights,
-    e.g. all-zero biases, and hands each layer an ``Identity`` of the one it kept)."""
+    e.g. all-zero biases, and hands each layer an ``Identity`` of the one it kept). Read-only:
+    copies of a model share their tensors (:func:`copy_model`), so a write would change every
+    copy."""
     for _ in range(64):
         if value is None:
             return None
         if value.const_value is not None:
-            return value.const_value.numpy()
+            return _read_only(value.const_value.numpy())
         node = value.producer()
         if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
             break
@@ -69,7 +74,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
         attr = next(iter(node.attributes.values()))
         if attr.name == "value":
-            return attr.value.numpy()
+            return _read_only(attr.value.numpy())
         if attr.name in ("value_float", "value_int"):
             return np.array(attr.value)
         if attr.name in ("value_floats", "value_ints"):
@@ -108,3 +113,9 @@ def captured(node: ir.Node) -> list[ir.Value]:
                 if v.name not in local:
                     out.setdefault(v.name, v)
     return list(out.values())
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    view = arr.view()
+    view.flags.writeable = False
+    return view
