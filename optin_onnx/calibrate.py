@@ -178,10 +178,11 @@ def check_cache_fits(model: onnx.ModelProto, cal: CalibrationSet, names: list[st
     scale = sum((c.stop - c.start) * (c.seq_len / first.seq_len if text else 1.0)
                 for c in cal.chunks)
     cache = int(per_sample * scale)
-    need = copies * (cache + model.ByteSize())
+    weights = runtime.tensor_bytes(model)
+    need = copies * (cache + weights)
     if need > limit_bytes:
         raise OptinError(
             f"scoring needs about {need / GIB:.3g} GiB ({copies} x ({cache / GIB:.3g} GiB of cached "
-            f"activations of {len(names)} values for {cal.n} samples + {model.ByteSize() / GIB:.3g}"
+            f"activations of {len(names)} values for {cal.n} samples + {weights / GIB:.3g}"
             f" GiB of model)), over --max-memory-gib {limit_bytes / GIB:g}: use fewer --samples, "
             f"fewer --workers or a larger limit")

@@ -46,6 +46,30 @@ def outputs_set(model: onnx.ModelProto, outputs: Sequence[str] | None) -> Iterat
         model.graph.output.extend(saved)
 
 
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of every tensor ``model`` stores (initializers and tensor attributes, subgraphs
+    included), from their shapes: what a model weighs, measured without serialising it
+    (protobuf's ``ByteSize`` serialises the whole model to count, and raises past 2 GB)."""
+
+    def size(t: onnx.TensorProto) -> int:
+        if t.data_type == onnx.TensorProto.STRING:
+            return sum(len(v) for v in t.string_data)
+        return int(np.prod(t.dims, dtype=np.int64)) * \
+            onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+    def graph(g: onnx.GraphProto) -> int:
+        total = sum(size(t) for t in g.initializer)
+        for node in g.node:
+            for a in node.attribute:
+                total += (size(a.t) if a.type == onnx.AttributeProto.TENSOR else
+                          sum(size(t) for t in a.tensors))
+                total += sum(graph(sub) for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH
+                                                    else a.graphs))
+        return total
+
+    return graph(model.graph)
+
+
 def release_memory() -> None:
     """Hand the heap's free pages back to the system (glibc's ``malloc_trim``). Sessions and
     serialised models are freed when dropped, but glibc keeps the pages, so without this the

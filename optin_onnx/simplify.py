@@ -16,14 +16,16 @@ import onnx
 
 from optin_onnx.errors import OptinError
 from optin_onnx.latency import compare_latency
+from optin_onnx.runtime import tensor_bytes
 
-#: Protobuf cannot serialise a single message over 2 GB; onnxsim needs to.
-_ONNXSIM_LIMIT = 2_000_000_000
+#: Protobuf cannot serialise a single message over 2 GB; onnxsim needs to (with room for the
+#: graph beside the weights).
+_ONNXSIM_LIMIT = 1_900_000_000
 
 
 def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Return (model, None) when simplified, else (the input model, why it was not)."""
-    if model.ByteSize() > _ONNXSIM_LIMIT:
+    if tensor_bytes(model) > _ONNXSIM_LIMIT:
         return model, "onnxsim skipped: the model is over 2 GB"
     try:
         import onnxsim

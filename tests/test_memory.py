@@ -88,3 +88,25 @@ def test_report_gives_the_peak_memory_as_each_stage_ended(tiny) -> None:
     assert values == sorted(values) and values[0] > 0
     assert values[-1] <= got.peak_memory["process_gib"]
     assert "Peak memory so far" in render(got)
+
+
+def test_copies_of_the_model_share_its_weights(tiny) -> None:
+    """The baseline the report measures, the refit's result and the rewrite's input are copies
+    of the graph that point at the same stored tensors (a copy per stage would hold the weights
+    once more each), and a shared tensor cannot be written through."""
+    from optin_onnx.graph import const_array, copy_model
+    from optin_onnx.options import PruneOptions
+    from optin_onnx.stages.prepare import prepare
+
+    prep = prepare(tiny, tiny_feeds(8, 16, seed=1), PruneOptions(samples=6))
+    model_inits = prep.model.graph.initializers
+    shared = [name for name, v in prep.original.graph.initializers.items()
+              if name in model_inits and v.const_value is model_inits[name].const_value]
+    assert len(shared) == len(model_inits) > 0
+    copy = copy_model(prep.model)
+    for name, value in copy.graph.initializers.items():
+        assert value.const_value is model_inits[name].const_value
+        arr = const_array(value)
+        if arr.size:
+            with pytest.raises(ValueError, match="read-only"):
+                arr.reshape(-1)[0] = 1

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optin_onnx.errors import OptinError
 from optin_onnx.runtime import (first_output, release_memory, run_all_values, run_batched,
-                                session)
+                                session, tensor_bytes)
 
 
 def _model() -> onnx.ModelProto:
@@ -62,3 +62,19 @@ def test_batched_runs_equal_one_run_and_ignore_feeds_the_model_does_not_take():
     np.testing.assert_allclose(run_batched(_model(), {"X": X}, 3), whole, rtol=1e-6)
     batches = ({"X": X[i:i + 4], "unused": X} for i in range(0, len(X), 4))
     np.testing.assert_allclose(first_output(session(_model()), batches), whole, rtol=1e-6)
+
+
+def test_tensor_bytes_counts_every_stored_tensor_without_serialising():
+    """Initializers, Constant attributes and subgraph constants, by their shapes and types: what
+    the memory check and the report use where protobuf's ByteSize would serialise the model (and
+    raise past 2 GB)."""
+    model = _model()
+    const = helper.make_node("Constant", [], ["C"], value=numpy_helper.from_array(
+        np.ones((5, 2), np.float64)))
+    branch = helper.make_graph([helper.make_node("Constant", [], ["B"], value=numpy_helper.from_array(
+        np.zeros(7, np.int64)))], "b", [], [helper.make_tensor_value_info("B", TensorProto.INT64,
+                                                                          [7])])
+    cond = helper.make_node("If", ["flag"], ["B_out"], then_branch=branch, else_branch=branch)
+    model.graph.node.extend([const, cond])
+    assert tensor_bytes(model) == 4 * 3 * 4 + 5 * 2 * 8 + 2 * 7 * 8
+    assert tensor_bytes(_model()) == len(_model().graph.initializer[0].raw_data)

@@ -22,6 +22,7 @@ from optin_onnx.metrics import cosine_similarity, kl_divergence, top1_agreement
 from optin_onnx.options import PruneOptions
 from optin_onnx.probe import sample_feeds, sequence_inputs
 from optin_onnx.report import Report, count_parameters, peak_memory
+from optin_onnx.runtime import tensor_bytes
 from optin_onnx.scoring.features import output_kind
 from optin_onnx.scoring.types import Units
 from optin_onnx.stages.build import Built
@@ -34,13 +35,16 @@ from optin_onnx.verify import RUN_ERRORS, VerifyResult, verify
 class Checked:
     """What the report states about a verified slim model; ``fidelity``: per objective output,
     in the prepare stage's order; ``notes``: checks skipped, and why; ``resized``: the graph
-    inputs and outputs whose shape the prune changed (a KV cache)."""
+    inputs and outputs whose shape the prune changed (a KV cache); ``params_before`` and
+    ``size_before``: of the input model (its files' bytes, or its tensors' for an object)."""
 
     verification: VerifyResult
     macs_after: int
     fidelity: dict[str, dict[str, float]]
     latency: dict[str, dict]
     notes: tuple[str, ...]
+    params_before: int
+    size_before: int
     resized: tuple[PortChange, ...] = ()
 
 
@@ -108,7 +112,8 @@ def check(prep: Prepared, options: PruneOptions, built: Built, keep: Units, *,
         declared = {v.name: v for v in reference.graph.outputs}
         kinds = {name: output_kind(reference, name, len(declared[name].shape or ()) or 2, "auto")
                  for name in prep.objectives}
-        measured = fidelity(prep.original, slim, kinds, prep.held, prep.providers, changes)
+        original = ir.to_proto(prep.original)
+        measured = fidelity(original, slim, kinds, prep.held, prep.providers, changes)
         if not prep.has_held:
             notes.append("no held-out calibration samples: fidelity measured on the scoring set")
         latency = {}
@@ -116,14 +121,16 @@ def check(prep: Prepared, options: PruneOptions, built: Built, keep: Units, *,
             feeds = sample_feeds(prep.calib, batch, seq, sequence_inputs(reference))
             try:
                 before, after = compare_latency(
-                    prep.original, slim, feeds, providers=prep.providers,
+                    original, slim, feeds, providers=prep.providers,
                     max_seconds=options.latency_seconds, pruned_feeds=pruned_feeds(feeds, changes))
             except RUN_ERRORS as exc:  # a shape the model cannot take: the prune stands
                 notes.append(f"latency case b{batch} s{seq} skipped: onnxruntime cannot run the "
                              f"model at that shape ({first_line(exc)})")
                 continue
             latency[f"{options.provider} b{batch} s{seq}"] = latency_entry(before, after)
-    return Checked(result, macs_after, measured, latency, tuple(notes), resized)
+    size_before = file_size(prep.source) if prep.source else tensor_bytes(original)
+    return Checked(result, macs_after, measured, latency, tuple(notes),
+                   count_parameters(original), size_before, resized)
 
 
 def file_size(path: Path) -> int:
@@ -162,9 +169,9 @@ def make_report(prep: Prepared, options: PruneOptions, built: Built, keep: Units
         output_path=str(output) if output else "<in-memory>",
         flops_target=options.flops, flops_achieved=checked.macs_after / prep.macs.total,
         seq_len=prep.seq_len, macs_before=prep.macs.total, macs_after=checked.macs_after,
-        params_before=count_parameters(prep.original), params_after=count_parameters(built.slim),
-        size_before=file_size(source) if source else prep.original.ByteSize(),
-        size_after=file_size(Path(output)) if output else built.slim.ByteSize(),
+        params_before=checked.params_before, params_after=count_parameters(built.slim),
+        size_before=checked.size_before,
+        size_after=file_size(Path(output)) if output else tensor_bytes(built.slim),
         layers=[{"block": b.name, "kind": b.kind, "unit": b.unit_name,
                  "units_before": b.n_units, "units_after": len(keep[b.name])}
                 for b in prep.structure.blocks],

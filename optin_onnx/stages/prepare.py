@@ -43,8 +43,9 @@ class Prepared:
     """What a run knows before scoring.
 
     ``model``: the private copy every later stage reads (fused projections split back);
-    ``original``: the input as loaded, the baseline of the report; ``source``: its file (None for
-    an object). ``calib``: every checked calibration array; ``full``, ``cal`` and ``held``: all
+    ``original``: the input as loaded, the baseline of the report (a graph copy sharing the
+    weights with ``model``, serialised only when the report runs it); ``source``: its file (None
+    for an object). ``calib``: every checked calibration array; ``full``, ``cal`` and ``held``: all
     samples (verify), the first ``samples`` (scoring) and up to :data:`HELD_OUT` after them
     (fidelity; the scoring set when none are left, ``has_held`` False). ``seq_len``: the length
     MACs are counted at (0: a model without a sequence axis). ``providers``: onnxruntime's, for
@@ -52,7 +53,7 @@ class Prepared:
     on (``--objective-output``, resolved); ``outputs_left_out``: every other output, with why."""
 
     model: ir.Model
-    original: onnx.ModelProto
+    original: ir.Model
     source: Path | None
     structure: Structure
     calib: dict[str, np.ndarray]
@@ -95,7 +96,7 @@ def prepare(model: ModelLike, calib: CalibLike, options: PruneOptions, *,
         m = as_model(model)
         calib_path = calib if isinstance(calib, (str, os.PathLike)) else None
         refuse_unsafe_writes(list(writes), [*files_read(m), ("calibration file", calib_path)])
-        original = ir.to_proto(m)
+        original = m.clone()
         arrays = calibration_for(m, calib, options.max_calib_bytes)
     with clock("analyse"):
         n_unfused = split_fused_projections(m)
