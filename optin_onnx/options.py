@@ -206,7 +206,7 @@ class PruneOptions:
     latency_cases: Sequence[tuple[int, int]] = option(
         ((1, 128), (32, 128)), "--latency", "latency cases BATCHxSEQ,... ('' to skip; default "
         "%(default)s)", check=check_latency_cases, parse=_parse_cases, to_cli=_show_cases)
-    latency_seconds: float = option(10.0, "--latency-seconds", "time budget of each latency "
+    latency_seconds: float = option(8.0, "--latency-seconds", "time budget of each latency "
                                     "measurement (default %(default)g)", lowest=0.0,
                                     inclusive=False)
     # The fastest per candidate of the sizes measured (docs/RESULTS.md, "One-off measurements").

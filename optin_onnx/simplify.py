@@ -60,7 +60,7 @@ def _keep_axis_names(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
 
 
 def choose(raw: onnx.ModelProto, feeds: dict[str, np.ndarray], mode: str = "auto",
-           providers: Sequence[str] | None = None, seconds: float = 6.0
+           providers: Sequence[str] | None = None, seconds: float = 4.0
            ) -> tuple[onnx.ModelProto, str | None]:
     """Stage entry: ``mode`` "on" (always onnxsim), "off", or "auto" (the faster of the two on
     ``feeds``, timed interleaved). Returns the model and a note for the report."""
