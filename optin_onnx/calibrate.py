@@ -7,7 +7,7 @@ different batch sizes), so candidates can later be stacked along it whatever the
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,15 +85,21 @@ def subset(cal: CalibrationSet, index: np.ndarray, chunk_size: int = 16) -> Cali
 
 
 def capture(model: onnx.ModelProto, cal: CalibrationSet, names: list[str],
-            providers: list[str] | None = None, extra: dict[str, np.ndarray] | None = None
+            providers: list[str] | None = None, extra: dict[str, np.ndarray] | None = None,
+            keep: Collection[str] | None = None,
+            each: Callable[[dict[str, np.ndarray]], None] | None = None
             ) -> list[dict[str, np.ndarray]]:
     """Dense activations ``names`` for every chunk of the calibration set (``extra``: inputs
-    that are not calibration data, such as all-ones masks, fed to every chunk)."""
+    that are not calibration data, such as all-ones masks, fed to every chunk). ``each`` sees
+    every chunk's values as they come; only ``keep`` (default: all of ``names``) are kept, so a
+    value a statistic needs need not be held for the whole set."""
     sess = runtime.session(model, providers, outputs=names)
     out = []
     for chunk in cal.chunks:
-        values = sess.run(names, {**chunk.feeds, **(extra or {})})
-        out.append(dict(zip(names, values)))
+        values = dict(zip(names, sess.run(names, {**chunk.feeds, **(extra or {})})))
+        if each is not None:
+            each(values)
+        out.append(values if keep is None else {k: v for k, v in values.items() if k in keep})
     return out
 
 

@@ -9,7 +9,7 @@ builds its candidates here, so all of them support groups identically.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -53,16 +53,35 @@ def channel_proxy(block: Block, nodes: dict[str, ir.Node], dense: Captured) -> n
     """||a_k|| * ||W[k]|| per unit, summed over the block's consumers: the size of unit k's
     contribution to their outputs (a conv's weight is [out, in, kh, kw]; a flattened map repeats
     each channel)."""
-    total = np.zeros(block.n_units)
+    return proxy_from_squares(block, nodes, input_squares(block, nodes, dense))
+
+
+def input_squares(block: Block, nodes: dict[str, ir.Node], dense: Iterable[dict[str, np.ndarray]]
+                  ) -> list[np.ndarray]:
+    """Per consumer of ``block``, each input channel's squared activations summed over the chunks
+    of ``dense``: sums add up over chunks, so a capture that keeps no chunk can still feed
+    :func:`proxy_from_squares`."""
+    out = []
+    chunks = list(dense)
     for c in block.consumers:
-        node = nodes[c.node]
-        w = const_array(node.inputs[c.weight_index]).astype(np.float64)
+        name = nodes[c.node].inputs[c.data_index].name
+        x_sq = 0.0
+        for values in chunks:
+            x = values[name].astype(np.float64)
+            x_sq = x_sq + np.moveaxis(x ** 2, c.data_axis, 0).reshape(x.shape[c.data_axis],
+                                                                      -1).sum(1)
+        out.append(np.asarray(x_sq))
+    return out
+
+
+def proxy_from_squares(block: Block, nodes: dict[str, ir.Node], squares: list[np.ndarray]
+                       ) -> np.ndarray:
+    """:func:`channel_proxy` from :func:`input_squares` (one array per consumer)."""
+    total = np.zeros(block.n_units)
+    for c, x_sq in zip(block.consumers, squares):
+        w = const_array(nodes[c.node].inputs[c.weight_index]).astype(np.float64)
         w_sq = np.moveaxis(w ** 2, c.weight_axis, 0).reshape(w.shape[c.weight_axis], -1).sum(1)
-        x_sq = np.zeros(w_sq.size)
-        for values in dense:
-            x = values[node.inputs[c.data_index].name].astype(np.float64)
-            x_sq += np.moveaxis(x ** 2, c.data_axis, 0).reshape(x.shape[c.data_axis], -1).sum(1)
-        norm = np.sqrt(x_sq) * np.sqrt(w_sq)
+        norm = np.sqrt(np.broadcast_to(x_sq, w_sq.shape)) * np.sqrt(w_sq)
         total += norm.reshape(block.n_units, -1).sum(1)
     return total
 

@@ -24,10 +24,10 @@ from optin_onnx.calibrate import CalibrationSet, batch_axes, capture, check_cach
 from optin_onnx.errors import OptinError
 from optin_onnx.graph import const_array, nodes_by_name
 from optin_onnx.instrument import channel_mask, masked_model, oriented, unit_masks
-from optin_onnx.scoring.candidates import candidate_sets, channel_proxy
+from optin_onnx.scoring.candidates import candidate_sets, input_squares, proxy_from_squares
 from optin_onnx.scoring.executors import (Result, SuffixJob, Task, gather, holders,
                                           run_tasks)
-from optin_onnx.scoring.suffix import SuffixSessions, suffix_cut, value_dtypes
+from optin_onnx.scoring.suffix import BlockValues, SuffixSessions, suffix_cut, value_dtypes
 from optin_onnx.scoring.teacher import Objective, anchor
 from optin_onnx.scoring.types import Captured, Progress, ScoreConfig, Scores, Units
 
@@ -60,11 +60,13 @@ class _Plan:
 @dataclass
 class RankKJob(SuffixJob):
     """What a rank-k task reads (sent once to each worker; see
-    :mod:`~optin_onnx.scoring.executors`): the base model's suffixes, the cached dense values,
-    the measured batch axes and the teacher side of the loss."""
+    :mod:`~optin_onnx.scoring.executors`): the base model's suffixes, the cached dense values
+    the suffixes read, each block's consumer input and output (computed where the block's tasks
+    run), the measured batch axes and the teacher side of the loss."""
 
     plans: list[_Plan]
     axes: dict[str, int | None]
+    local: BlockValues  # each block's consumer input and output, one block at a time
 
     def run(self, task: Task, threads: int | None) -> Result:
         """L_MD and L_KD (one per objective output) added to the base loss, per candidate set
@@ -75,8 +77,9 @@ class RankKJob(SuffixJob):
         sfx, sess = self.suffixes.open(p.y, p.outputs, threads)
         n, axes = len(batch), self.axes
         student: list[Captured] = [[] for _ in batch]
-        for chunk, values in zip(self.cal.chunks, self.dense):
-            x, y = values[p.x], values[p.y]
+        for chunk, values, own in zip(self.cal.chunks, self.dense,
+                                      self.local.get((p.x, p.y), threads)):
+            x, y = own[p.x], own[p.y]
             ys = []
             for units in batch:
                 keep = np.ones(b.n_units)
@@ -116,6 +119,9 @@ def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
     obj = Objective(model, structure, cal, cfg)
     dtypes = value_dtypes(proto, cal)
     plans = []
+    # Cached for the whole set: what the teacher side and the suffixes read. Each block's
+    # consumer input and output are not (BlockValues computes them block by block), only seen
+    # chunk by chunk here for the neuron proxies.
     needed = {*obj.outputs, *obj.all_features()}
     for b in structure.blocks:
         c = b.consumers[0]
@@ -123,21 +129,35 @@ def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
         plan = _Plan(b, c, node.inputs[c.data_index].name, node.outputs[0].name,
                      oriented(const_array(node.inputs[c.weight_index]), c), obj.wanted(b))
         plans.append(plan)
-        needed.update([plan.x, plan.y, *suffix_cut(proto, plan.y, plan.outputs, dtypes)])
+        needed.update(suffix_cut(proto, plan.y, plan.outputs, dtypes))
     needed -= set(cal.feeds)
-    check_cache_fits(proto, cal, sorted(needed), cfg.max_memory_bytes, holders(cfg.executor))
-    dense = capture(proto, cal, sorted(needed), cfg.providers)
+    local = {v for p in plans for v in (p.x, p.y)} - needed - set(cal.feeds)
+    widest = max(plans, key=lambda p: p.w.shape[0])
+    check_cache_fits(proto, cal, sorted(needed | {widest.x, widest.y}), cfg.max_memory_bytes,
+                     holders(cfg.executor))
+    squares: dict[str, list[np.ndarray]] = {}
+
+    def add_squares(values: dict[str, np.ndarray]) -> None:
+        for p in plans:
+            if p.block.kind == "mlp":
+                got = input_squares(p.block, nodes, [values])
+                old = squares.get(p.block.name)
+                squares[p.block.name] = got if old is None else [a + b for a, b in zip(old, got)]
+
+    dense = capture(proto, cal, sorted(needed | local), cfg.providers, keep=needed,
+                    each=add_squares)
     base_loss = anchor(obj, model, structure, cfg, base, dense,
                        # the dense teacher's proto only when asked for (rounds, dense
                        # teacher): a model's worth of memory otherwise held all through scoring
                        lambda: capture(ir.to_proto(model), cal, obj.wanted_all(), cfg.providers))
-    axes = batch_axes(proto, cal, sorted(needed | set(cal.feeds)))
+    axes = batch_axes(proto, cal, sorted(needed | local | set(cal.feeds)))
     per_run = max(1, cfg.candidates_per_run)
     tasks: list[Task] = []
     sets_of, proxies = {}, {}
     for i, p in enumerate(plans):
         b = p.block
-        proxies[b.name] = channel_proxy(b, nodes, dense) if b.kind == "mlp" else None
+        proxies[b.name] = (proxy_from_squares(b, nodes, squares[b.name]) if b.kind == "mlp"
+                           else None)
         sets_of[b.name] = candidate_sets(b, cfg.neuron_group, proxies[b.name],
                                          None if only is None else only.get(b.name, []),
                                          None if base is None else base.get(b.name,
@@ -145,6 +165,6 @@ def score_rank_k(model: ir.Model, structure: Structure, cal: CalibrationSet,
         sets = sets_of[b.name]
         tasks.extend((i, sets[first:first + per_run]) for first in range(0, len(sets), per_run))
     job = RankKJob(SuffixSessions(proto, dtypes, cfg.providers), cal, dense, obj, base_loss,
-                   plans, axes)
+                   plans, axes, BlockValues(proto, cal, cfg.providers))
     return gather(structure, tasks, run_tasks(job, tasks, cfg.executor, progress), sets_of,
                   proxies, t0, cfg.lam, len(obj.outputs))

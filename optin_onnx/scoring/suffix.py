@@ -133,6 +133,75 @@ def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
     return Suffix(sub, start, cut, graph_inputs, list(outputs))
 
 
+def build_prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """The sub-model that computes ``outputs`` from the graph inputs: only the nodes they depend
+    on, and only the weights those read (a session on the whole model runs every node whatever
+    is fetched)."""
+    g = model.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    inits = {t.name: t for t in g.initializer}
+    inputs = {v.name for v in g.input}
+    keep: set[int] = set()
+    used_inits: set[str] = set()
+    used_inputs: set[str] = set()
+    stack, seen = list(outputs), set()
+    while stack:
+        v = stack.pop()
+        if not v or v in seen:
+            continue
+        seen.add(v)
+        if v in inits:
+            used_inits.add(v)
+        elif v in producer:
+            if producer[v] not in keep:
+                keep.add(producer[v])
+                node = g.node[producer[v]]
+                stack.extend([*node.input, *implicit_inputs(node)])
+        elif v in inputs:
+            used_inputs.add(v)
+        else:
+            raise OptinError(f"internal: value '{v}' has no producer")
+    graph = helper.make_graph([g.node[i] for i in sorted(keep)], "prefix",
+                              [v for v in g.input if v.name in used_inputs - used_inits],
+                              [onnx.ValueInfoProto(name=o) for o in outputs],
+                              initializer=[inits[n] for n in sorted(used_inits)])
+    return helper.make_model(graph, opset_imports=list(model.opset_import),
+                             ir_version=model.ir_version)
+
+
+class BlockValues:
+    """One block's dense values (its consumer's input and output) at a time, computed where a
+    task runs, from a sub-model that stops at them.
+
+    The consumer input of an FFN block is the widest activation of a transformer layer (4x the
+    hidden size); caching it for every block at once held all tokens of all layers (a third of
+    the scoring stage's memory on a DINOv2-S-size model at 224 px). Tasks come block by block,
+    so each block's values are computed when its first task runs and dropped for the next block:
+    the sub-models' runs cost at most one dense forward per block, about half of one on
+    average."""
+
+    def __init__(self, model: onnx.ModelProto, cal: CalibrationSet,
+                 providers: list[str] | None):
+        self.model, self.cal, self.providers = model, cal, providers
+        self._held: tuple[tuple[str, ...], list[dict[str, np.ndarray]]] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_held": None}
+
+    def get(self, names: tuple[str, ...], threads: int | None) -> list[dict[str, np.ndarray]]:
+        """``names`` per calibration chunk (``threads``: onnxruntime's intra-op threads)."""
+        if self._held is None or self._held[0] != names:
+            self._held = None
+            release_memory()
+            prefix = build_prefix(self.model, list(names))
+            sess = session(prefix, self.providers, threads=threads)
+            wanted = [i.name for i in sess.get_inputs()]
+            del prefix
+            self._held = (names, [dict(zip(names, sess.run(list(names), {
+                k: chunk.feeds[k] for k in wanted}))) for chunk in self.cal.chunks])
+        return self._held[1]
+
+
 def implicit_inputs(node: onnx.NodeProto) -> set[str]:
     """Names ``node``'s subgraphs (If branches, Loop bodies) read from the enclosing graph."""
     out: set[str] = set()
