@@ -93,7 +93,7 @@ def capture(model: onnx.ModelProto, cal: CalibrationSet, names: list[str],
     that are not calibration data, such as all-ones masks, fed to every chunk). ``each`` sees
     every chunk's values as they come; only ``keep`` (default: all of ``names``) are kept, so a
     value a statistic needs need not be held for the whole set."""
-    sess = runtime.session(model, providers, outputs=names)
+    sess = runtime.session(model, providers, outputs=names, arena=False)
     out = []
     for chunk in cal.chunks:
         values = dict(zip(names, sess.run(names, {**chunk.feeds, **(extra or {})})))
@@ -127,6 +127,13 @@ GIB = 2 ** 30
 #: The share of ``--max-memory-gib`` one calibration chunk's activations may take in a candidate
 #: run; the rest holds the dense cache, the model and its suffixes, and onnxruntime's arenas.
 CHUNK_SHARE = 0.25
+#: Without ``--max-memory-gib``: the most one candidate run may stack, counted as every value of
+#: its one-sample forward passes summed (a measure about ten times the run's live memory, which
+#: onnxruntime reuses as nodes finish). 10 GiB keeps the requested 16 samples x 4 candidates for
+#: MiniLM (36 MiB per sample at 64 tokens) and BERT-base (133 MiB) and halves the chunks of a
+#: DINOv2-S-size model at 224 px (300 MiB), whose runs of 64 images set the prune's peak
+#: (docs/RESULTS.md, "Real-size models").
+DEFAULT_RUN_BYTES = 10 * 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -155,13 +162,14 @@ def chunking(model: onnx.ModelProto, arrays: dict[str, np.ndarray], chunk_size: 
     so its activations grow with their product; that product is cut until every value of so many
     one-sample forward passes (measured once, on the longest calibration sample) fits in
     :data:`CHUNK_SHARE` of the limit, chunks first (fewer samples per run cost less speed than
-    fewer candidates per run). Without a limit the requested sizes stand."""
+    fewer candidates per run). Without a limit the same cut keeps a run within
+    :data:`DEFAULT_RUN_BYTES`, which leaves the requested sizes to models of up to BERT-base
+    width at 64 tokens."""
     longest = int(np.argmax(arrays[MASK_INPUT].sum(1))) if MASK_INPUT in arrays else 0
     values = runtime.run_all_values(model, {k: a[longest:longest + 1] for k, a in arrays.items()})
     sample = sum(v.nbytes for v in values.values() if isinstance(v, np.ndarray))
-    if limit_bytes is None:
-        return Chunking(chunk_size, candidates_per_run, sample, None)
-    fit = max(1, int(CHUNK_SHARE * limit_bytes // max(1, sample)))
+    budget = DEFAULT_RUN_BYTES if limit_bytes is None else CHUNK_SHARE * limit_bytes
+    fit = max(1, int(budget // max(1, sample)))
     per_run = min(candidates_per_run, fit)
     return Chunking(max(1, min(chunk_size, fit // per_run)), per_run, sample, limit_bytes)
 

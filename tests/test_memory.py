@@ -42,6 +42,20 @@ def test_chunks_shrink_to_fit_the_limit_and_stay_as_asked_without_one(tiny) -> N
     assert "chunks of 1 samples, 1 candidates per run" in tiniest.describe()
 
 
+def test_without_a_limit_a_run_still_stacks_at_most_the_default(tiny, monkeypatch) -> None:
+    """A model with large activations per sample (long sequences, large images) gets smaller
+    chunks by default, stated in the report's chunking; small ones keep the requested sizes."""
+    from optin_onnx import calibrate
+
+    proto = ir.to_proto(analyze(tiny)[0])
+    arrays = tiny_feeds(20, 16, seed=2)
+    sample = chunking(proto, arrays, 16, 4, None).sample_bytes
+    monkeypatch.setattr(calibrate, "DEFAULT_RUN_BYTES", sample * 10)
+    got = chunking(proto, arrays, 16, 4, None)
+    assert (got.chunk_size, got.candidates_per_run, got.limit_bytes) == (2, 4, None)
+    assert "no memory limit" in got.describe()
+
+
 def test_a_dense_cache_over_the_limit_is_refused_before_scoring(tiny) -> None:
     m, s = analyze(tiny)
     cal = make_calibration(tiny_feeds(6, 12, seed=1), chunk_size=4)

@@ -145,5 +145,5 @@ class Walk:
                 initializer=[self.inits[i] for i in read if i in self.inits])
             model = helper.make_model(graph, opset_imports=self.opsets,
                                       ir_version=self.ir_version)
-            self._sessions[key] = (runtime.session(model, self.providers), inputs)
+            self._sessions[key] = (runtime.session(model, self.providers, arena=False), inputs)
         return self._sessions[key]

@@ -194,7 +194,7 @@ class BlockValues:
             self._held = None
             release_memory()
             prefix = build_prefix(self.model, list(names))
-            sess = session(prefix, self.providers, threads=threads)
+            sess = session(prefix, self.providers, threads=threads, arena=False)
             wanted = [i.name for i in sess.get_inputs()]
             del prefix
             self._held = (names, [dict(zip(names, sess.run(list(names), {
@@ -243,7 +243,8 @@ class SuffixSessions:
             self._open = None  # the previous block's session goes before the next one is built
             release_memory()
             sfx = build_suffix(self.model, start, outputs, self.dtypes)
-            sess = session(sfx.model, self.providers, outputs=sfx.outputs, threads=threads)
+            sess = session(sfx.model, self.providers, outputs=sfx.outputs, threads=threads,
+                           arena=False)
             sfx.model = None
             self._open = (key, sfx, sess)
         return self._open[1], self._open[2]
