@@ -45,6 +45,19 @@ def _canonicalize_probes(model: ir.Model, calib: dict[str, np.ndarray]
     return None
 
 
+def _canonicalize(model: ir.Model, calib: dict[str, np.ndarray]) -> list[str]:
+    """Replace ``model``'s run-time Reshape targets by constants where both probe runs agree;
+    the report's note. Its own function so that the probe runs (every value of the model, a
+    gigabyte for an image backbone) are freed before the next stage."""
+    probes = _canonicalize_probes(model, calib)
+    if not probes:
+        return ["run-time Reshape targets kept: the model runs at none of the canonicalize "
+                "probe lengths"]
+    n_fixed = canonicalize_reshapes(model, probes)
+    return [f"{n_fixed} run-time Reshape targets replaced by constants (their shape-computing "
+            f"nodes removed)"] if n_fixed else []
+
+
 @dataclass(frozen=True)
 class Built:
     """``slim``: the model to write; ``reference``: the dense model it must equal once masked
@@ -76,15 +89,9 @@ def build(prep: Prepared, options: PruneOptions, keep: Units, *,
     calib = pruned_feeds(prep.calib, prep.structure.interface(keep))
     if options.canonicalize:
         with clock("canonicalize"):
-            probes = _canonicalize_probes(slim_ir, calib)
-            n_fixed = canonicalize_reshapes(slim_ir, probes) if probes else 0
-            if n_fixed:
-                notes.append(f"{n_fixed} run-time Reshape targets replaced by constants "
-                             f"(their shape-computing nodes removed)")
-            elif not probes:
-                notes.append("run-time Reshape targets kept: the model runs at none of the "
-                             "canonicalize probe lengths")
+            notes.extend(_canonicalize(slim_ir, calib))
     slim = ir.to_proto(slim_ir)
+    del slim_ir  # the proto is the model from here on; onnxsim makes copies of its own
     with clock("simplify"):
         batch, seq = (list(options.latency_cases) or [(1, prep.seq_len or None)])[-1]
         feeds = sample_feeds(calib, batch, seq, sequence_inputs(reference))
