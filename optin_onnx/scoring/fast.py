@@ -77,8 +77,9 @@ class RankKJob(SuffixJob):
         sfx, sess = self.suffixes.open(p.y, p.outputs, threads)
         n, axes = len(batch), self.axes
         student: list[Captured] = [[] for _ in batch]
+        ahead = self.plans[index + 1] if index + 1 < len(self.plans) else p
         for chunk, values, own in zip(self.cal.chunks, self.dense,
-                                      self.local.get((p.x, p.y), threads)):
+                                      self.local.get((p.x, p.y), threads, (ahead.x, ahead.y))):
             x, y = own[p.x], own[p.y]
             ys = []
             for units in batch:

@@ -176,9 +176,9 @@ class BlockValues:
     The consumer input of an FFN block is the widest activation of a transformer layer (4x the
     hidden size); caching it for every block at once held all tokens of all layers (a third of
     the scoring stage's memory on a DINOv2-S-size model at 224 px). Tasks come block by block,
-    so each block's values are computed when its first task runs and dropped for the next block:
-    the sub-models' runs cost at most one dense forward per block, about half of one on
-    average."""
+    so each block's values are computed when its first task runs, with the next block's in the
+    same run, and dropped after: the sub-models' runs cost at most one dense forward per pair of
+    blocks, about half of one on average."""
 
     def __init__(self, model: onnx.ModelProto, cal: CalibrationSet,
                  providers: list[str] | None):
@@ -188,16 +188,20 @@ class BlockValues:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_held": None}
 
-    def get(self, names: tuple[str, ...], threads: int | None) -> list[dict[str, np.ndarray]]:
-        """``names`` per calibration chunk (``threads``: onnxruntime's intra-op threads)."""
-        if self._held is None or self._held[0] != names:
+    def get(self, names: tuple[str, ...], threads: int | None,
+            ahead: tuple[str, ...] = ()) -> list[dict[str, np.ndarray]]:
+        """``names`` per calibration chunk (``threads``: onnxruntime's intra-op threads). When
+        they must be computed, ``ahead`` (the next block's) are computed in the same run and
+        kept with them: one sub-model and run for two blocks."""
+        if self._held is None or not set(names) <= set(self._held[0]):
             self._held = None
             release_memory()
-            prefix = build_prefix(self.model, list(names))
+            both = tuple(dict.fromkeys([*names, *ahead]))
+            prefix = build_prefix(self.model, list(both))
             sess = session(prefix, self.providers, threads=threads, arena=False)
             wanted = [i.name for i in sess.get_inputs()]
             del prefix
-            self._held = (names, [dict(zip(names, sess.run(list(names), {
+            self._held = (both, [dict(zip(both, sess.run(list(both), {
                 k: chunk.feeds[k] for k in wanted}))) for chunk in self.cal.chunks])
         return self._held[1]
 
