@@ -33,11 +33,6 @@ from optin_onnx import runtime
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.scoring.suffix import implicit_inputs
 
-#: Walkers a refit uses: the dense teacher, the student with the fits so far, the student as
-#: pruned (for the whole model's before/after check).
-WALKERS = ("teacher", "student", "baseline")
-
-
 class Walk:
     """Walkers over ``proto`` (a model whose masks and fitted weights are graph inputs). Each
     walker has its own extra feeds (masks, weights) on top of the calibration inputs and runs on
