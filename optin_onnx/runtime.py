@@ -93,8 +93,8 @@ def session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str]
     measurement need the unfused graph's intermediate values); otherwise onnxruntime optimises
     fully. ``threads``: intra-op threads (default: onnxruntime's choice). ``arena=False``: no CPU
     memory arena, so each run's buffers go back when it ends; the arena grows in steps and keeps
-    its largest size, which on the scorers' stacked runs cost about 0.9 GiB of peak memory for
-    a few percent of speed (docs/RESULTS.md, "Real-size models")."""
+    its largest size, which on the scorers' stacked runs cost 0.7-0.8 GiB of peak memory for
+    0-5 % of speed (docs/RESULTS.md, "Real-size models")."""
     so = ort.SessionOptions()
     # Fatal only: a failed run raises with the same message, which the caller words (or skips, as
     # verify does for shapes the input model cannot take); a logged copy would precede it on stderr.
