@@ -27,11 +27,10 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 
 from optin_onnx import runtime
 from optin_onnx.calibrate import CalibrationSet
-from optin_onnx.scoring.suffix import implicit_inputs
+from optin_onnx.scoring.suffix import implicit_inputs, sub_model, typed
 
 class Walk:
     """Walkers over ``proto`` (a model whose masks and fitted weights are graph inputs). Each
@@ -46,7 +45,7 @@ class Walk:
         self.nodes = list(g.node)
         self.end = len(self.nodes)
         self.inits = {t.name: t for t in g.initializer}
-        self.opsets, self.ir_version = list(proto.opset_import), proto.ir_version
+        self.proto = proto
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         self.reads = [[i for i in (*n.input, *implicit_inputs(n)) if i] for n in self.nodes]
         #: the last node reading each value; a graph output is read at the end
@@ -128,17 +127,9 @@ class Walk:
             read = list(dict.fromkeys(i for k in range(self.position, stop)
                                       for i in self.reads[k] if i not in made))
             inputs = [i for i in read if i not in self.inits]
-
-            def vi(name: str) -> onnx.ValueInfoProto:
-                arr = live[name] if name in live else feeds[name]
-                return helper.make_tensor_value_info(
-                    name, helper.np_dtype_to_tensor_dtype(arr.dtype), None)
-
-            graph = helper.make_graph(
-                nodes, f"segment_{self.position}_{stop}", [vi(i) for i in inputs],
-                [onnx.ValueInfoProto(name=o) for o in outputs],
-                initializer=[self.inits[i] for i in read if i in self.inits])
-            model = helper.make_model(graph, opset_imports=self.opsets,
-                                      ir_version=self.ir_version)
+            model = sub_model(self.proto, f"segment_{self.position}_{stop}", nodes,
+                              [typed(i, (live[i] if i in live else feeds[i]).dtype)
+                               for i in inputs], list(outputs),
+                              [self.inits[i] for i in read if i in self.inits])
             self._sessions[key] = (runtime.session(model, self.providers, arena=False), inputs)
         return self._sessions[key]

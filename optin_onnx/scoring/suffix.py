@@ -119,18 +119,29 @@ def build_suffix(model: onnx.ModelProto, start: str, outputs: list[str],
     g = model.graph
     nodes, cut, used_inputs, used_inits = _trace(model, start, outputs, dtypes)
     inits = {t.name: t for t in g.initializer}
-
-    def vi(name: str) -> onnx.ValueInfoProto:
-        dt = helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name]))
-        return helper.make_tensor_value_info(name, dt, None)
-
     graph_inputs = [v.name for v in g.input if v.name in used_inputs]
-    graph = helper.make_graph(nodes, f"suffix_{start}", [vi(n) for n in [start, *cut, *graph_inputs]],
-                              [onnx.ValueInfoProto(name=o) for o in outputs],
-                              initializer=[inits[n] for n in sorted(used_inits)])
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import),
-                            ir_version=model.ir_version)
+    sub = sub_model(model, f"suffix_{start}", nodes,
+                    [typed(n, dtypes[n]) for n in [start, *cut, *graph_inputs]], outputs,
+                    [inits[n] for n in sorted(used_inits)])
     return Suffix(sub, start, cut, graph_inputs, list(outputs))
+
+
+def typed(name: str, dtype: np.dtype) -> onnx.ValueInfoProto:
+    """A sub-model input declared by element type alone: sub-models run on stacked candidates
+    and chunks of any length, so no shape is declared."""
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                         None)
+
+
+def sub_model(model: onnx.ModelProto, name: str, nodes: list[onnx.NodeProto],
+              inputs: list[onnx.ValueInfoProto], outputs: list[str],
+              initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """A model of some of ``model``'s nodes (with its opsets and IR version), returning
+    ``outputs``: the one way suffixes, prefixes and the refit's segments are cut out."""
+    graph = helper.make_graph(nodes, name, inputs, [onnx.ValueInfoProto(name=o) for o in outputs],
+                              initializer=initializers)
+    return helper.make_model(graph, opset_imports=list(model.opset_import),
+                             ir_version=model.ir_version)
 
 
 def build_prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
@@ -161,12 +172,9 @@ def build_prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
             used_inputs.add(v)
         else:
             raise OptinError(f"internal: value '{v}' has no producer")
-    graph = helper.make_graph([g.node[i] for i in sorted(keep)], "prefix",
-                              [v for v in g.input if v.name in used_inputs - used_inits],
-                              [onnx.ValueInfoProto(name=o) for o in outputs],
-                              initializer=[inits[n] for n in sorted(used_inits)])
-    return helper.make_model(graph, opset_imports=list(model.opset_import),
-                             ir_version=model.ir_version)
+    return sub_model(model, "prefix", [g.node[i] for i in sorted(keep)],
+                     [v for v in g.input if v.name in used_inputs - used_inits], outputs,
+                     [inits[n] for n in sorted(used_inits)])
 
 
 class BlockValues:
