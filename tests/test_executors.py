@@ -3,6 +3,7 @@ on the tiny BERT (rank-k scorer) and a tiny ResNet (masked scorer); progress cou
 a missing Ray or a bad setting is one clear error."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from optin_onnx.calibrate import make_calibration
 from optin_onnx.errors import OptinError
 from optin_onnx.pipeline import analyze
-from optin_onnx.scoring.executors import run_tasks
+from optin_onnx.scoring.executors import run_tasks, stated_workers
 from optin_onnx.scoring.trajectory import ScoreConfig, score_fast
 from optin_onnx.scoring.types import ExecutorConfig
 from tests.helpers import tiny_feeds
@@ -94,3 +95,10 @@ def test_missing_ray_is_one_clear_error(cases, monkeypatch) -> None:
 def test_bad_executor_settings_are_refused(config, message) -> None:
     with pytest.raises(OptinError, match=message):
         run_tasks(None, [(0, [np.array([0])])], config)
+
+
+def test_the_report_states_each_pools_default_worker_count() -> None:
+    assert stated_workers(ExecutorConfig("local")) is None
+    assert stated_workers(ExecutorConfig("processes", 3)) == 3
+    assert stated_workers(ExecutorConfig("processes")) == len(os.sched_getaffinity(0))
+    assert stated_workers(ExecutorConfig("ray", ray_address="auto")) == "one per cluster CPU"

@@ -108,6 +108,17 @@ def holders(config: ExecutorConfig) -> int:
     return 1 + (config.workers or cores())
 
 
+def stated_workers(config: ExecutorConfig) -> int | str | None:
+    """The worker count a report states: the one asked for, or the pool's default (one process
+    per core; one Ray task per cluster CPU, known only once Ray has started); None for ``local``,
+    which runs no workers."""
+    if config.kind == "local":
+        return None
+    if config.workers is not None:
+        return config.workers
+    return cores() if config.kind == "processes" else "one per cluster CPU"
+
+
 def units_in(task: Task) -> int:
     return sum(len(units) for units in task[1])
 

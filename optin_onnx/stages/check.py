@@ -23,8 +23,9 @@ from optin_onnx.options import PruneOptions
 from optin_onnx.probe import sample_feeds, sequence_inputs
 from optin_onnx.report import Report, count_parameters, peak_memory
 from optin_onnx.runtime import tensor_bytes
+from optin_onnx.scoring.executors import stated_workers
 from optin_onnx.scoring.features import output_kind
-from optin_onnx.scoring.types import Units
+from optin_onnx.scoring.types import ExecutorConfig, Units
 from optin_onnx.stages.build import Built
 from optin_onnx.stages.clock import Clock
 from optin_onnx.stages.prepare import Prepared
@@ -147,7 +148,9 @@ def scoring_summary(options: PruneOptions, prep: Prepared) -> dict[str, object]:
     was chosen under, the neuron group and the cost it was estimated at, and the share of tokens
     the Gram matrices sample."""
     plan, real = prep.chunking, int(prep.cal.token_mask.sum())
-    return {"executor": options.executor, "workers": options.workers,
+    workers = stated_workers(ExecutorConfig(options.executor, options.workers,
+                                            options.ray_address))
+    return {"executor": options.executor, "workers": workers,
             "samples_per_chunk": plan.chunk_size, "candidates_per_run": plan.candidates_per_run,
             "memory_limit_gib": options.max_memory_gib,
             "one_sample_forward_mib": plan.sample_bytes / 2**20,

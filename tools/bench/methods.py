@@ -90,6 +90,16 @@ class Importances:
                                ScoreConfig(neuron_group=s.neuron_group, lam=lam, seed=seed,
                                            feature_kind=s.feature, teacher=s.round_teacher))
 
+    def one_shot(self, method: str) -> tuple[Scores, float]:
+        """(scores, scoring seconds) of a scored ``method`` in one shot, computed once per run."""
+        kind = _kind(method)
+        if kind not in self._one_shot:
+            t0 = time.perf_counter()
+            got = self._importance(method).score(self.prep.model, self.prep.structure,
+                                                 self.prep.cal)
+            self._one_shot[kind] = (got, time.perf_counter() - t0)
+        return self._one_shot[kind]
+
     def pickers(self, method: str) -> dict[float, tuple[float, list[Picker]]]:
         """{lambda: (scoring seconds, one picker per seed)} of ``method``; methods that use no
         output term have one entry (lambda 1)."""
@@ -97,13 +107,7 @@ class Importances:
             return {lam: (seconds, [lambda level, got=got: got[round(level, 6)]])
                     for lam, (seconds, got) in self._rounds(method).items()}
         if method in SCORED:
-            kind = _kind(method)
-            if kind not in self._one_shot:
-                t0 = time.perf_counter()
-                got = self._importance(method).score(self.prep.model, self.prep.structure,
-                                                     self.prep.cal)
-                self._one_shot[kind] = (got, time.perf_counter() - t0)
-            raw, seconds = self._one_shot[kind]
+            raw, seconds = self.one_shot(method)
             runs = {lam: [raw.finalize(lam).importance] for lam in self.settings.lams}
         else:
             t0 = time.perf_counter()
