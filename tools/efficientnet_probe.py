@@ -1,6 +1,7 @@
-"""Two remedies for EfficientNet-Lite0's loss under pruning, tried on OPTIN's own scores.
+r"""Two remedies for EfficientNet-Lite0's loss under pruning, tried on OPTIN's own scores.
 
-    python -m tools.efficientnet_probe --levels 0.9,0.8 --fit-views 32,128 --allocation greedy,uniform
+    python -m tools.efficientnet_probe --levels 0.9,0.8 --fit-views 32,128 \
+        --allocation greedy,uniform
 
 Scores EfficientNet-Lite0 once with OPTIN on the benchmark's 32 calibration views
 (:mod:`tools.bench_vision`'s ``efficientnet`` target), then for every level, allocation and
@@ -33,7 +34,8 @@ def uniform(structure, importance, macs, level: float, multiple: int = 8) -> dic
         keep = {}
         for b in structure.blocks:
             n = b.n_units
-            k = n if n < multiple else min(n, max(multiple, round(n * fraction / multiple) * multiple))
+            k = n if n < multiple else \
+                min(n, max(multiple, round(n * fraction / multiple) * multiple))
             keep[b.name] = sorted(int(u) for u in np.argsort(-np.asarray(importance[b.name]))[:k])
         return keep
 

@@ -11,7 +11,7 @@ it. Every other value it needs is either
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,9 +49,7 @@ def _trace(model: onnx.ModelProto, start: str, outputs: list[str], dtypes: dict[
     """(the nodes the suffix runs, the values fed from the cache, the graph inputs and the
     initializers it reads)."""
     g = model.graph
-    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
     inits = {t.name for t in g.initializer}
-    graph_in = {v.name for v in g.input} - inits
     downstream = {start}
     static = set(inits)  # values computed from constants alone: cheap and batch-free, recompute
     for n in g.node:
@@ -62,35 +60,10 @@ def _trace(model: onnx.ModelProto, start: str, outputs: list[str], dtypes: dict[
     missing = [o for o in outputs if o not in downstream]
     if missing:
         raise OptinError(f"internal: outputs {missing} do not depend on '{start}'")
-    keep_nodes: set[int] = set()
-    cut: set[str] = set()
-    used_inputs: set[str] = set()
-    used_inits: set[str] = set()
-    stack = list(outputs)
-    seen: set[str] = set()
-    while stack:
-        v = stack.pop()
-        if v in seen or not v:
-            continue
-        seen.add(v)
-        if v == start:
-            continue
-        if v in inits:
-            used_inits.add(v)
-            continue
-        if v in graph_in:
-            used_inputs.add(v)
-            continue
-        idx = producer.get(v)
-        if idx is None:
-            raise OptinError(f"internal: value '{v}' has no producer")
-        if v not in downstream and v not in static and np.issubdtype(dtypes[v], np.floating):
-            cut.add(v)
-            continue
-        if idx not in keep_nodes:
-            keep_nodes.add(idx)
-            stack.extend(g.node[idx].input)
-    nodes = [g.node[i] for i in sorted(keep_nodes)]
+    keep_nodes, used_inputs, used_inits, cut = _upstream(
+        g, outputs, lambda v: v not in downstream and v not in static
+        and np.issubdtype(dtypes[v], np.floating), fed={start})
+    nodes = [g.node[i] for i in keep_nodes]
     # A node kept for one output (onnxruntime's EmbedLayerNormalization: the embeddings, float,
     # and a mask index, int) computes its other outputs too: they are recomputed, not fed.
     cut -= {o for n in nodes for o in n.output}
@@ -149,32 +122,48 @@ def build_prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     on, and only the weights those read (a session on the whole model runs every node whatever
     is fetched)."""
     g = model.graph
-    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    keep, used_inputs, used_inits, _ = _upstream(g, outputs)
     inits = {t.name: t for t in g.initializer}
-    inputs = {v.name for v in g.input}
+    return sub_model(model, "prefix", [g.node[i] for i in keep],
+                     [v for v in g.input if v.name in used_inputs], outputs,
+                     [inits[n] for n in sorted(used_inits)])
+
+
+def _upstream(g: onnx.GraphProto, outputs: list[str],
+              cut: Callable[[str], bool] = lambda v: False, fed: Collection[str] = ()
+              ) -> tuple[list[int], set[str], set[str], set[str]]:
+    """The backward trace both sub-models are cut by: (the indices, in graph order, of the nodes
+    ``outputs`` depend on, the graph inputs and the initializers they read, the computed values
+    where ``cut`` stopped the trace). The trace stops at ``fed`` (values the caller declares
+    itself, a graph input among them), initializers, graph inputs and cut values."""
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    inits = {t.name for t in g.initializer}
+    inputs = {v.name for v in g.input} - inits
     keep: set[int] = set()
     used_inits: set[str] = set()
     used_inputs: set[str] = set()
+    stopped: set[str] = set()
     stack, seen = list(outputs), set()
     while stack:
         v = stack.pop()
         if not v or v in seen:
             continue
         seen.add(v)
+        if v in fed:
+            continue
         if v in inits:
             used_inits.add(v)
-        elif v in producer:
-            if producer[v] not in keep:
-                keep.add(producer[v])
-                node = g.node[producer[v]]
-                stack.extend([*node.input, *implicit_inputs(node)])
         elif v in inputs:
             used_inputs.add(v)
-        else:
+        elif v not in producer:
             raise OptinError(f"internal: value '{v}' has no producer")
-    return sub_model(model, "prefix", [g.node[i] for i in sorted(keep)],
-                     [v for v in g.input if v.name in used_inputs - used_inits], outputs,
-                     [inits[n] for n in sorted(used_inits)])
+        elif cut(v):
+            stopped.add(v)
+        elif producer[v] not in keep:
+            keep.add(producer[v])
+            node = g.node[producer[v]]
+            stack.extend([*node.input, *implicit_inputs(node)])
+    return sorted(keep), used_inputs, used_inits, stopped
 
 
 class BlockValues:
