@@ -32,6 +32,9 @@ Provider = Literal["cpu", "cuda"]
 Executor = Literal["local", "processes", "ray"]
 #: Corrections of the kept weights (:func:`optin_onnx.reconstruct.correct`).
 Reconstruct = Literal["none", "scales", "refit"]
+#: How units are chosen within a block once the search has fixed its count
+#: (:mod:`optin_onnx.reconstruct.choose`).
+Within = Literal["scores", "refit"]
 
 #: onnxruntime execution providers behind each ``--provider`` (CPU is the fallback for any op the
 #: GPU provider lacks).
@@ -175,6 +178,13 @@ class PruneOptions:
         "held-out samples confirm it; the flag alone means refit), scales (one least-squares "
         "scale per kept unit) or none (default %(default)s)", const="refit",
         off=("--no-reconstruct", "none"))
+    # Not the default: it helps the embedding model and costs the sentiment classifier a little
+    # (docs/RESULTS.md, "Choosing units for the refit").
+    within: Within = option(
+        "scores", "--within", "which units each block keeps once the search has set how many: "
+        "scores (the criterion's ranking) or refit (those whose loss the refit can best make up: "
+        "structured OBS on the consumer's input; blocks with another kind of consumer keep the "
+        "ranking; meant with --reconstruct refit) (default %(default)s)")
     provider: Provider = option("cpu", "--provider", "onnxruntime execution provider "
                                 "(default %(default)s)")
     executor: Executor = option(

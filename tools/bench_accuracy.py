@@ -9,8 +9,8 @@ Targets (:mod:`tools.bench.targets`): ``bbc`` (frozen MiniLM + logistic head, BB
 embedding, mean-pooled and L2-normalised, evaluated on the BBC test texts: cosine to the dense
 embedding and overlap of the top-10 nearest neighbours).
 
-Methods (:mod:`tools.bench.methods`): ``optin``, ``optin+ls``, ``optin+refit``, ``local``,
-``magnitude``,
+Methods (:mod:`tools.bench.methods`): ``optin``, ``optin+ls``, ``optin+refit``, ``optin+obs``
+(the units within blocks re-chosen for the refit, ``--within refit``), ``local``, ``magnitude``,
 ``random`` (mean of 3 seeds), scored once on the calibration texts (the first ``--samples`` of the
 training split), then one search + rewrite per FLOPs level; ``onnxsim-magnitude|wanda|heads`` are
 onnx-simplifier's own pruning passes on onnxruntime's fused graph, their sparsity swept to the same

@@ -17,7 +17,9 @@ outputs), ``local`` (the first block output after the group only), ``magnitude``
 of 3 seeds), ``optin+ls`` (OPTIN's mask followed by the least-squares scales, for groups read by
 one 1x1 conv or Gemm), ``optin+refit`` (OPTIN's mask followed by the refit of every conv or
 Gemm reader, checked on the held-out calibration images after ``--samples``: the digit nets have
-64, so the row needs ``--samples`` below 64); the channel search keeps multiples of
+64, so the row needs ``--samples`` below 64), ``optin+obs`` (the same after re-choosing the
+channels within each group read by one 1x1 conv or Gemm for the refit, ``--within refit``); the
+channel search keeps multiples of
 ``--channel-multiple`` and the FLOPs reported are counted on the rewritten graph. With
 ``--latency-seconds`` the OPTIN model of each level is timed against the dense one in onnxruntime
 (batch 1 and 32, interleaved; only meaningful on an otherwise idle machine). Writes

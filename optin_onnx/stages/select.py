@@ -13,6 +13,7 @@ import numpy as np
 
 from optin_onnx.iterate import Round, budgets, rounds
 from optin_onnx.options import PruneOptions
+from optin_onnx.reconstruct.choose import choose_within
 from optin_onnx.scoring.budget import GROUPS
 from optin_onnx.scoring.importance import Importance, make_importance
 from optin_onnx.calibrate import Chunking
@@ -27,10 +28,12 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Selection:
-    """Every round, in order; the last one's scores and selection are the result."""
+    """Every round, in order; the last one's scores and selection are the result, with the
+    units re-chosen within blocks for the refit where ``chosen`` is given (``--within``)."""
 
     rounds: tuple[Round, ...]
     notes: tuple[str, ...]
+    chosen: SearchResult | None = None
 
     @property
     def scores(self) -> Scores:
@@ -38,7 +41,7 @@ class Selection:
 
     @property
     def selection(self) -> SearchResult:
-        return self.rounds[-1].selection
+        return self.chosen or self.rounds[-1].selection
 
     @property
     def keep(self) -> dict[str, list[int]]:
@@ -109,4 +112,13 @@ def select(prep: Prepared, options: PruneOptions, *, progress: Progress | None =
                      + ", ".join(f"{b:.3g}" for b in schedule) + " of the FLOPs")
     if options.method != "optin":
         notes.append(f"importance criterion: {options.method}")
-    return Selection(done, tuple(notes))
+    chosen = None
+    if options.within == "refit":
+        with (clock or Clock())("choose"):
+            last = done[-1].selection
+            got = choose_within(prep.model, prep.structure, last.keep, prep.cal, prep.providers)
+        importance = done[-1].scores.importance
+        chosen = SearchResult(got.keep, last.fraction, sum(
+            float(np.asarray(importance[b])[units].sum()) for b, units in got.keep.items()))
+        notes.extend(got.notes())
+    return Selection(done, tuple(notes), chosen)

@@ -4,7 +4,8 @@ Every method shares the analysis, the MAC model, the search and the rewrite; onl
 differs: ``optin`` (trajectory scores), ``local`` (ablation: the unit's own layer output only),
 ``magnitude`` (weights sliced away with the unit), ``random`` (one run per seed of
 :data:`SEEDS`), ``optin+ls`` and ``optin+refit`` (OPTIN's selection, then the reconstruct stage's
-scales or refit: :data:`CORRECTION`). Scores are computed once per method and run (the corrected
+scales or refit: :data:`CORRECTION`), ``optin+obs`` (OPTIN's count per block, the units within
+each re-chosen for the refit, ``--within refit``, then the refit). Scores are computed once per method and run (the corrected
 rows reuse ``optin``'s); each level is then
 a search. With ``Settings.round_step`` the scored methods prune in rounds instead
 (``optin_onnx.iterate``): one chain of rounds gives the selection of every level.
@@ -27,11 +28,13 @@ if TYPE_CHECKING:
     from optin_onnx.stages.prepare import Prepared
 
 #: Our methods, in the order their rows are written.
-OURS = ("optin", "optin+ls", "optin+refit", "local", "magnitude", "random")
+OURS = ("optin", "optin+ls", "optin+refit", "optin+obs", "local", "magnitude", "random")
 #: Methods scored on calibration data (the others read only the weights, or nothing).
-SCORED = ("optin", "optin+ls", "optin+refit", "local")
+SCORED = ("optin", "optin+ls", "optin+refit", "optin+obs", "local")
 #: Methods that are OPTIN's selection followed by a correction (``optin_onnx.reconstruct``).
-CORRECTION = {"optin+ls": "scales", "optin+refit": "refit"}
+CORRECTION = {"optin+ls": "scales", "optin+refit": "refit", "optin+obs": "refit"}
+#: Methods whose units within each block are re-chosen for the refit (``--within refit``).
+WITHIN = ("optin+obs",)
 SEEDS = (0, 1, 2)
 
 #: A FLOPs level -> the selection kept at it.

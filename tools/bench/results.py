@@ -138,7 +138,7 @@ def vision_table(record: dict) -> str:
                                               if key == "accuracy" else
                                               f" (top-5 {100 * r['top5_agreement']:.0f}")
             cells.append(f"{first}, KL {r['kl_to_dense']:.3f}; FLOPs {r['flops_kept']:.2f})")
-        when = ("optin's" if method.startswith(("optin+ls", "optin+refit"))
+        when = ("optin's" if method.startswith(("optin+ls", "optin+refit", "optin+obs"))
                 else f"{record['score_seconds'][method]:.0f} s")
         lines.append(f"| {method} | {when} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,19 +1,21 @@
 """A benchmark run: every method at every FLOPs level, on one prepared model.
 
-Per level and method: the selection (:mod:`tools.bench.methods`), the correction for ``optin+ls``
-and ``optin+refit`` (:data:`~tools.bench.methods.CORRECTION`), the rewrite, the evaluation, and
-the FLOPs counted on the rewritten graph. onnxsim's rows (:mod:`tools.bench.onnxsim`) are swept
+Per level and method: the selection (:mod:`tools.bench.methods`; ``optin+obs`` re-chooses the
+units within blocks, :data:`~tools.bench.methods.WITHIN`), the correction for ``optin+ls``,
+``optin+refit`` and ``optin+obs`` (:data:`~tools.bench.methods.CORRECTION`), the rewrite, the
+evaluation, and the FLOPs counted on the rewritten graph. onnxsim's rows (:mod:`tools.bench.onnxsim`) are swept
 to the same levels.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import onnx
 
-from tools.bench.methods import CORRECTION, Importances, Settings, mean_row
+from tools.bench.methods import CORRECTION, WITHIN, Importances, Settings, mean_row
 from tools.bench.onnxsim import ONNXSIM, sweep
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ def run(prep: Prepared, path, methods: list[str], settings: Settings,
 
     from optin_onnx.flops import total_macs
     from optin_onnx.reconstruct import correct
+    from optin_onnx.reconstruct.choose import choose_within
     from optin_onnx.rewrite import rewrite
 
     scores = Importances(prep, settings)
@@ -56,6 +59,9 @@ def run(prep: Prepared, path, methods: list[str], settings: Settings,
                 for pick in runs:
                     t1 = time.perf_counter()
                     sel = pick(level)
+                    if method in WITHIN:
+                        sel = dataclasses.replace(sel, keep=choose_within(
+                            prep.model, prep.structure, sel.keep, prep.cal).keep)
                     base = (correct(CORRECTION[method], prep.model, prep.structure, sel.keep,
                                     prep.cal, prep.held if prep.has_held else None).model
                             if method in CORRECTION else prep.model)
