@@ -134,36 +134,40 @@ def obs_keep(gram: np.ndarray, weight: np.ndarray, spans: list[np.ndarray], k: i
              damping: float = DAMPING) -> list[int]:
     """The ``k`` units (row sets ``spans`` of ``weight`` [K, N]) to keep, removing the others
     greedily by structured OBS on ``gram`` (X^T X, [K, K]): see the module doc. Units of one row
-    each go in up to :data:`STEPS` batches of the cheapest; wider units (heads) one at a time."""
+    each go in up to :data:`STEPS` batches of the cheapest; wider units (heads) one at a time.
+    The removed rows leave H^-1 and W after each step, so each update works on what is left."""
     n_units = len(spans)
     diag = np.diag(gram)
-    lhs = gram + damping * (float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0) \
-        * np.eye(len(gram))
-    hinv = np.linalg.inv(lhs)
-    w = weight.copy()
+    mean = float(diag.mean()) if diag.size else 0.0
+    hinv = np.linalg.inv(gram + damping * (mean if mean > 0 else 1.0) * np.eye(len(gram)))
+    w = np.array(weight, np.float64)
+    live = np.arange(len(gram))  # the original rows still in hinv and w, ascending
     alive = np.ones(n_units, bool)
     scalar = all(len(s) == 1 for s in spans)
-    rows_of = np.array([s[0] for s in spans]) if scalar else None
+    unit_rows = np.array([s[0] for s in spans]) if scalar else None
     to_drop = n_units - k
     step = max(1, math.ceil(to_drop / STEPS)) if scalar else 1
     while to_drop > 0:
         if scalar:
-            d = np.diag(hinv)[rows_of]
-            cost = np.full(n_units, np.inf)
-            cost[alive] = (w[rows_of[alive]] ** 2).sum(1) / np.maximum(d[alive], 1e-300)
-            drop = np.argsort(cost, kind="stable")[:min(step, to_drop)]
+            units = np.flatnonzero(alive)
+            at = np.searchsorted(live, unit_rows[units])
+            cost = (w[at] ** 2).sum(1) / np.maximum(np.diag(hinv)[at], 1e-300)
+            drop = units[np.argsort(cost, kind="stable")[:min(step, to_drop)]]
         else:
             best = None
             for u in np.flatnonzero(alive):
-                g = spans[u]
-                cost = float(np.sum(w[g] * np.linalg.solve(hinv[np.ix_(g, g)], w[g])))
+                at = np.searchsorted(live, spans[u])
+                cost = float(np.sum(w[at] * np.linalg.solve(hinv[np.ix_(at, at)], w[at])))
                 if best is None or cost < best[0]:
                     best = (cost, u)
             drop = np.array([best[1]])
-        g = np.concatenate([spans[u] for u in drop])
-        block = np.linalg.solve(hinv[np.ix_(g, g)], np.concatenate([w[g], hinv[g, :]], axis=1))
-        w -= hinv[:, g] @ block[:, :w.shape[1]]
-        hinv -= hinv[:, g] @ block[:, w.shape[1]:]
+        at = np.searchsorted(live, np.concatenate([spans[u] for u in drop]))
+        both = np.linalg.solve(hinv[np.ix_(at, at)], np.concatenate([w[at], hinv[at, :]], axis=1))
+        w -= hinv[:, at] @ both[:, :w.shape[1]]
+        hinv -= hinv[:, at] @ both[:, w.shape[1]:]
+        rest = np.ones(len(live), bool)
+        rest[at] = False
+        hinv, w, live = hinv[np.ix_(rest, rest)], w[rest], live[rest]
         alive[drop] = False
         to_drop -= len(drop)
     return [int(u) for u in np.flatnonzero(alive)]
