@@ -57,13 +57,13 @@ class Choice:
     skipped: dict[str, str]
 
     def notes(self) -> list[str]:
-        if not self.changed:
-            return []
-        moved = sum(self.changed.values())
-        kept = sum(len(self.keep[b]) for b in self.changed)
-        out = [f"units within {len(self.changed)} blocks chosen for the refit (structured OBS on "
-               f"the consumer input's Gram matrix): {moved} of {kept} kept units differ from the "
-               f"scores' choice"]
+        out = []
+        if self.changed:
+            moved = sum(self.changed.values())
+            kept = sum(len(self.keep[b]) for b in self.changed)
+            out.append(f"units within {len(self.changed)} blocks chosen for the refit (structured "
+                       f"OBS on the consumer input's Gram matrix): {moved} of {kept} kept units "
+                       f"differ from the scores' choice")
         if self.skipped:
             out.append("scores' choice kept in: " + ", ".join(
                 f"{b} ({why})" for b, why in self.skipped.items()))

@@ -1,7 +1,9 @@
 """Stage *select*: score the units, search the budget; with ``--rounds N``, N times, each round
 re-scoring the units the previous one kept (:mod:`optin_onnx.iterate`).
 
-:func:`score` and :func:`search_level` are one round's halves; :func:`select` runs the schedule.
+:func:`score` and :func:`search_level` are one round's halves; :func:`select` runs the schedule
+and, with ``--within refit``, re-chooses the units within blocks for the refit
+(:mod:`optin_onnx.reconstruct.choose`).
 """
 from __future__ import annotations
 
