@@ -34,8 +34,7 @@ from optin_onnx.calibrate import MASK_INPUT, CalibrationSet
 from optin_onnx.graph import nodes_by_name
 from optin_onnx.reconstruct.scales import consumer_matrix
 from optin_onnx.reconstruct.session import rows
-from optin_onnx.runtime import session
-from optin_onnx.scoring.suffix import build_prefix
+from optin_onnx.scoring.suffix import prefix_runs
 
 #: Damping of X^T X, relative to its mean diagonal (a unit silent on the calibration rows must
 #: not make H singular).
@@ -110,17 +109,14 @@ def _grams(model: ir.Model, cal: CalibrationSet, todo: list[tuple[Block, str, np
     out: dict[str, np.ndarray] = {}
     for group in passes:
         names = sorted({x for _, x, _ in group})
-        sess = session(build_prefix(proto, names), providers, arena=False)
-        wanted = [i.name for i in sess.get_inputs()]
         for b, _, w in group:
             out[b.name] = np.zeros((w.shape[0], w.shape[0]))
-        for chunk in cal.chunks:
-            values = dict(zip(names, sess.run(names, {k: chunk.feeds[k] for k in wanted})))
+        for chunk, values in prefix_runs(proto, cal, names,
+                                         list(providers) if providers else None):
             for b, x, _ in group:
                 r = rows(values[x], b.consumers[0].data_axis,
                          chunk.feeds.get(MASK_INPUT)).astype(np.float64)
                 out[b.name] += r.T @ r
-        del sess
     return out
 
 

@@ -32,6 +32,7 @@ from optin_onnx import runtime
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.scoring.suffix import implicit_inputs, sub_model, typed
 
+
 class Walk:
     """Walkers over ``proto`` (a model whose masks and fitted weights are graph inputs). Each
     walker has its own extra feeds (masks, weights) on top of the calibration inputs and runs on

@@ -11,7 +11,7 @@ it. Every other value it needs is either
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from optin_onnx.calibrate import CalibrationSet
+from optin_onnx.calibrate import CalibrationSet, Chunk
 from optin_onnx.errors import OptinError
 from optin_onnx.runtime import release_memory, run_all_values, session
 
@@ -194,13 +194,22 @@ class BlockValues:
             self._held = None
             release_memory()
             both = tuple(dict.fromkeys([*names, *ahead]))
-            prefix = build_prefix(self.model, list(both))
-            sess = session(prefix, self.providers, threads=threads, arena=False)
-            wanted = [i.name for i in sess.get_inputs()]
-            del prefix
-            self._held = (both, [dict(zip(both, sess.run(list(both), {
-                k: chunk.feeds[k] for k in wanted}))) for chunk in self.cal.chunks])
+            self._held = (both, [values for _, values in prefix_runs(
+                self.model, self.cal, list(both), self.providers, threads)])
         return self._held[1]
+
+
+def prefix_runs(model: onnx.ModelProto, cal: CalibrationSet, names: list[str],
+                providers: list[str] | None, threads: int | None = None
+                ) -> Iterator[tuple[Chunk, dict[str, np.ndarray]]]:
+    """Each calibration chunk with ``names`` computed for it by the prefix sub-model that stops
+    at them (:func:`build_prefix`), one chunk at a time."""
+    prefix = build_prefix(model, names)
+    sess = session(prefix, providers, threads=threads, arena=False)
+    wanted = [i.name for i in sess.get_inputs()]
+    del prefix
+    for chunk in cal.chunks:
+        yield chunk, dict(zip(names, sess.run(names, {k: chunk.feeds[k] for k in wanted})))
 
 
 def implicit_inputs(node: onnx.NodeProto) -> set[str]:
