@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -37,6 +38,13 @@ def test_every_flagged_option_parses_to_its_default():
     flags = {spec.flag for spec, _ in specs().values() if spec.cli}
     help_text = _parser()._subparsers._group_actions[0].choices["prune"].format_help()
     assert all(flag in help_text for flag in flags)
+
+
+def test_the_readme_documents_every_flag():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [spec.flag for spec, _ in specs().values()
+               if spec.cli and f"`{spec.flag}" not in readme]
+    assert not missing
 
 
 @pytest.mark.parametrize("new, old, field, value", [
