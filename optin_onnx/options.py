@@ -178,8 +178,8 @@ class PruneOptions:
         "held-out samples confirm it; the flag alone means refit), scales (one least-squares "
         "scale per kept unit) or none (default %(default)s)", const="refit",
         off=("--no-reconstruct", "none"))
-    # Not the default: it helps the embedding model and costs the sentiment classifier a little
-    # (docs/RESULTS.md, "Choosing units for the refit").
+    # Not the default: it helps the embedding model and EfficientNet, costs SVHN and the sentiment
+    # classifier a little (docs/RESULTS.md, "Choosing units for the refit").
     within: Within = option(
         "scores", "--within", "which units each block keeps once the search has set how many: "
         "scores (the criterion's ranking) or refit (those whose loss the refit can best make up: "
