@@ -71,8 +71,8 @@ class Choice:
 
 def _plan(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int]]
           ) -> tuple[list[tuple[Block, str, np.ndarray]], dict[str, str]]:
-    """(block, consumer input name, weight [K, N]) of every block to re-choose, and why the
-    other pruned blocks are not."""
+    """(block, consumer input name, weight [K, N] as stored) of every block to re-choose, and
+    why the other pruned blocks are not."""
     nodes = nodes_by_name(model.graph)
     todo, skipped = [], {}
     for b in structure.blocks:
@@ -88,7 +88,7 @@ def _plan(model: ir.Model, structure: Structure, keep: Mapping[str, Sequence[int
         if got is None:
             skipped[b.name] = f"its consumer {node.op_type} is not a plain matrix product"
             continue
-        todo.append((b, node.inputs[c.data_index].name, got[0].astype(np.float64)))
+        todo.append((b, node.inputs[c.data_index].name, got[0]))  # obs_keep copies it
     return todo, skipped
 
 

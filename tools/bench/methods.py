@@ -5,10 +5,10 @@ differs: ``optin`` (trajectory scores), ``local`` (ablation: the unit's own laye
 ``magnitude`` (weights sliced away with the unit), ``random`` (one run per seed of
 :data:`SEEDS`), ``optin+ls`` and ``optin+refit`` (OPTIN's selection, then the reconstruct stage's
 scales or refit: :data:`CORRECTION`), ``optin+obs`` (OPTIN's count per block, the units within
-each re-chosen for the refit, ``--within refit``, then the refit). Scores are computed once per method and run (the corrected
-rows reuse ``optin``'s); each level is then
-a search. With ``Settings.round_step`` the scored methods prune in rounds instead
-(``optin_onnx.iterate``): one chain of rounds gives the selection of every level.
+each re-chosen for the refit, ``--within refit``, then the refit). Scores are computed once per
+method and run (the corrected rows reuse ``optin``'s); each level is then a search. With
+``Settings.round_step`` the scored methods prune in rounds instead (``optin_onnx.iterate``): one
+chain of rounds gives the selection of every level.
 """
 from __future__ import annotations
 
