@@ -21,6 +21,7 @@ from optin_onnx.options import PruneOptions
 from optin_onnx.passes.unfuse_projections import split_fused_projections
 from optin_onnx.probe import probe_like
 from optin_onnx.report import Report
+from optin_onnx.runtime import heap_kept
 from optin_onnx.scoring.importance import IMPORTANCES
 from optin_onnx.scoring.types import Scores
 from optin_onnx.search import SearchResult
@@ -75,18 +76,19 @@ def prune(model: ModelLike, calib: CalibLike, options: PruneOptions | None = Non
     # A new object, checked again; the caller's is left as given.
     opt = dataclasses.replace(options or PruneOptions(), **overrides)
     clock = Clock()
-    prep = prepare(model, calib, opt, writes=[("output path", output),
-                                              ("--report path", report_path)], clock=clock)
-    chosen = select(prep, opt, progress=progress, clock=clock)
-    built = build(prep, opt, chosen.keep, clock=clock)
-    checked = check(prep, opt, built, chosen.keep, clock=clock)
-    if output is not None:
-        save_model(built.slim, output, input_path=prep.source)
-    notes = [*prep.notes, *chosen.notes, *built.notes, *checked.notes]
-    report = make_report(prep, opt, built, chosen.keep, checked, notes, clock.seconds, output,
-                         stage_peaks=clock.peaks)
-    if report_path is not None:
-        report.to_json(report_path)
+    with heap_kept():  # every stage runs onnxruntime many times on large inputs
+        prep = prepare(model, calib, opt, writes=[("output path", output),
+                                                  ("--report path", report_path)], clock=clock)
+        chosen = select(prep, opt, progress=progress, clock=clock)
+        built = build(prep, opt, chosen.keep, clock=clock)
+        checked = check(prep, opt, built, chosen.keep, clock=clock)
+        if output is not None:
+            save_model(built.slim, output, input_path=prep.source)
+        notes = [*prep.notes, *chosen.notes, *built.notes, *checked.notes]
+        report = make_report(prep, opt, built, chosen.keep, checked, notes, clock.seconds, output,
+                             stage_peaks=clock.peaks)
+        if report_path is not None:
+            report.to_json(report_path)
     return PruneResult(built.slim, report, prep.structure, chosen.scores, chosen.selection,
                        checked.verification, clock.seconds)
 

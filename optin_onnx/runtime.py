@@ -83,6 +83,58 @@ def release_memory() -> None:
         pass
 
 
+#: glibc's mallopt parameters, and the values :func:`heap_kept` sets while it holds: large blocks
+#: from the heap (not a mapping of their own) and no automatic trim, so what a run frees is there
+#: for the next run.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEPT = {_M_MMAP_THRESHOLD: 1 << 30, _M_TRIM_THRESHOLD: (1 << 31) - 1}
+#: What they are set back to: where glibc's own adjustment takes them once a block of 32 MiB or
+#: more has been freed (its ceiling), which every prune does. glibc stops adjusting them once set.
+_AFTER = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
+_kept_depth = 0
+
+
+def _mallopt(values: Mapping[int, int]) -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(k, v) == 1 for k, v in values.items())
+    except (OSError, AttributeError):
+        return False
+
+
+def keep_freed_heap() -> bool:
+    """Keep freed memory in this process's heap from now on (True where the C library is glibc
+    and took the setting). For a process that exists to run the work (a scoring worker); the
+    caller's own process uses :func:`heap_kept`, which ends."""
+    return _mallopt(_KEPT)
+
+
+@contextmanager
+def heap_kept() -> Iterator[None]:
+    """Inside the block, memory a run frees stays in the heap for the next run.
+
+    The sessions that run many times on large inputs (candidate runs, the capture, the refit's
+    segments) have no onnxruntime arena, to bound peak memory, so each run mallocs its tensors and
+    frees them at its end. glibc maps every block over its threshold (at most 32 MiB) on its own
+    and unmaps it when freed, and trims the heap's top past another: the next run faults every
+    page in again, a third of a candidate run's time on MiniLM's last layer (docs/RESULTS.md).
+    Here large blocks come from the heap and nothing is trimmed by itself; :func:`release_memory`
+    still hands free pages back between blocks and stages, and does so on leaving. Blocks nest
+    (the outermost sets and restores). A no-op where the C library is not glibc."""
+    global _kept_depth
+    if _kept_depth == 0 and not keep_freed_heap():
+        yield
+        return
+    _kept_depth += 1
+    try:
+        yield
+    finally:
+        _kept_depth -= 1
+        if _kept_depth == 0:
+            _mallopt(_AFTER)
+            release_memory()
+
+
 def session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str] | None = None,
             *, outputs: Sequence[str] | None = None, optimize: bool = True,
             threads: int | None = None, arena: bool = True) -> ort.InferenceSession:

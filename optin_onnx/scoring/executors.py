@@ -37,6 +37,7 @@ import numpy as np
 from optin_onnx.analysis import Block, Structure
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.errors import OptinError
+from optin_onnx.runtime import heap_kept, keep_freed_heap
 from optin_onnx.scoring.candidates import spread
 from optin_onnx.scoring.suffix import SuffixSessions
 from optin_onnx.scoring.teacher import Objective
@@ -143,10 +144,11 @@ def run_tasks(job: Job, tasks: Sequence[Task], config: ExecutorConfig,
     if config.kind == "ray":
         return _ray(job, tasks, config, done)
     out = []
-    for task in tasks:
-        out.append(job.run(task, None))
-        if done:
-            done(units_in(task))
+    with heap_kept():
+        for task in tasks:
+            out.append(job.run(task, None))
+            if done:
+                done(units_in(task))
     return out
 
 
@@ -157,6 +159,7 @@ _worker_job: Job | None = None
 
 def _init_worker(payload: bytes) -> None:
     global _worker_job
+    keep_freed_heap()  # the worker's process exists for the job's runs
     _worker_job = pickle.loads(payload)
 
 
@@ -221,6 +224,7 @@ def _run_on_ray(boxed: list[Any], task: Task, threads: int) -> Result:
     global _ray_job
     ref = boxed[0]
     if _ray_job is None or _ray_job[0] != ref.hex():
+        keep_freed_heap()  # a Ray worker process runs its tasks and nothing of the caller's
         _ray_job = (ref.hex(), ray.get(ref))
     return _ray_job[1].run(task, threads)
 
