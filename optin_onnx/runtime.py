@@ -12,6 +12,7 @@ temporary directory with its weights as external data and the session is opened 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -77,10 +78,19 @@ def release_memory() -> None:
     peak stacks on top. No ``gc.collect()`` first: what stages drop is freed by reference counts,
     and a full collection in a process holding many objects costs more than the trim. A no-op
     where the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (its ``malloc_trim`` and ``mallopt``), else None."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
 
 
 #: glibc's mallopt parameters, and the values :func:`heap_kept` sets while it holds: large blocks
@@ -95,11 +105,8 @@ _kept_depth = 0
 
 
 def _mallopt(values: Mapping[int, int]) -> bool:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return all(libc.mallopt(k, v) == 1 for k, v in values.items())
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and all(libc.mallopt(k, v) == 1 for k, v in values.items())
 
 
 def keep_freed_heap() -> bool:
