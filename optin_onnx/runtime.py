@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import EncodeError
+from threadpoolctl import threadpool_limits
 
 from optin_onnx.errors import OptinError
 
@@ -140,6 +141,18 @@ def heap_kept() -> Iterator[None]:
         if _kept_depth == 0:
             _mallopt(_AFTER)
             release_memory()
+
+
+def one_blas_thread() -> threadpool_limits:
+    """numpy's BLAS runs on one thread from now on; use it as a context manager to limit only a
+    block (it restores the previous limits on leaving).
+
+    For the loops that alternate onnxruntime runs and numpy products (the candidate runs and
+    their Gram matrices): a BLAS pool of several threads keeps them spinning after each product,
+    and they take the cores from onnxruntime's next run (13 % of a block's scoring time on the
+    development box, docs/RESULTS.md). The products are small enough that one thread loses
+    little."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str] | None = None,

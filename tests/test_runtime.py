@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optin_onnx.errors import OptinError
-from optin_onnx.runtime import (first_output, heap_kept, release_memory, run_all_values,
-                                run_batched, session, tensor_bytes)
+from optin_onnx.runtime import (first_output, heap_kept, one_blas_thread, release_memory,
+                                run_all_values, run_batched, session, tensor_bytes)
 
 
 def _model() -> onnx.ModelProto:
@@ -112,3 +112,19 @@ def test_heap_kept_keeps_freed_blocks_for_the_next_run_and_hands_them_back_after
         inside = _resident_mib()
     assert inside - _resident_mib() > 80  # handed back on leaving
     assert _freed_block_stays(96) < 16  # and the process is as before
+
+
+def test_one_blas_thread_limits_numpy_inside_and_restores_after():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    np.ones((64, 64)) @ np.ones((64, 64))  # numpy's BLAS is loaded
+    if not blas_threads():
+        pytest.skip("numpy's BLAS is not one threadpoolctl controls")
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        with one_blas_thread():
+            assert set(blas_threads()) == {1}
+        assert blas_threads() == before

@@ -13,7 +13,7 @@ from optin_onnx import graph, instrument
 from optin_onnx.calibrate import make_calibration
 from optin_onnx.pipeline import analyze
 from optin_onnx.runtime import run_all_values
-from optin_onnx.scoring.losses import TokenSample, rows
+from optin_onnx.scoring.losses import TokenSample, md_loss, normalised_gram, rows
 from optin_onnx.scoring.fast import score_rank_k
 from optin_onnx.scoring.trajectory import ScoreConfig, fast_scorer, score_fast, score_naive
 from tests.helpers import form_id, tiny_feeds
@@ -255,6 +255,29 @@ def test_local_ablation_differs_from_trajectory(tiny_exports):
     # And the ablation changes which neurons look least important in layer 0.
     order = lambda sc: np.argsort(sc.importance["layer0.mlp"], kind="stable")[:12].tolist()
     assert order(local) != order(traj)
+
+
+# -- L_MD ----------------------------------------------------------------------------------------
+
+def _gram64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return x @ x.T
+
+
+@pytest.mark.parametrize("eps", [1e-1, 1e-3, 1e-5])
+def test_md_loss_matches_the_float64_definition_down_to_small_changes(eps):
+    """The loss is taken in float32 (the Gram products and their difference) and summed in
+    float64: from a large change down to one near float32's resolution of cosines, it stays the
+    float64 definition's value to within that resolution (K^2 entries, each off by ~1e-7)."""
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((300, 64)).astype(np.float32)
+    student = teacher + eps * rng.standard_normal(teacher.shape).astype(np.float32)
+    exact = float(np.sum((_gram64(student) - _gram64(teacher)) ** 2))
+    got = md_loss(normalised_gram(teacher), student)
+    assert got == pytest.approx(exact, rel=1e-3, abs=300 ** 2 * 1e-13)
+    assert md_loss(normalised_gram(teacher), teacher) == 0.0
+    assert normalised_gram(teacher).dtype == np.float32
 
 
 # -- token sample ------------------------------------------------------------------------------

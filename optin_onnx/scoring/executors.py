@@ -37,7 +37,7 @@ import numpy as np
 from optin_onnx.analysis import Block, Structure
 from optin_onnx.calibrate import CalibrationSet
 from optin_onnx.errors import OptinError
-from optin_onnx.runtime import heap_kept, keep_freed_heap
+from optin_onnx.runtime import heap_kept, keep_freed_heap, one_blas_thread
 from optin_onnx.scoring.candidates import spread
 from optin_onnx.scoring.suffix import SuffixSessions
 from optin_onnx.scoring.teacher import Objective
@@ -144,7 +144,7 @@ def run_tasks(job: Job, tasks: Sequence[Task], config: ExecutorConfig,
     if config.kind == "ray":
         return _ray(job, tasks, config, done)
     out = []
-    with heap_kept():
+    with heap_kept(), one_blas_thread():
         for task in tasks:
             out.append(job.run(task, None))
             if done:
@@ -168,8 +168,8 @@ def _run_in_worker(task: Task, threads: int) -> Result:
     return _worker_job.run(task, threads)
 
 
-#: Thread pools of the numerical libraries a worker loads: one thread each, since the pool's
-#: processes already use every core (Gram matrices run in numpy's BLAS).
+#: Thread pools of the numerical libraries a worker loads: one thread each, as in the local loop
+#: (:func:`~optin_onnx.runtime.one_blas_thread`); set in the environment, the pools never start.
 _LIBRARY_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -196,7 +196,7 @@ def _processes(job: Job, tasks: Sequence[Task], workers: int, done: Done | None)
     payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
     out: list[Result | None] = [None] * len(tasks)
     try:
-        with _environment({k: str(threads) for k in _LIBRARY_THREADS}), ProcessPoolExecutor(
+        with _environment({k: "1" for k in _LIBRARY_THREADS}), ProcessPoolExecutor(
                 workers, mp_context=get_context("spawn"), initializer=_init_worker,
                 initargs=(payload,)) as pool:
             futures = {pool.submit(_run_in_worker, task, threads): i for i, task in enumerate(tasks)}
@@ -225,6 +225,7 @@ def _run_on_ray(boxed: list[Any], task: Task, threads: int) -> Result:
     ref = boxed[0]
     if _ray_job is None or _ray_job[0] != ref.hex():
         keep_freed_heap()  # a Ray worker process runs its tasks and nothing of the caller's
+        one_blas_thread()
         _ray_job = (ref.hex(), ray.get(ref))
     return _ray_job[1].run(task, threads)
 
