@@ -149,9 +149,8 @@ def one_blas_thread() -> threadpool_limits:
 
     For the loops that alternate onnxruntime runs and numpy products (the candidate runs and
     their Gram matrices): a BLAS pool of several threads keeps them spinning after each product,
-    and they take the cores from onnxruntime's next run (13 % of a block's scoring time on the
-    development box, docs/RESULTS.md). The products are small enough that one thread loses
-    little."""
+    and they take the cores from onnxruntime's next run (measured in docs/RESULTS.md, "One-off
+    measurements"). The products are small enough that one thread loses little."""
     return threadpool_limits(limits=1, user_api="blas")
 
 
