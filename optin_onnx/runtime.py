@@ -125,7 +125,7 @@ def heap_kept() -> Iterator[None]:
     segments) have no onnxruntime arena, to bound peak memory, so each run mallocs its tensors and
     frees them at its end. glibc maps every block over its threshold (at most 32 MiB) on its own
     and unmaps it when freed, and trims the heap's top past another: the next run faults every
-    page in again, a third of a candidate run's time on MiniLM's last layer (docs/RESULTS.md).
+    page in again (what that costs a candidate run: docs/RESULTS.md, "One-off measurements").
     Here large blocks come from the heap and nothing is trimmed by itself; :func:`release_memory`
     still hands free pages back between blocks and stages, and does so on leaving. Blocks nest
     (the outermost sets and restores). A no-op where the C library is not glibc."""

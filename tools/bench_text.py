@@ -93,13 +93,13 @@ def bench_exact(args) -> dict:
     per_layer = min(before, after) / layers
     forwards = sum(b.n_units * ((layers - 1 - b.layer) if b.kind == "mlp" else (layers - b.layer))
                    for b in s.blocks)
+    floor = forwards * per_layer
     heads = sum(b.n_units for b in s.blocks if b.kind == "attention")
     neurons = sum(b.n_units for b in s.blocks if b.kind == "mlp")
     return {"heads": heads, "neurons": neurons, "texts": args.texts, "max_length": args.max_length,
             "tokens": int(cal.token_mask.sum()), "seconds": seconds,
             "dense_forward_s": min(before, after), "dense_forward_before_after_s": [before, after],
-            "layer_forwards_floor": forwards, "floor_s": forwards * per_layer,
-            "ratio": seconds / (forwards * per_layer)}
+            "layer_forwards_floor": forwards, "floor_s": floor, "ratio": seconds / floor}
 
 
 def _pruned_path(model: Path) -> Path:
